@@ -1,0 +1,22 @@
+"""Run the reward service: `python -m rollfleet_reward` (started by `rollfleet run` or the operator)."""
+
+from __future__ import annotations
+
+import uvicorn
+from rollfleet_reward.app import create_app
+
+from rollfleet.plan import ServiceEnv
+from rollfleet.service import setup_logging, uvicorn_config
+from rollfleet.spec import load_manifest
+
+
+def main() -> None:
+    setup_logging("reward")
+    env = ServiceEnv.from_environ()
+    job = load_manifest(env.job_file)
+    app = create_app(job.spec.reward_functions())
+    uvicorn.Server(uvicorn_config(app, env.http_port, env.http_host)).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The reward service: scores batches of responses with the job's weighted reward functions.
+
+    POST /score  {"items": [{"response": "3*5+7", "answer": "22", "meta": {...}}]}
+              -> {"rewards": [{"reward": 1.0, "parts": {"countdown": 1.0}}]}
+
+Runs as a Knative Service in a cluster (stateless, scales on concurrency) and as a local
+uvicorn process under `rollfleet run`. A payload that does not validate gets a 422 that
+names the field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import Depends
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+
+from rollfleet.rewards import REWARDS, compose
+from rollfleet.service import make_app, require_token
+
+SCORED = Counter("rollfleet_reward_items_total", "Responses scored")
+ERRORS = Counter(
+    "rollfleet_reward_errors_total", "Reward function errors (scored as 0)", ["function"]
+)
+LATENCY = Histogram(
+    "rollfleet_reward_request_seconds",
+    "Time to score one /score request",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+REWARD = Histogram(
+    "rollfleet_reward_value", "Rewards handed out", buckets=(-1, 0, 0.25, 0.5, 0.75, 1, 2)
+)
+
+
+class ScoreItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    response: str
+    answer: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[ScoreItem] = Field(min_length=1, max_length=4096)
+
+
+class ScoredItem(BaseModel):
+    reward: float
+    parts: dict[str, float]
+    error: str | None = None
+
+
+class ScoreResponse(BaseModel):
+    rewards: list[ScoredItem]
+
+
+def create_app(functions: list[tuple[str, float, dict[str, Any]]]):
+    unknown = [name for name, _, _ in functions if name not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward functions {unknown}; registered: {sorted(REWARDS)}")
+    app = make_app("reward", health=lambda: {"functions": [f[0] for f in functions]})
+
+    @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(require_token)])
+    def score(request: ScoreRequest) -> ScoreResponse:
+        started = time.perf_counter()
+        results = []
+        for item in request.items:
+            try:
+                total, parts = compose(functions, item.response, item.answer, item.meta)
+                results.append(ScoredItem(reward=total, parts=parts))
+            except Exception as e:  # a bad item must not fail its whole batch
+                ERRORS.labels(function="+".join(f[0] for f in functions)).inc()
+                results.append(ScoredItem(reward=0.0, parts={}, error=f"{type(e).__name__}: {e}"))
+            REWARD.observe(results[-1].reward)
+        SCORED.inc(len(results))
+        LATENCY.observe(time.perf_counter() - started)
+        return ScoreResponse(rewards=results)
+
+    return app

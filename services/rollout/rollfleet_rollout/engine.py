@@ -1,0 +1,83 @@
+"""The rollout engine interface, shaped after vLLM's async engine.
+
+An engine takes requests (prompt token ids + sampling params), streams cumulative outputs
+with per-token log-probs and the policy version that produced each token, and supports
+abort, pause/resume and loading new weights without a restart. `torch` (torch_engine.py)
+runs here on CPU or GPU; `vllm` (vllm_engine.py) is the production GPU engine.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class GenerationOutput:
+    """Cumulative output of one request: every token generated so far."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+
+
+class Engine(abc.ABC):
+    """What the rollout worker needs from an engine."""
+
+    policy_version: int = -1
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Submit a request and stream its cumulative outputs; the last one has finished=True."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop stepping; in-flight requests keep their state and continue on resume."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    async def load_weights(self, version: int, tensors: dict) -> None:
+        """Swap in new weights between decode steps; tokens after it carry `version`."""
+
+    @abc.abstractmethod
+    def free_capacity(self) -> int:
+        """How many more sequences the engine can take right now (queue scheduling)."""
+
+
+async def complete(engine: Engine, request: GenerationRequest) -> GenerationOutput:
+    """Run one request to the end and return its final output."""
+    final = None
+    async for output in engine.generate(request):
+        final = output
+    assert final is not None and final.finished
+    return final

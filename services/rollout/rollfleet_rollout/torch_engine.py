@@ -1,0 +1,331 @@
+"""The torch engine: continuous batching over a fixed set of slots sharing one KV cache.
+
+Each slot holds one sequence at its own position. Every engine step first prefills
+waiting requests into free slots, then runs one batched decode forward over all active
+slots; finished sequences leave and new ones join at the next step. New weights are
+swapped in between steps, and every token records the policy version that produced it.
+
+The forward pass is written here over the modules of a Hugging Face Llama model (the
+same weights the trainer trains), because HF's caches give all rows one position.
+`tests/services/test_torch_engine.py` checks its log-probs against HF's own forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SlotLlama:
+    """Llama forward over a slot KV cache: prefill into a slot, batched decode over slots."""
+
+    def __init__(self, model, slots: int, max_len: int):
+        cfg = model.config
+        self.model = model
+        self.layers = model.model.layers
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.max_len = max_len
+        rotary = model.model.rotary_emb
+        positions = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(positions, rotary.inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = getattr(rotary, "attention_scaling", 1.0)
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
+        self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
+        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _qkv(self, layer, x: torch.Tensor, positions: torch.Tensor):
+        """x: [B, T, hidden]; positions: [B, T]. Returns q [B,H,T,D], k and v [B,KVH,T,D]."""
+        attn = layer.self_attn
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _attend_and_mlp(self, layer, h, q, keys, values, mask):
+        repeat = self.heads // self.kv_heads
+        if repeat > 1:
+            keys, values = keys.repeat_interleave(repeat, 1), values.repeat_interleave(repeat, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        b, _, t, _ = out.shape
+        h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(h)).float()
+
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Write the prompts' KV into `slots`; return the logits after each prompt's last token."""
+        device = self.k_cache.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(lengths.max())
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(prompt, device=device)
+        positions = torch.arange(width, device=device).expand(len(prompts), width)
+        index = torch.tensor(slots, device=device)
+        # Causal mask; right padding is harmless because padded keys sit after every real query.
+        mask = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        h = self.model.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+            self.k_cache[i, index, :, :width] = k
+            self.v_cache[i, index, :, :width] = v
+            h = self._attend_and_mlp(layer, h, q, k, v, mask)
+        last = h[torch.arange(len(prompts), device=device), lengths - 1]
+        return self._logits(last)
+
+    @torch.inference_mode()
+    def decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
+        """One token for each of `slots` at its own position; returns next-token logits [B, V]."""
+        span = int(positions.max()) + 1
+        mask = (torch.arange(span, device=positions.device) <= positions[:, None])[:, None, None, :]
+        h = self.model.model.embed_tokens(tokens[:, None])
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions[:, None])
+            self.k_cache[i, slots, :, positions] = k[:, :, 0]
+            self.v_cache[i, slots, :, positions] = v[:, :, 0]
+            keys = self.k_cache[i, slots, :, :span]
+            values = self.v_cache[i, slots, :, :span]
+            h = self._attend_and_mlp(layer, h, q, keys, values, mask)
+        return self._logits(h[:, 0])
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator):
+    """Sample one token per row; return (tokens, log-prob of each under the sampling distribution).
+
+    temperature 0 means greedy (log-prob then taken at temperature 1).
+    """
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    probs = logprobs.exp()
+    if bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        logprobs = torch.log(probs / probs.sum(-1, keepdim=True))
+    drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    queue: asyncio.Queue
+    output: GenerationOutput
+    slot: int = -1
+    position: int = 0  # position of the next token to feed
+    next_token: int = 0
+    aborted: bool = False
+    stop_ids: frozenset = field(default_factory=frozenset)
+
+
+class TorchEngine(Engine):
+    """Continuous-batching engine over `SlotLlama`, stepping in its own thread."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        slots: int = 32,
+        max_len: int = 128,
+        eos_token_id: int,
+        seed: int = 0,
+        version: int = 0,
+    ):
+        self.model = model.eval()
+        self.runner = SlotLlama(model, slots, max_len)
+        self.slots, self.max_len, self.eos_token_id = slots, max_len, eos_token_id
+        self.policy_version = version
+        self.generator = torch.Generator(device=self.runner.k_cache.device).manual_seed(seed)
+        self._waiting: deque[_Sequence] = deque()
+        self._active: dict[int, _Sequence] = {}
+        self._by_id: dict[str, _Sequence] = {}
+        self._pending_weights: tuple[int, dict] | None = None
+        self._wake = threading.Condition()
+        self._paused = False
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.tokens_generated = 0
+        self.steps = 0
+
+    # --- asyncio side -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread:
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if len(request.prompt_ids) + 1 > self.max_len:
+            raise ValueError(
+                f"prompt of {len(request.prompt_ids)} tokens does not fit max_len={self.max_len}"
+            )
+        seq = _Sequence(
+            request=request,
+            queue=asyncio.Queue(),
+            output=GenerationOutput(request.request_id),
+            stop_ids=frozenset((self.eos_token_id, *request.params.stop_token_ids)),
+        )
+        with self._wake:
+            if request.request_id in self._by_id:
+                raise ValueError(f"request id {request.request_id!r} is already running")
+            self._by_id[request.request_id] = seq
+            self._waiting.append(seq)
+            self._wake.notify()
+        while True:
+            output = await seq.queue.get()
+            yield output
+            if output.finished:
+                return
+
+    async def abort(self, request_id: str) -> None:
+        with self._wake:
+            seq = self._by_id.get(request_id)
+            if seq is not None:
+                seq.aborted = True
+                self._wake.notify()
+
+    async def pause(self) -> None:
+        with self._wake:
+            self._paused = True
+
+    async def resume(self) -> None:
+        with self._wake:
+            self._paused = False
+            self._wake.notify()
+
+    async def load_weights(self, version: int, tensors: dict) -> None:
+        with self._wake:
+            self._pending_weights = (version, tensors)
+            self._wake.notify()
+
+    def free_capacity(self) -> int:
+        with self._wake:
+            return self.slots - len(self._active) - len(self._waiting)
+
+    # --- engine thread ----------------------------------------------------------------
+    def _emit(self, seq: _Sequence, finished: bool = False, reason: str | None = None):
+        out = seq.output
+        snapshot = GenerationOutput(
+            out.request_id,
+            list(out.token_ids),
+            list(out.logprobs),
+            list(out.versions),
+            finished,
+            reason,
+        )
+        self._loop.call_soon_threadsafe(seq.queue.put_nowait, snapshot)
+
+    def _finish(self, seq: _Sequence, reason: str):
+        self._active.pop(seq.slot, None)
+        self._by_id.pop(seq.request.request_id, None)
+        self._emit(seq, True, reason)
+
+    def _run(self):
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while self._running and (
+                    self._paused or not (self._waiting or self._active or self._pending_weights)
+                ):
+                    self._wake.wait()
+                if not self._running:
+                    break
+                if self._pending_weights is not None:
+                    version, tensors = self._pending_weights
+                    self._pending_weights = None
+                    self.model.load_state_dict(tensors, strict=False)
+                    self.policy_version = version
+                for seq in [s for s in (*self._waiting, *self._active.values()) if s.aborted]:
+                    if seq in self._waiting:
+                        self._waiting.remove(seq)
+                    self._finish(seq, "abort")
+                free = [s for s in range(self.slots) if s not in self._active]
+                admitted = []
+                while self._waiting and free:
+                    seq = self._waiting.popleft()
+                    seq.slot = free.pop(0)
+                    self._active[seq.slot] = seq
+                    admitted.append(seq)
+            if admitted:
+                self._prefill(admitted)
+            if self._active:
+                self._decode()
+            self.steps += 1
+        for seq in [*self._waiting, *self._active.values()]:
+            self._finish(seq, "abort")
+
+    def _prefill(self, admitted: list[_Sequence]):
+        logits = self.runner.prefill(
+            [s.slot for s in admitted], [s.request.prompt_ids for s in admitted]
+        )
+        self._append(admitted, logits)
+
+    def _decode(self):
+        seqs = list(self._active.values())
+        device = self.runner.k_cache.device
+        slots = torch.tensor([s.slot for s in seqs], device=device)
+        tokens = torch.tensor([s.next_token for s in seqs], device=device)
+        positions = torch.tensor([s.position for s in seqs], device=device)
+        self._append(seqs, self.runner.decode(slots, tokens, positions))
+
+    def _append(self, seqs: list[_Sequence], logits: torch.Tensor):
+        params = [s.request.params for s in seqs]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        tokens, logprobs = sample(logits, temperature, top_p, self.generator)
+        version = self.policy_version
+        with self._wake:
+            for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+                out = seq.output
+                out.token_ids.append(token)
+                out.logprobs.append(logprob)
+                out.versions.append(version)
+                seq.position = len(seq.request.prompt_ids) + len(out.token_ids) - 1
+                seq.next_token = token
+                self.tokens_generated += 1
+                if token in seq.stop_ids:
+                    self._finish(seq, "stop")
+                elif (
+                    len(out.token_ids) >= seq.request.params.max_new_tokens
+                    or seq.position + 1 >= self.max_len
+                ):
+                    self._finish(seq, "length")
+                else:
+                    self._emit(seq)

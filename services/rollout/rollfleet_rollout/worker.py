@@ -1,0 +1,278 @@
+"""The rollout worker: pulls tasks when it has room, samples, scores, publishes trajectories.
+
+Queue scheduling: the worker fetches a task only when its engine has free slots for the
+task's samples, so fast workers take more work. For each task it samples the group's
+responses (driving env sessions turn by turn for multi-turn tasks), scores them with the
+reward service, publishes one Trajectory per sample and only then acks the task.
+
+New weights are announced on the bus; the worker fetches and verifies them in the
+background and the engine swaps them in between decode steps. A sample whose oldest
+token is more than α versions behind the newest announced policy is aborted (checked
+per turn) and published with status `aborted`, so the trainer can account for its group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client import Counter, Gauge, Histogram
+from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
+from safetensors.torch import load as load_safetensors
+
+from rollfleet.bus import Bus
+from rollfleet.plan import ServiceEnv
+from rollfleet.protocol import Task, Trajectory, TrajectoryStatus, WeightVersion
+from rollfleet.service import auth_headers, make_app, serve_in_background
+from rollfleet.spec import PoolSpec, RLJobSpec
+
+log = logging.getLogger("rollout")
+
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+TOKENS = Counter("rollfleet_rollout_tokens_total", "Tokens generated", ["pool"])
+SAMPLES = Counter("rollfleet_rollout_samples_total", "Trajectories published", ["pool", "status"])
+TASKS_RUNNING = Gauge(
+    "rollfleet_rollout_tasks_running", "Tasks in progress on this worker", ["pool"]
+)
+SLOTS_BUSY = Gauge("rollfleet_rollout_batch_occupancy", "Engine slots reserved / slots", ["pool"])
+QUEUE_DEPTH = Gauge("rollfleet_rollout_queue_depth", "Tasks waiting in the task stream", ["pool"])
+VERSION = Gauge("rollfleet_rollout_policy_version", "Policy version loaded in the engine", ["pool"])
+WEIGHT_SYNC = Histogram(
+    "rollfleet_rollout_weight_sync_seconds",
+    "Fetch, verify and hand over one weight version",
+    ["pool"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+ERRORS = Counter(
+    "rollfleet_rollout_errors_total", "Tasks that failed and were handed back", ["pool"]
+)
+
+
+class RolloutWorker:
+    def __init__(self, spec: RLJobSpec, pool: PoolSpec, env: ServiceEnv, bus: Bus, name: str):
+        self.spec, self.pool, self.env, self.bus, self.name = spec, pool, env, bus, name
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.reserved = 0  # engine slots promised to running tasks
+        self.latest_announced = -1
+        self._weights_lock = asyncio.Lock()
+        self._version_changed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self.http = httpx.AsyncClient(timeout=30.0, headers=auth_headers())
+        sampling = spec.rollout.sampling
+        self.max_new_tokens = sampling.maxNewTokens
+        self.temperature, self.top_p = sampling.temperature, sampling.topP
+
+    # --- model and weights ---------------------------------------------------------------
+    async def load_model(self, workdir: Path):
+        """Fetch config and tokenizer from the bus, build the model, load the newest weights."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        announcement = None
+        while announcement is None:  # the trainer publishes v0 after its warm-up
+            announcement = await self.bus.latest_weights()
+            if announcement is None:
+                await asyncio.sleep(0.2)
+        for name in MODEL_FILES:
+            try:
+                (workdir / name).write_bytes(await self.bus.get_file(name))
+            except Exception:
+                if name in ("config.json", "tokenizer.json"):
+                    raise
+        self.tokenizer = AutoTokenizer.from_pretrained(workdir)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workdir))
+        model.load_state_dict(
+            load_safetensors(await self.bus.get_weights(announcement)), strict=False
+        )
+        self.latest_announced = announcement.version
+        return model, announcement.version
+
+    async def on_weights(self, announcement: WeightVersion) -> None:
+        self.latest_announced = max(self.latest_announced, announcement.version)
+        async with self._weights_lock:
+            if (
+                announcement.version <= self.engine.policy_version
+                or announcement.version < self.latest_announced
+            ):
+                return  # older than what we have, or a newer one is already announced
+            started = time.perf_counter()
+            try:
+                tensors = load_safetensors(await self.bus.get_weights(announcement))
+            except Exception as e:  # keep serving the previous version
+                log.error("weights v%d rejected: %s", announcement.version, e)
+                return
+            await self.engine.load_weights(announcement.version, tensors)
+            WEIGHT_SYNC.labels(self.pool.name).observe(time.perf_counter() - started)
+
+    async def wait_for_version(self, version: int) -> None:
+        while self.engine.policy_version < version:
+            await asyncio.sleep(0.005)
+
+    # --- one task --------------------------------------------------------------------------
+    def _stale(self, versions: list[int]) -> bool:
+        produced = [v for v in versions if v >= 0]
+        return bool(produced) and self.latest_announced - min(produced) > self.spec.async_.ratio
+
+    async def _sample(self, task: Task, index: int) -> Trajectory:
+        tok = self.tokenizer
+        prompt_ids = [tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)]
+        stop = (
+            tuple(tok.convert_tokens_to_ids(t) for t in self._turn_stop) if task.multi_turn else ()
+        )
+        params = SamplingParams(self.max_new_tokens, self.temperature, self.top_p, stop)
+        response, logprobs, versions, mask = [], [], [], []
+        status, final_text, session = TrajectoryStatus.COMPLETED, "", None
+        try:
+            if task.multi_turn:
+                created = await self.http.post(
+                    f"{self.env.env_url}/sessions", json={"meta": task.meta}
+                )
+                created.raise_for_status()
+                session = created.json()["session_id"]
+            for turn in range(int(task.meta.get("max_turns", 1)) if task.multi_turn else 1):
+                if self._stale(versions):
+                    status = TrajectoryStatus.ABORTED
+                    break
+                context = prompt_ids + response
+                if len(context) + 1 >= self.spec.model.maxLength:
+                    status = TrajectoryStatus.TRUNCATED
+                    break
+                out = await complete(
+                    self.engine,
+                    GenerationRequest(f"{task.task_id}/{index}/{turn}", context, params),
+                )
+                TOKENS.labels(self.pool.name).inc(len(out.token_ids))
+                response += out.token_ids
+                logprobs += out.logprobs
+                versions += out.versions
+                mask += [1.0] * len(out.token_ids)
+                final_text = tok.decode([t for t in out.token_ids if t != tok.eos_token_id])
+                if out.finish_reason == "length":
+                    status = TrajectoryStatus.TRUNCATED
+                if not task.multi_turn or out.token_ids[-1] == tok.eos_token_id:
+                    break
+                stepped = await self.http.post(
+                    f"{self.env.env_url}/sessions/{session}/step", json={"action": final_text}
+                )
+                stepped.raise_for_status()
+                result = stepped.json()
+                observation = tok.encode(result["observation"], add_special_tokens=False)
+                response += observation
+                logprobs += [0.0] * len(observation)
+                versions += [-1] * len(observation)
+                mask += [0.0] * len(observation)
+                if result["done"]:
+                    break
+            if self._stale(versions):
+                status = TrajectoryStatus.ABORTED
+        except httpx.HTTPError as e:
+            log.warning("task %s sample %d: env failed: %s", task.task_id, index, e)
+            status = TrajectoryStatus.FAILED
+        finally:
+            if session:
+                with contextlib.suppress(httpx.HTTPError):  # else the env's idle timeout closes it
+                    await self.http.delete(f"{self.env.env_url}/sessions/{session}")
+        return Trajectory(
+            task_id=task.task_id,
+            group_id=task.group_id,
+            sample_index=task.sample_offset + index,
+            group_size=task.group_size,
+            worker=self.name,
+            status=status,
+            prompt_ids=prompt_ids,
+            response_ids=response,
+            behaviour_logprobs=logprobs,
+            token_versions=versions,
+            loss_mask=mask,
+            response_text=final_text,
+        )
+
+    async def _score(self, task: Task, trajectories: list[Trajectory]) -> None:
+        """Ask the reward service for every usable sample; retried, then marked failed."""
+        scored = [
+            t
+            for t in trajectories
+            if t.status in (TrajectoryStatus.COMPLETED, TrajectoryStatus.TRUNCATED)
+        ]
+        if not scored:
+            return
+        payload = {
+            "items": [
+                {"response": t.response_text, "answer": task.answer, "meta": task.meta}
+                for t in scored
+            ]
+        }
+        for attempt in range(5):
+            try:
+                reply = await self.http.post(f"{self.env.reward_url}/score", json=payload)
+                reply.raise_for_status()
+                for t, r in zip(scored, reply.json()["rewards"], strict=True):
+                    t.reward, t.reward_parts = r["reward"], r["parts"]
+                return
+            except (httpx.HTTPError, KeyError, ValueError) as e:
+                log.warning("reward service failed (attempt %d): %s", attempt + 1, e)
+                await asyncio.sleep(0.2 * 2**attempt)
+        for t in scored:
+            t.status = TrajectoryStatus.FAILED
+
+    async def handle(self, task: Task, raw) -> None:
+        try:
+            await self.wait_for_version(task.min_version)
+            trajectories = await asyncio.gather(
+                *(self._sample(task, i) for i in range(task.samples))
+            )
+            await self._score(task, trajectories)
+            for t in trajectories:
+                await self.bus.publish(self.bus.subjects.trajectories, t)
+                SAMPLES.labels(self.pool.name, t.status.value).inc()
+            await raw.ack()
+        except Exception:
+            log.exception("task %s failed; handing it back", task.task_id)
+            ERRORS.labels(self.pool.name).inc()
+            await raw.nak(delay=1.0)
+        finally:
+            self.reserved -= task.samples
+            TASKS_RUNNING.labels(self.pool.name).dec()
+
+    # --- main loop -------------------------------------------------------------------------
+    async def run(self, engine_factory) -> None:
+        from rollfleet.tasks import TASKS
+
+        self._turn_stop = TASKS[self.spec.task.name].turn_stop
+        with tempfile.TemporaryDirectory(prefix="rollfleet-model-") as workdir:
+            model, version = await self.load_model(Path(workdir))
+        self.engine = engine_factory(model, self.tokenizer, version)
+        await self.engine.start()
+        await self.bus.on_weights(self.on_weights)
+        if (latest := await self.bus.latest_weights()) and latest.version > version:
+            await self.on_weights(latest)
+        consumer = await self.bus.task_consumer()
+        app = make_app("rollout", health=lambda: {"policy_version": self.engine.policy_version})
+        await serve_in_background(app, self.env.http_port, self.env.http_host)
+        log.info("worker %s ready at policy version %d", self.name, version)
+        slots = self.pool.maxBatch
+        group = self.spec.rollout.sampling.groupSize
+        last_queue_check = 0.0
+        while True:
+            VERSION.labels(self.pool.name).set(self.engine.policy_version)
+            SLOTS_BUSY.labels(self.pool.name).set(self.reserved / slots)
+            if time.monotonic() - last_queue_check > 2:
+                info = await consumer.consumer_info()
+                QUEUE_DEPTH.labels(self.pool.name).set(info.num_pending)
+                last_queue_check = time.monotonic()
+            room = (slots - self.reserved) // group
+            if room <= 0:
+                await asyncio.sleep(0.01)
+                continue
+            for task, raw in await self.bus.fetch(consumer, Task, room, timeout=0.5):
+                self.reserved += task.samples
+                TASKS_RUNNING.labels(self.pool.name).inc()
+                job = asyncio.create_task(self.handle(task, raw))
+                self._tasks.add(job)
+                job.add_done_callback(self._tasks.discard)

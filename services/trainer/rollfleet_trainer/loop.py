@@ -1,0 +1,359 @@
+"""The trainer: owns the dataset cursor and the policy version, and turns trajectories into steps.
+
+One loop, in order:
+1. keep at most (1+α)·promptsPerStep prompt groups in flight by publishing tasks
+   (each carries `min_version`, the version a worker must load before starting it);
+2. collect trajectories into their groups; a finished group whose oldest token is more
+   than α versions old is dropped and counted, as is a group with an aborted or failed
+   sample;
+3. once promptsPerStep fresh groups are ready: advantages, policy loss, one AdamW step,
+   then publish the new weights, ack the consumed messages, write progress and metrics,
+   and checkpoint every `checkpoint.every` steps.
+With α = 0 this is synchronous training: every batch comes from the current version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+from rollfleet_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rollfleet_trainer.model import prepare_policy
+
+from rollfleet.algorithms import ADVANTAGES, POLICY_LOSSES
+from rollfleet.bus import Bus
+from rollfleet.evaluation import heldout_accuracy
+from rollfleet.models.batching import pad_sequences, token_logprobs
+from rollfleet.models.weights import weights_to_bytes
+from rollfleet.protocol import Progress, Task, Trajectory, TrajectoryStatus
+from rollfleet.spec import RLJob
+from rollfleet.tasks import make_task
+
+log = logging.getLogger("trainer")
+
+STEP = Gauge("rollfleet_trainer_step", "Training steps done")
+VERSION = Gauge("rollfleet_trainer_policy_version", "Newest published policy version")
+REWARD = Gauge("rollfleet_trainer_reward_mean", "Mean reward of the last batch")
+LOSS = Gauge("rollfleet_trainer_loss", "Policy loss of the last step")
+KL = Gauge("rollfleet_trainer_approx_kl", "Approximate KL(behaviour || current) of the last step")
+HELDOUT = Gauge("rollfleet_trainer_heldout_accuracy", "Greedy held-out accuracy, last evaluation")
+IN_FLIGHT = Gauge("rollfleet_trainer_groups_in_flight", "Prompt groups issued and not yet consumed")
+SAMPLES = Counter("rollfleet_trainer_samples_total", "Samples consumed by training steps")
+DROPPED = Counter("rollfleet_trainer_samples_dropped_total", "Samples not trained on", ["reason"])
+STALENESS = Histogram(
+    "rollfleet_trainer_staleness",
+    "Policy versions between a sample's oldest token and the trainer",
+    buckets=(0, 1, 2, 3, 4, 6, 8, 16),
+)
+STEP_SECONDS = Histogram(
+    "rollfleet_trainer_step_seconds",
+    "Wall time of one optimizer step (forward, backward, update)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+
+
+@dataclass
+class Group:
+    index: int
+    size: int
+    samples: dict[int, tuple[Trajectory, object]] = field(default_factory=dict)
+
+    def complete(self) -> bool:
+        return len(self.samples) == self.size
+
+    def oldest_version(self) -> int | None:
+        versions = [v for t, _ in self.samples.values() if (v := t.oldest_version()) is not None]
+        return min(versions) if versions else None
+
+
+class Trainer:
+    def __init__(self, job: RLJob, bus: Bus, run_dir: Path):
+        self.job, self.spec, self.bus, self.run_dir = job, job.spec, bus, run_dir
+        self.task = make_task(self.spec.task.name, self.spec.task.params, self.spec.seed)
+        self.alpha = self.spec.async_.ratio
+        self.prompts_per_step = self.spec.trainer.promptsPerStep
+        self.group_size = self.spec.rollout.sampling.groupSize
+        self.checkpoints = run_dir / "checkpoints"
+        self.metrics_file = run_dir / "metrics.jsonl"
+        self.state = {
+            "step": 0,
+            "version": 0,
+            "cursor": 0,
+            "samples": 0,
+            "dropped_stale": 0,
+            "dropped_failed": 0,
+            "heldout_before": None,
+            "rl_seconds": 0.0,
+        }
+        self.groups: dict[str, Group] = {}
+        self.ready: deque[Group] = deque()
+        self.discarded: set[str] = set()
+
+    # --- helpers ----------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        acc = heldout_accuracy(
+            self.model,
+            self.tokenizer,
+            self.task,
+            self.spec.verifier(),
+            max_new_tokens=self.spec.rollout.sampling.maxNewTokens,
+            limit=self.spec.task.heldoutLimit,
+        )
+        HELDOUT.set(acc)
+        return acc
+
+    async def progress(self, phase: str, **extra) -> None:
+        s = self.state
+        await self.bus.put_progress(
+            Progress(
+                phase=phase,
+                step=s["step"],
+                total_steps=self.spec.trainer.steps,
+                policy_version=s["version"],
+                samples_consumed=s["samples"],
+                samples_dropped_stale=s["dropped_stale"],
+                heldout_before=s["heldout_before"],
+                **extra,
+            )
+        )
+
+    async def publish_weights(self) -> None:
+        data = weights_to_bytes(self.model)
+        await self.bus.put_weights(self.state["version"], self.state["step"], data)
+        VERSION.set(self.state["version"])
+        # Workers only ever need versions within α of the newest; keep a little slack.
+        await self.bus.delete_weights_before(self.state["version"] - self.alpha - 2)
+
+    async def publish_model_files(self, folder: Path) -> None:
+        for path in folder.iterdir():
+            if path.suffix == ".json":
+                await self.bus.put_file(path.name, path.read_bytes())
+
+    async def issue_tasks(self) -> None:
+        while len(self.groups) + len(self.ready) < (1 + self.alpha) * self.prompts_per_step:
+            index = self.state["cursor"]
+            self.state["cursor"] += 1
+            example = self.task.example("train", index)
+            group_id = f"g{index}"
+            self.groups[group_id] = Group(index, self.group_size)
+            await self.bus.publish(
+                self.bus.subjects.tasks,
+                Task(
+                    task_id=f"t{index}",
+                    group_id=group_id,
+                    index=index,
+                    prompt=example.prompt,
+                    answer=example.answer,
+                    meta=example.meta,
+                    samples=self.group_size,
+                    group_size=self.group_size,
+                    multi_turn=self.task.multi_turn,
+                    min_version=self.state["version"],
+                ),
+            )
+        IN_FLIGHT.set(len(self.groups) + len(self.ready))
+
+    async def drop(self, group_id: str, group: Group, reason: str) -> None:
+        """Account for a group we will not train on, and ack what arrived of it."""
+        self.groups.pop(group_id, None)
+        self.discarded.add(group_id)
+        DROPPED.labels(reason).inc(group.size)
+        self.state["dropped_stale" if reason == "stale" else "dropped_failed"] += group.size
+        for _, raw in group.samples.values():
+            await raw.ack()
+
+    def is_fresh(self, group: Group) -> bool:
+        oldest = group.oldest_version()
+        return oldest is None or self.state["version"] - oldest <= self.alpha
+
+    async def collect(self, consumer) -> None:
+        for traj, raw in await self.bus.fetch(consumer, Trajectory, 256, timeout=0.2):
+            group = self.groups.get(traj.group_id)
+            if group is None:
+                # The rest of a dropped group, or a leftover from before a resume.
+                reason = "dropped_group" if traj.group_id in self.discarded else "unknown_group"
+                DROPPED.labels(reason).inc()
+                await raw.ack()
+                continue
+            group.samples[traj.sample_index] = (traj, raw)
+            if traj.status in (TrajectoryStatus.ABORTED, TrajectoryStatus.FAILED):
+                await self.drop(traj.group_id, group, traj.status.value)
+            elif group.complete():
+                if self.is_fresh(group):
+                    self.groups.pop(traj.group_id)
+                    self.ready.append(group)
+                else:
+                    await self.drop(traj.group_id, group, "stale")
+
+    # --- one optimizer step -----------------------------------------------------------------
+    def train_step(self, batch: list[Group]) -> dict:
+        algo = self.spec.algorithm
+        trajectories = [g.samples[i][0] for g in batch for i in range(g.size)]
+        rewards = torch.tensor([t.reward for t in trajectories]).view(len(batch), -1)
+        advantages = ADVANTAGES[algo.advantage](rewards).view(-1)
+        sequences, masks, behaviour = [], [], []
+        for t in trajectories:
+            sequences.append(t.prompt_ids + t.response_ids)
+            weights = t.token_weights or [1.0] * len(t.loss_mask)
+            masks.append(
+                [0.0] * len(t.prompt_ids)
+                + [m * w for m, w in zip(t.loss_mask, weights, strict=True)]
+            )
+            behaviour.append([0.0] * len(t.prompt_ids) + t.behaviour_logprobs)
+        ids, attention, mask, behaviour_lp = pad_sequences(
+            sequences, self.tokenizer.pad_token_id, masks, behaviour
+        )
+        self.model.train()
+        logprobs = token_logprobs(
+            self.model, ids, attention, self.spec.rollout.sampling.temperature
+        )
+        loss, stats = POLICY_LOSSES[algo.policyLoss](
+            logprobs,
+            behaviour_lp,
+            advantages[:, None].expand_as(logprobs),
+            mask,
+            clip_eps=algo.clipEpsilon,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.maxGradNorm)
+        self.optimizer.step()
+        self.model.eval()
+        version = self.state["version"]
+        staleness = [
+            version - v
+            for t in trajectories
+            for v, m in zip(t.token_versions, t.loss_mask, strict=True)
+            if m > 0 and v >= 0
+        ]
+        return {
+            "loss": loss.item(),
+            "grad_norm": float(grad_norm),
+            "mean_reward": rewards.mean().item(),
+            "staleness": sum(staleness) / max(len(staleness), 1),
+            "max_staleness": max(staleness, default=0),
+            "response_tokens": sum(len(t.response_ids) for t in trajectories),
+            **stats,
+        }
+
+    # --- the loop -----------------------------------------------------------------------------
+    async def run(self) -> dict:
+        await self.bus.ensure_streams()
+        await self.progress("WarmingUp", message="preparing the policy")
+        self.model, self.tokenizer, folder = await asyncio.to_thread(
+            prepare_policy, self.spec, self.run_dir
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.spec.algorithm.learningRate, weight_decay=0.0
+        )
+        if (checkpoint := latest_checkpoint(self.checkpoints)) is not None:
+            self.state.update(load_checkpoint(checkpoint, self.model, self.optimizer))
+            log.info(
+                "resumed from %s at step %d (version %d)",
+                checkpoint.name,
+                self.state["step"],
+                self.state["version"],
+            )
+            await self.bus.purge_work()  # in-flight work of the previous life is re-issued
+        if self.state["heldout_before"] is None:
+            self.state["heldout_before"] = await asyncio.to_thread(self.evaluate)
+            log.info("held-out accuracy before RL: %.3f", self.state["heldout_before"])
+        await self.publish_model_files(folder)
+        await self.publish_weights()
+        consumer = await self.bus.trajectory_consumer()
+        await self.progress("Running")
+        steps = self.spec.trainer.steps
+        window = deque(maxlen=10)
+        started = time.monotonic() - self.state["rl_seconds"]
+        while self.state["step"] < steps:
+            await self.issue_tasks()
+            await self.collect(consumer)
+            # Re-check freshness at consumption: the version may have moved since completion.
+            while self.ready and not self.is_fresh(self.ready[0]):
+                stale = self.ready.popleft()
+                await self.drop(f"g{stale.index}", stale, "stale")
+            if len(self.ready) < self.prompts_per_step:
+                continue
+            batch = [self.ready.popleft() for _ in range(self.prompts_per_step)]
+            for group in batch:
+                STALENESS.observe(
+                    self.state["version"] - (group.oldest_version() or self.state["version"])
+                )
+            t0 = time.perf_counter()
+            stats = await asyncio.to_thread(self.train_step, batch)
+            STEP_SECONDS.observe(time.perf_counter() - t0)
+            self.state["step"] += 1
+            self.state["version"] += 1
+            consumed = sum(g.size for g in batch)
+            self.state["samples"] += consumed
+            SAMPLES.inc(consumed)
+            await self.publish_weights()
+            for group in batch:
+                for _, raw in group.samples.values():
+                    await raw.ack()
+            now = time.monotonic()
+            self.state["rl_seconds"] = now - started
+            window.append((now, self.state["samples"]))
+            rate = (
+                (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+                if len(window) > 1
+                else None
+            )
+            record = {
+                "step": self.state["step"],
+                "version": self.state["version"],
+                "time": round(self.state["rl_seconds"], 3),
+                "samples": self.state["samples"],
+                "samples_per_second": rate,
+                "dropped_stale": self.state["dropped_stale"],
+                "step_seconds": time.perf_counter() - t0,
+                **stats,
+            }
+            every = self.spec.trainer.evalEvery
+            if every and self.state["step"] % every == 0 and self.state["step"] < steps:
+                record["heldout_accuracy"] = await asyncio.to_thread(self.evaluate)
+            STEP.set(self.state["step"])
+            REWARD.set(stats["mean_reward"])
+            LOSS.set(stats["loss"])
+            KL.set(stats["approx_kl"])
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            await self.progress(
+                "Running",
+                mean_reward=stats["mean_reward"],
+                samples_per_second=rate,
+                staleness=stats["staleness"],
+                loss=stats["loss"],
+            )
+            if self.state["step"] % self.spec.checkpoint.every == 0 or self.state["step"] == steps:
+                await asyncio.to_thread(self._checkpoint)
+        after = await asyncio.to_thread(self.evaluate)
+        result = {
+            "heldout_before": self.state["heldout_before"],
+            "heldout_after": after,
+            "steps": self.state["step"],
+            "samples": self.state["samples"],
+            "samples_dropped_stale": self.state["dropped_stale"],
+            "rl_seconds": round(self.state["rl_seconds"], 1),
+        }
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        await self.progress("Succeeded", heldout_after=after)
+        log.info("done: %s", result)
+        return result
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(
+            self.checkpoints,
+            self.state["step"],
+            self.model,
+            self.optimizer,
+            self.state,
+            self.spec.checkpoint.keep,
+        )

@@ -1,0 +1,72 @@
+"""The policy the trainer starts from: a user's HF folder, or the builtin tiny model after warm-up.
+
+The warm-up result is cached in `<run dir>/model/warmup/`, so `rollfleet run --resume`
+and a restarted trainer pod skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rollfleet.models.tiny import create_tiny_model
+from rollfleet.models.warmup import warmup_sft
+from rollfleet.spec import RLJobSpec
+from rollfleet.tasks import make_task
+
+log = logging.getLogger("trainer")
+
+
+def load_folder(folder: Path):
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path: {str(folder)!r} is not a Hugging Face model folder (no config.json)"
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32
+    ), AutoTokenizer.from_pretrained(folder)
+
+
+def prepare_policy(spec: RLJobSpec, run_dir: Path):
+    """Returns (model, tokenizer, folder holding its config and tokenizer files)."""
+    if spec.model.path:
+        folder = Path(spec.model.path)
+        model, tokenizer = load_folder(folder)
+        return model.eval(), tokenizer, folder
+    folder = run_dir / "model" / "warmup"
+    if (folder / "config.json").is_file():
+        log.info("using the cached warm-up model in %s", folder)
+        model, tokenizer = load_folder(folder)
+        return model.eval(), tokenizer, folder
+    m = spec.model
+    init = create_tiny_model(
+        run_dir / "model" / "init",
+        seed=spec.seed,
+        hidden=m.hidden,
+        layers=m.layers,
+        heads=m.heads,
+        max_len=m.maxLength,
+    )
+    model, tokenizer = load_folder(init)
+    warm = m.warmup
+    if warm.steps:
+        task = make_task(spec.task.name, spec.task.params, spec.seed)
+        log.info("warm-up SFT: %d steps on %s demonstrations", warm.steps, task.name)
+        with (run_dir / "warmup.jsonl").open("w") as f:
+            warmup_sft(
+                model,
+                tokenizer,
+                task,
+                steps=warm.steps,
+                batch_size=warm.batchSize,
+                lr=warm.learningRate,
+                seed=spec.seed,
+                on_step=lambda step, loss: f.write(json.dumps({"step": step, "loss": loss}) + "\n"),
+            )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), tokenizer, folder

@@ -1,0 +1,264 @@
+"""NATS JetStream plumbing for one job: streams, durable consumers, weights and progress.
+
+- tasks: a work-queue stream; all rollout workers share one durable pull consumer, so
+  each task goes to exactly one worker, which acks it once its trajectories are out
+  (a worker that dies mid-task gets its tasks redelivered after `ack_wait`).
+- trajectories: a stream with the trainer's durable consumer; acked after use.
+- dead letters: anything a consumer cannot decode goes here with the reason, counted.
+- weights: safetensors bytes in the object store, one object per policy version, plus
+  an announcement on the weights subject and the latest version in the KV bucket.
+- progress: the trainer's `Progress` in a KV bucket, read by the CLI and the operator.
+
+    bus = await Bus.connect("nats://127.0.0.1:4222", "countdown")
+    await bus.ensure_streams()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
+from prometheus_client import Counter
+
+from rollfleet.protocol import (
+    M,
+    Message,
+    Progress,
+    ProtocolError,
+    Subjects,
+    WeightVersion,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTERS = Counter(
+    "rollfleet_dead_letters_total", "Messages moved to the dead-letter subject", ["subject"]
+)
+
+TASK_ACK_WAIT_S = 120.0
+NATS_TOKEN_ENV = "ROLLFLEET_NATS_TOKEN"
+TRAJECTORY_ACK_WAIT_S = 600.0
+
+
+def nats_token() -> str | None:
+    """The NATS auth token (a Kubernetes Secret in a cluster, a random value per local run)."""
+    return os.environ.get(NATS_TOKEN_ENV) or None
+
+
+class Bus:
+    def __init__(self, nc, job: str):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(job)
+        self._weights_store = None
+        self._progress_kv = None
+
+    @classmethod
+    async def connect(
+        cls, url: str, job: str, name: str = "rollfleet", token: str | None = None
+    ) -> Bus:
+        try:
+            nc = await nats.connect(
+                url,
+                name=name,
+                token=token,
+                connect_timeout=5,
+                max_reconnect_attempts=10,
+                allow_reconnect=True,
+            )
+        except Exception as e:
+            raise ConnectionError(f"cannot reach NATS at {url}: {e}") from None
+        return cls(nc, job)
+
+    async def close(self) -> None:
+        # Not drain(): it waits out open pull requests; every ack is sent by flush().
+        if not self.nc.is_closed:
+            await self.nc.flush()
+            await self.nc.close()
+
+    # --- set-up ------------------------------------------------------------------------
+    async def ensure_streams(self) -> None:
+        """Create the job's streams and buckets; safe to call again (idempotent)."""
+        s = self.subjects
+        configs = [
+            api.StreamConfig(
+                name=s.task_stream, subjects=[s.tasks], retention=api.RetentionPolicy.WORK_QUEUE
+            ),
+            api.StreamConfig(name=s.trajectory_stream, subjects=[s.trajectories]),
+            api.StreamConfig(name=s.deadletter_stream, subjects=[f"{s.deadletter}.>"]),
+        ]
+        for config in configs:
+            try:
+                await self.js.stream_info(config.name)
+                await self.js.update_stream(config)
+            except NotFoundError:
+                await self.js.add_stream(config)
+        await self._buckets(create=True)
+
+    async def delete_streams(self) -> None:
+        """Remove everything ensure_streams created (the operator's finalizer)."""
+        s = self.subjects
+        for name in (s.task_stream, s.trajectory_stream, s.deadletter_stream):
+            with contextlib.suppress(NotFoundError):
+                await self.js.delete_stream(name)
+        for delete in (self.js.delete_object_store, self.js.delete_key_value):
+            for bucket in (s.weight_bucket, s.progress_bucket):
+                with contextlib.suppress(NotFoundError, BucketNotFoundError):
+                    await delete(bucket)
+
+    async def purge_work(self) -> None:
+        """Drop queued tasks and unconsumed trajectories (a resumed trainer re-issues its work)."""
+        for name in (self.subjects.task_stream, self.subjects.trajectory_stream):
+            await self.js.purge_stream(name)
+
+    async def _buckets(self, create: bool = False):
+        if self._weights_store is None or self._progress_kv is None:
+            s = self.subjects
+            if create:
+                store = await self.js.create_object_store(s.weight_bucket)
+                kv = await self.js.create_key_value(bucket=s.progress_bucket, history=1)
+            else:
+                store = await self.js.object_store(s.weight_bucket)
+                kv = await self.js.key_value(s.progress_bucket)
+            self._weights_store, self._progress_kv = store, kv
+        return self._weights_store, self._progress_kv
+
+    # --- publishing and consuming ------------------------------------------------------
+    async def publish(self, subject: str, message: Message) -> None:
+        await self.js.publish(subject, encode(message))
+
+    async def task_consumer(self):
+        return await self.js.pull_subscribe(
+            self.subjects.tasks,
+            durable="rollout",
+            stream=self.subjects.task_stream,
+            config=api.ConsumerConfig(ack_wait=TASK_ACK_WAIT_S, max_ack_pending=-1),
+        )
+
+    async def trajectory_consumer(self):
+        return await self.js.pull_subscribe(
+            self.subjects.trajectories,
+            durable="trainer",
+            stream=self.subjects.trajectory_stream,
+            config=api.ConsumerConfig(ack_wait=TRAJECTORY_ACK_WAIT_S, max_ack_pending=-1),
+        )
+
+    async def fetch(
+        self, subscription, cls: type[M], batch: int, timeout: float
+    ) -> list[tuple[M, object]]:
+        """Pull up to `batch` messages; valid ones come back as (message, raw) for a later ack,
+        invalid ones are dead-lettered and acked here."""
+        try:
+            raws = await subscription.fetch(batch, timeout=timeout)
+        except (NatsTimeout, TimeoutError):  # nats-py raises either when nothing arrives
+            return []
+        valid = []
+        for raw in raws:
+            try:
+                valid.append((decode(cls, raw.data), raw))
+            except ProtocolError as e:
+                await self.dead_letter(raw.subject, raw.data, str(e))
+                await raw.ack()
+        return valid
+
+    async def dead_letter(self, subject: str, data: bytes, reason: str) -> None:
+        kind = subject.rsplit(".", 1)[-1]
+        log.warning("dead letter on %s: %s", subject, reason)
+        DEAD_LETTERS.labels(subject=kind).inc()
+        await self.js.publish(
+            f"{self.subjects.deadletter}.{kind}", data, headers={"Rollfleet-Reason": reason[:500]}
+        )
+
+    # --- weights -------------------------------------------------------------------------
+    async def put_weights(self, version: int, step: int, data: bytes) -> WeightVersion:
+        store, kv = await self._buckets()
+        name = f"weights/v{version:08d}.safetensors"
+        await store.put(name, data)
+        announcement = WeightVersion(
+            version=version,
+            step=step,
+            object_name=name,
+            sha256=hashlib.sha256(data).hexdigest(),
+            num_bytes=len(data),
+        )
+        await kv.put("weights", encode(announcement))
+        await self.nc.publish(self.subjects.weights, encode(announcement))
+        return announcement
+
+    async def delete_weights_before(self, version: int) -> None:
+        store, _ = await self._buckets()
+        for old in range(max(0, version - 64), version):
+            with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+                await store.delete(f"weights/v{old:08d}.safetensors")
+
+    async def get_weights(self, announcement: WeightVersion) -> bytes:
+        """Fetch a version's bytes and check them against the announced checksum."""
+        store, _ = await self._buckets()
+        result = await store.get(announcement.object_name)
+        data = result.data
+        if hashlib.sha256(data).hexdigest() != announcement.sha256:
+            raise ProtocolError(f"weights v{announcement.version}: checksum mismatch")
+        return data
+
+    async def latest_weights(self) -> WeightVersion | None:
+        """The newest announced version; None before the trainer has published one."""
+        try:
+            _, kv = await self._buckets()
+            entry = await kv.get("weights")
+        except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
+            return None
+        return decode(WeightVersion, entry.value)
+
+    async def put_file(self, name: str, data: bytes) -> None:
+        """Store a model file (config, tokenizer) next to the weights, for workers elsewhere."""
+        store, _ = await self._buckets()
+        await store.put(f"model/{name}", data)
+
+    async def get_file(self, name: str) -> bytes:
+        store, _ = await self._buckets()
+        return (await store.get(f"model/{name}")).data
+
+    async def on_weights(self, callback: Callable[[WeightVersion], Awaitable[None]]):
+        """Call `callback` for each announced version (invalid announcements are dead-lettered)."""
+
+        async def handler(msg):
+            try:
+                announcement = decode(WeightVersion, msg.data)
+            except ProtocolError as e:
+                await self.dead_letter(msg.subject, msg.data, str(e))
+                return
+            await callback(announcement)
+
+        return await self.nc.subscribe(self.subjects.weights, cb=handler)
+
+    # --- progress ------------------------------------------------------------------------
+    async def put_progress(self, progress: Progress) -> None:
+        _, kv = await self._buckets()
+        await kv.put("trainer", encode(progress))
+
+    async def get_progress(self) -> Progress | None:
+        try:
+            _, kv = await self._buckets()
+            entry = await kv.get("trainer")
+        except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
+            return None
+        return decode(Progress, entry.value)
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll an async predicate until true or raise TimeoutError naming `what`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,156 @@
+"""The `rollfleet` command.
+
+rollfleet run examples/countdown.yaml     # the whole job on this machine
+rollfleet run --resume runs/countdown-20260101-120000
+rollfleet validate FILE                   # check a manifest, print the resolved spec
+rollfleet plan FILE                       # the components it would run
+rollfleet crd                             # the RLJob CustomResourceDefinition (YAML)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rollfleet.spec import ManifestError, load_manifest
+
+
+def _run(args) -> int:
+    from rollfleet.local.runtime import LocalRun, RunFailed
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        job = load_manifest(run_dir / "job.yaml")
+    else:
+        if not args.file:
+            raise SystemExit("rollfleet run: give a manifest file, or --resume RUN_DIR")
+        job = load_manifest(args.file)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = (
+            Path(args.run_dir) if args.run_dir else Path("runs") / f"{job.metadata.name}-{stamp}"
+        )
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise SystemExit(
+                f"rollfleet run: {run_dir} is not empty; use --resume {run_dir} to continue it"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_inputs(job)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    try:
+        result = LocalRun(job, run_dir, show_progress=not args.quiet).run()
+    except RunFailed as e:
+        print(f"rollfleet run failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; every process stopped. Continue with: rollfleet run --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"metrics: {run_dir / 'metrics.jsonl'}  curve: {run_dir / 'reward_curve.png'}  logs: {run_dir / 'logs'}"
+    )
+    print(
+        f"result: heldout_accuracy before={result['heldout_before']:.3f} after={result['heldout_after']:.3f} "
+        f"steps={result['steps']} samples={result['samples']}"
+    )
+    return 0
+
+
+def _check_inputs(job) -> None:
+    """Fail before anything starts on inputs that only exist at run time (files)."""
+    from rollfleet.tasks import make_task
+
+    spec = job.spec
+    if spec.model.path and not (Path(spec.model.path) / "config.json").is_file():
+        raise ManifestError(
+            f"spec.model.path: {spec.model.path!r} is not a Hugging Face model folder (no config.json)"
+        )
+    try:
+        make_task(spec.task.name, spec.task.params, spec.seed)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise ManifestError(f"spec.task: {e}") from None
+
+
+def _validate(args) -> int:
+    job = load_manifest(args.file)
+    _check_inputs(job)
+    print(
+        yaml.safe_dump(
+            job.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+        ),
+        end="",
+    )
+    return 0
+
+
+def _plan(args) -> int:
+    from rollfleet.plan import Endpoints, plan
+
+    job = load_manifest(args.file)
+    endpoints = Endpoints(
+        "nats://nats:4222",
+        "http://reward",
+        "http://env",
+        "/var/lib/rollfleet",
+        "/etc/rollfleet/job.yaml",
+    )
+    for c in plan(job, endpoints):
+        print(
+            json.dumps(
+                {
+                    "name": c.name,
+                    "role": c.role,
+                    "replicas": c.replicas,
+                    "command": c.command(),
+                    "resources": c.resources,
+                    "placement": c.placement,
+                }
+            )
+        )
+    return 0
+
+
+def _crd(args) -> int:
+    from rollfleet.crd import render_crd
+
+    print(render_crd(), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rollfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job locally: every service a process, NATS embedded")
+    run.add_argument("file", nargs="?", help="RLJob manifest (YAML)")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint"
+    )
+    run.add_argument("--run-dir", help="where outputs go (default runs/<name>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(fn=_run)
+    for name, fn, text in (
+        ("validate", _validate, "check a manifest"),
+        ("plan", _plan, "print the components"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("file")
+        p.set_defaults(fn=fn)
+    sub.add_parser("crd", help="print the RLJob CustomResourceDefinition").set_defaults(fn=_crd)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ManifestError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

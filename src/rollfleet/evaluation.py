@@ -1,0 +1,90 @@
+"""Held-out evaluation: greedy decoding of every held-out prompt, scored by a verifier.
+
+Runs in the trainer's process with Hugging Face `generate`, independently of the rollout
+engines, so it also cross-checks them. Multi-turn tasks play their episodes against the
+task's own env logic (the same code the env service runs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollfleet.rewards import REWARDS
+from rollfleet.tasks import Task
+
+
+@torch.inference_mode()
+def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
+    width = max(len(p) for p in prompts)
+    # Left padding so that every prompt ends where generation starts.
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        attention[row, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attention,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )[:, width:]
+    results = []
+    for row in out.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def heldout_accuracy(
+    model,
+    tokenizer,
+    task: Task,
+    verifier: str,
+    *,
+    max_new_tokens: int,
+    limit: int | None = None,
+    batch_size: int = 256,
+) -> float:
+    """Fraction of held-out prompts whose greedy response the reward function `verifier` scores 1."""
+    model.eval()
+    count = task.size("heldout") or 0
+    count = min(count, limit) if limit else count
+    examples = [task.example("heldout", i) for i in range(count)]
+    stop_ids = [
+        tokenizer.eos_token_id,
+        *(tokenizer.convert_tokens_to_ids(t) for t in task.turn_stop),
+    ]
+    correct = 0
+    for start in range(0, count, batch_size):
+        chunk = examples[start : start + batch_size]
+        contexts = [
+            [tokenizer.bos_token_id, *tokenizer.encode(ex.prompt, add_special_tokens=False)]
+            for ex in chunk
+        ]
+        final = [""] * len(chunk)
+        live = list(range(len(chunk)))
+        turn = 0
+        while live:
+            outputs = _greedy(
+                model, tokenizer, [contexts[i] for i in live], max_new_tokens, stop_ids
+            )
+            still = []
+            for i, tokens in zip(live, outputs, strict=True):
+                text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
+                final[i] = text
+                contexts[i] = contexts[i] + tokens
+                ended = not tokens or tokens[-1] == tokenizer.eos_token_id or not task.multi_turn
+                if not ended:
+                    observation, ended = task.env_step(chunk[i].meta, turn, text)
+                    contexts[i] += tokenizer.encode(observation, add_special_tokens=False)
+                if (
+                    not ended
+                    and len(contexts[i]) + max_new_tokens < model.config.max_position_embeddings
+                ):
+                    still.append(i)
+            live, turn = still, turn + 1
+        for ex, response in zip(chunk, final, strict=True):
+            correct += REWARDS[verifier](response, ex.answer, ex.meta) >= 1.0
+    return correct / max(count, 1)

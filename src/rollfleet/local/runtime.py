@@ -1,0 +1,272 @@
+"""Run an RLJob's plan on this machine: every component a local process, NATS embedded.
+
+    run = LocalRun(job, run_dir)
+    result = run.run()          # blocks; shows progress; always ends every child
+
+Children start in dependency order (nats-server, reward, env, trainer, rollout workers),
+each with its own log file under `<run dir>/logs/`. The supervisor fails the run with the
+last log lines of any child that exits early, and stops every child on success, error
+and Ctrl-C. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+from rollfleet.bus import NATS_TOKEN_ENV, Bus
+from rollfleet.local.nats import EmbeddedNats, free_port
+from rollfleet.plan import Component, Endpoints, plan
+from rollfleet.service import TOKEN_ENV
+from rollfleet.spec import RLJob
+
+START_ORDER = ("reward", "env", "trainer", "rollout")
+# A service HTTP server is single-process locally; replicas matter in a cluster.
+SINGLE_LOCAL = ("reward", "env")
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies, whatever killed it."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    process: subprocess.Popen
+    log_path: Path
+    http_port: int
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def write_job_file(job: RLJob, run_dir: Path) -> Path:
+    path = run_dir / "job.yaml"
+    data = job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class LocalRun:
+    def __init__(self, job: RLJob, run_dir: Path, show_progress: bool = True):
+        self.job, self.run_dir, self.show_progress = job, run_dir, show_progress
+        self.children: list[Child] = []
+        self.nats: EmbeddedNats | None = None
+        self.service_token = secrets.token_hex(16)
+        self.nats_token = secrets.token_hex(16)
+
+    # --- processes -----------------------------------------------------------------------
+    def _spawn(self, component: Component, replica: int) -> Child:
+        name = (
+            component.name
+            if component.replicas == 1 or component.role in SINGLE_LOCAL
+            else f"{component.name}-{replica}"
+        )
+        port = self._ports.get(component.role) or free_port()
+        env = {
+            **os.environ,
+            **component.env,
+            "ROLLFLEET_HTTP_PORT": str(port),
+            "ROLLFLEET_REPLICA": str(replica),
+            TOKEN_ENV: self.service_token,
+            NATS_TOKEN_ENV: self.nats_token,
+            "PYTHONUNBUFFERED": "1",
+            # Each process is one worker on a small machine; oversubscribing threads only thrashes.
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log = log_path.open("ab")
+        process = subprocess.Popen(
+            component.command(sys.executable),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            cwd=os.getcwd(),
+        )
+        log.close()
+        return Child(name, component.role, process, log_path, port)
+
+    def _wait_healthy(self, child: Child, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{child.http_port}/healthz"
+        while time.monotonic() < deadline:
+            if child.process.poll() is not None:
+                raise RunFailed(
+                    f"{child.name} exited with code {child.process.returncode} while starting:\n{child.tail()}"
+                )
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RunFailed(f"{child.name} did not answer {url} within {timeout:.0f}s:\n{child.tail()}")
+
+    def start(self) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        job_file = write_job_file(self.job, self.run_dir)
+        self.nats = EmbeddedNats(
+            self.run_dir / "nats",
+            log_file=self.run_dir / "logs" / "nats-server.log",
+            auth_token=self.nats_token,
+        ).start()
+        self._ports = {"reward": free_port(), "env": free_port()}
+        endpoints = Endpoints(
+            nats_url=self.nats.url,
+            reward_url=f"http://127.0.0.1:{self._ports['reward']}",
+            env_url=f"http://127.0.0.1:{self._ports['env']}",
+            run_dir=str(self.run_dir),
+            job_file=str(job_file),
+        )
+        components = sorted(plan(self.job, endpoints), key=lambda c: START_ORDER.index(c.role))
+        for component in components:
+            replicas = 1 if component.role in SINGLE_LOCAL else component.replicas
+            for replica in range(replicas):
+                child = self._spawn(component, replica)
+                self.children.append(child)
+                if component.role in SINGLE_LOCAL:
+                    self._wait_healthy(child)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End every child: SIGTERM, then SIGKILL for any still alive after `timeout`."""
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if self.nats:
+            self.nats.stop()
+
+    # --- supervision -----------------------------------------------------------------------
+    def _check_children(self) -> Child | None:
+        """Raise for a child that died; return the trainer once it has exited cleanly."""
+        for child in self.children:
+            code = child.process.poll()
+            if code is None:
+                continue
+            if child.role == "trainer" and code == 0:
+                return child
+            raise RunFailed(
+                f"{child.name} exited with code {code}; last lines of {child.log_path}:\n{child.tail()}"
+            )
+        return None
+
+    async def _supervise(self) -> None:
+        bus = await Bus.connect(
+            self.nats.url, self.job.metadata.name, name="cli", token=self.nats_token
+        )
+        bar = None
+        try:
+            while self._check_children() is None:
+                progress = await bus.get_progress()
+                if progress and self.show_progress:
+                    bar = self._show(bar, progress)
+                if progress and progress.phase == "Failed":
+                    raise RunFailed(f"trainer reported failure: {progress.message}")
+                await asyncio.sleep(0.5)
+        finally:
+            if bar is not None:
+                bar.close()
+            await bus.close()
+
+    def _show(self, bar, progress):
+        from tqdm import tqdm
+
+        if bar is None and progress.phase != "WarmingUp":
+            bar = tqdm(
+                total=progress.total_steps,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        if bar is None:
+            return None
+        bar.n = progress.step
+        fields = {"version": progress.policy_version}
+        if progress.mean_reward is not None:
+            fields["reward"] = f"{progress.mean_reward:.3f}"
+        if progress.samples_per_second:
+            fields["samples/s"] = f"{progress.samples_per_second:.0f}"
+        if progress.staleness is not None:
+            fields["staleness"] = f"{progress.staleness:.2f}"
+        bar.set_postfix(fields, refresh=False)
+        bar.refresh()
+        return bar
+
+    def run(self) -> dict:
+        try:
+            self.start()
+            asyncio.run(self._supervise())
+        finally:
+            self.stop()
+        result = json.loads((self.run_dir / "result.json").read_text())
+        plot_rewards(self.run_dir)
+        return result
+
+
+def plot_rewards(run_dir: Path) -> Path | None:
+    """Reward (and held-out accuracy where evaluated) per step, as reward_curve.png."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(
+        [r["step"] for r in records],
+        [r["mean_reward"] for r in records],
+        label="mean reward (batch)",
+        alpha=0.6,
+    )
+    evaluated = [r for r in records if "heldout_accuracy" in r]
+    if evaluated:
+        ax.plot(
+            [r["step"] for r in evaluated],
+            [r["heldout_accuracy"] for r in evaluated],
+            "o-",
+            label="held-out accuracy",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = run_dir / "reward_curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,64 @@
+"""Warm-up SFT: teach a fresh model the task's format from its demonstrations.
+
+The trainer runs this once before RL when the model is the builtin tiny one, and caches
+the result in the run directory (`model/warmup/`), so a resumed run skips it. The number
+of steps is deliberately small: RL is meant to find the headroom SFT leaves.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from rollfleet.models.batching import pad_sequences
+from rollfleet.tasks import Example, Task
+
+
+def encode_turns(tokenizer, prompt: str, turns) -> tuple[list[int], list[float]]:
+    """[bos] prompt turn... [eos] -> (token ids, loss mask over the model's own tokens)."""
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    mask = [0.0] * len(ids)
+    for speaker, text in turns:
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        mask += [1.0 if speaker == "model" else 0.0] * len(piece)
+    ids.append(tokenizer.eos_token_id)
+    mask.append(1.0)
+    return ids, mask
+
+
+def sft_batch(tokenizer, examples: list[Example]):
+    encoded = [encode_turns(tokenizer, ex.prompt, ex.demonstration) for ex in examples]
+    ids, attention, mask = pad_sequences(
+        [e[0] for e in encoded], tokenizer.pad_token_id, [e[1] for e in encoded]
+    )
+    return ids, attention, mask
+
+
+def warmup_sft(
+    model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float, seed: int, on_step=None
+) -> list[float]:
+    """Train on demonstrations of train examples; returns the loss of every step."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        examples = [task.example("train", rng.randrange(1_000_000)) for _ in range(batch_size)]
+        ids, attention, mask = sft_batch(tokenizer, examples)
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(ids.shape[0], -1)
+        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses

@@ -1,0 +1,152 @@
+"""RLJob -> components: what runs, how many, with which command, environment and placement.
+
+The local runtime starts each component's replicas as processes; the operator renders
+the same components as Kubernetes objects. Services learn their job and peers from the
+environment variables in `ServiceEnv`, so the two runtimes differ only in addresses.
+
+    for c in plan(job, Endpoints(nats_url=..., reward_url=..., env_url=..., run_dir=...)):
+        print(c.name, c.replicas, c.command())
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rollfleet.spec import RLJob
+
+Role = Literal["trainer", "rollout", "reward", "env"]
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    nats_url: str
+    reward_url: str
+    env_url: str
+    run_dir: str  # the trainer's checkpoints and metrics (a PVC in a cluster)
+    job_file: str  # the resolved manifest (a ConfigMap in a cluster)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    role: Role
+    replicas: int
+    module: str  # run as `python -m <module>`
+    env: dict[str, str]
+    resources: dict[str, str] = field(default_factory=dict)
+    placement: dict[str, str] = field(default_factory=dict)
+    http_port: int = 8080
+
+    def command(self, python: str = "python") -> list[str]:
+        return [python, "-m", self.module]
+
+
+@dataclass(frozen=True)
+class ServiceEnv:
+    """The environment variables a service reads; written by `plan`, read by each service."""
+
+    job_file: str
+    nats_url: str
+    reward_url: str
+    env_url: str
+    run_dir: str
+    http_port: int
+    http_host: str = "127.0.0.1"  # 0.0.0.0 in a pod
+    pool: str = ""
+    replica: int = 0
+
+    PREFIX = "ROLLFLEET_"
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            "ROLLFLEET_JOB_FILE": self.job_file,
+            "ROLLFLEET_NATS_URL": self.nats_url,
+            "ROLLFLEET_REWARD_URL": self.reward_url,
+            "ROLLFLEET_ENV_URL": self.env_url,
+            "ROLLFLEET_RUN_DIR": self.run_dir,
+            "ROLLFLEET_HTTP_PORT": str(self.http_port),
+            "ROLLFLEET_HTTP_HOST": self.http_host,
+            "ROLLFLEET_POOL": self.pool,
+            "ROLLFLEET_REPLICA": str(self.replica),
+        }
+
+    @classmethod
+    def from_environ(cls) -> ServiceEnv:
+        missing = [k for k in ("ROLLFLEET_JOB_FILE", "ROLLFLEET_NATS_URL") if k not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"missing environment variables {missing}: services are started by `rollfleet run` or the operator"
+            )
+        get = os.environ.get
+        return cls(
+            job_file=get("ROLLFLEET_JOB_FILE", ""),
+            nats_url=get("ROLLFLEET_NATS_URL", ""),
+            reward_url=get("ROLLFLEET_REWARD_URL", ""),
+            env_url=get("ROLLFLEET_ENV_URL", ""),
+            run_dir=get("ROLLFLEET_RUN_DIR", "."),
+            http_port=int(get("ROLLFLEET_HTTP_PORT", "8080")),
+            http_host=get("ROLLFLEET_HTTP_HOST", "127.0.0.1"),
+            pool=get("ROLLFLEET_POOL", ""),
+            replica=int(get("ROLLFLEET_REPLICA", "0")),
+        )
+
+
+def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
+    spec = job.spec
+    base = ServiceEnv(
+        job_file=endpoints.job_file,
+        nats_url=endpoints.nats_url,
+        reward_url=endpoints.reward_url,
+        env_url=endpoints.env_url,
+        run_dir=endpoints.run_dir,
+        http_port=8080,
+    )
+    components = [
+        Component(
+            "reward",
+            "reward",
+            spec.reward.replicas,
+            "rollfleet_reward",
+            base.to_env(),
+            resources={"cpu": "500m", "memory": "512Mi"},
+        ),
+        Component(
+            "env",
+            "env",
+            spec.env.replicas,
+            "rollfleet_env",
+            base.to_env(),
+            resources={"cpu": "500m", "memory": "512Mi"},
+        ),
+    ]
+    for pool in spec.rollout.pools:
+        env = ServiceEnv(**{**base.__dict__, "pool": pool.name}).to_env()
+        resources = {"cpu": "1", "memory": "2Gi"}
+        placement = {}
+        if pool.gpuClass:
+            resources["nvidia.com/gpu"] = "1"
+            placement["gpuClass"] = pool.gpuClass
+        components.append(
+            Component(
+                f"rollout-{pool.name}",
+                "rollout",
+                pool.replicas,
+                "rollfleet_rollout",
+                env,
+                resources=resources,
+                placement=placement,
+            )
+        )
+    components.append(
+        Component(
+            "trainer",
+            "trainer",
+            1,
+            "rollfleet_trainer",
+            base.to_env(),
+            resources={"cpu": "1", "memory": "4Gi"},
+        )
+    )
+    return components

@@ -1,0 +1,176 @@
+"""Messages on the bus and the subjects they travel on.
+
+Every message is a pydantic model serialised as msgpack (never pickle) and carries its
+schema version `v`. Consumers call `decode`, which raises `ProtocolError` for anything
+that does not validate; the bus then moves the raw bytes to the dead-letter subject.
+
+    data = encode(Task(...));  task = decode(Task, data)
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, Self, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid message of the expected type and version."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: int = SCHEMA_VERSION
+
+
+class Task(Message):
+    """One prompt for the rollout pools: sample `samples` responses for it."""
+
+    task_id: str
+    group_id: str  # the prompt's group: all samples of one prompt share it (GRPO)
+    index: int  # position in the task's train split (the trainer's dataset cursor)
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+    samples: int = Field(ge=1)
+    group_size: int = Field(ge=1)
+    sample_offset: int = Field(0, ge=0)  # first sample index of this task within the group
+    multi_turn: bool = False
+    min_version: int = Field(ge=0)  # the worker loads at least this policy version first
+    issued_at: float = Field(default_factory=time.time)
+
+
+class TrajectoryStatus(enum.StrEnum):
+    COMPLETED = "completed"  # the model ended with end-of-sequence (or the episode ended)
+    TRUNCATED = "truncated"  # hit the token limit
+    ABORTED = "aborted"  # cancelled: too stale, or redundant
+    FAILED = "failed"  # the env or the reward service failed for this sample
+
+
+class Trajectory(Message):
+    """One sampled response, token by token, with everything the trainer needs.
+
+    `response_ids` holds every token after the prompt: the model's and, in multi-turn
+    episodes, the env's observations. `loss_mask` is 1 on the model's tokens and 0 on
+    the env's; `token_versions` is the policy version that produced each model token
+    (-1 on env tokens); `token_weights` optionally rescales tokens (credit assignment).
+    """
+
+    task_id: str
+    group_id: str
+    sample_index: int = Field(ge=0)
+    group_size: int = Field(ge=1)
+    worker: str
+    status: TrajectoryStatus
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behaviour_logprobs: list[float]
+    token_versions: list[int]
+    loss_mask: list[float]
+    token_weights: list[float] | None = None
+    reward: float = 0.0
+    reward_parts: dict[str, float] = Field(default_factory=dict)
+    response_text: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    finished_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        n = len(self.response_ids)
+        for name in ("behaviour_logprobs", "token_versions", "loss_mask"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} entries for {n} response tokens"
+                )
+        if self.token_weights is not None and len(self.token_weights) != n:
+            raise ValueError(
+                f"token_weights has {len(self.token_weights)} entries for {n} response tokens"
+            )
+        if self.sample_index >= self.group_size:
+            raise ValueError(f"sample_index {self.sample_index} >= group_size {self.group_size}")
+        return self
+
+    def oldest_version(self) -> int | None:
+        """Version of the oldest model token (None if the model produced none)."""
+        versions = [
+            v for v, m in zip(self.token_versions, self.loss_mask, strict=True) if m > 0 and v >= 0
+        ]
+        return min(versions) if versions else None
+
+
+class WeightVersion(Message):
+    """Announcement of a published policy version; the bytes sit in the object store."""
+
+    version: int = Field(ge=0)
+    step: int = Field(ge=0)
+    object_name: str
+    sha256: str
+    num_bytes: int = Field(ge=0)
+    published_at: float = Field(default_factory=time.time)
+
+
+class Progress(Message):
+    """The trainer's view of the job, kept in the job's KV bucket for the CLI and operator."""
+
+    phase: str  # WarmingUp, Running, Succeeded, Failed
+    step: int = 0
+    total_steps: int = 0
+    policy_version: int = 0
+    mean_reward: float | None = None
+    samples_per_second: float | None = None
+    staleness: float | None = None
+    samples_consumed: int = 0
+    samples_dropped_stale: int = 0
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    loss: float | None = None
+    message: str = ""
+    updated_at: float = Field(default_factory=time.time)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    return msgpack.packb(message.model_dump(mode="json"), use_bin_type=True)
+
+
+def decode(cls: type[M], data: bytes) -> M:
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"not msgpack: {e}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"expected a map, got {type(raw).__name__}")
+    if raw.get("v") != SCHEMA_VERSION:
+        raise ProtocolError(
+            f"schema version {raw.get('v')!r}, this service speaks {SCHEMA_VERSION}"
+        )
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(f"invalid {cls.__name__}: {where}: {first['msg']}") from None
+
+
+class Subjects:
+    """Subject, stream and bucket names of one job; one place so nothing drifts."""
+
+    def __init__(self, job: str):
+        self.job = job
+        token = job.replace("-", "_")
+        self.tasks = f"rollfleet.{job}.tasks"
+        self.trajectories = f"rollfleet.{job}.trajectories"
+        self.weights = f"rollfleet.{job}.weights"
+        self.deadletter = f"rollfleet.{job}.deadletter"
+        self.task_stream = f"RF_{token}_TASKS"
+        self.trajectory_stream = f"RF_{token}_TRAJECTORIES"
+        self.deadletter_stream = f"RF_{token}_DEADLETTER"
+        self.weight_bucket = f"rf_{token}_weights"
+        self.progress_bucket = f"rf_{token}_progress"

@@ -1,0 +1,83 @@
+"""Reward functions registered by name, and their weighted composition.
+
+Each function maps (response, answer, meta, **params) to a float. The reward service
+serves them over HTTP; the trainer uses the same functions for held-out evaluation.
+
+    total, parts = compose([("countdown", 1.0, {})], "3*5+7", "22", {"numbers": [3, 5, 7], "target": 22})
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from rollfleet.tasks.countdown import verify
+
+REWARDS: dict[str, Callable[..., float]] = {}
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def register_reward(name: str):
+    def wrap(fn):
+        REWARDS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_reward("exact_match")
+def exact_match(response: str, answer: str, meta: dict[str, Any], strip: bool = True) -> float:
+    """1 if the response equals the answer (whitespace-stripped by default)."""
+    if strip:
+        response, answer = response.strip(), answer.strip()
+    return float(response == answer)
+
+
+@register_reward("numeric")
+def numeric(response: str, answer: str, meta: dict[str, Any], tolerance: float = 1e-6) -> float:
+    """1 if the last number in the response equals the answer within `tolerance`."""
+    found = _NUMBER.findall(response)
+    if not found:
+        return 0.0
+    try:
+        return float(abs(float(found[-1]) - float(answer)) <= tolerance)
+    except ValueError:
+        return 0.0
+
+
+@register_reward("countdown")
+def countdown(response: str, answer: str, meta: dict[str, Any]) -> float:
+    """1 if the expression uses each given number once and reaches the target."""
+    return float(verify(response, meta["numbers"], int(meta["target"])))
+
+
+@register_reward("format")
+def format_reward(
+    response: str, answer: str, meta: dict[str, Any], pattern: str = r"^[0-9+\-*()]+$"
+) -> float:
+    """1 if the whole response matches `pattern` (a shaping term, usually weighted low)."""
+    return float(re.fullmatch(pattern, response.strip()) is not None)
+
+
+def compose(
+    functions: list[tuple[str, float, dict[str, Any]]],
+    response: str,
+    answer: str,
+    meta: dict[str, Any],
+) -> tuple[float, dict[str, float]]:
+    """Weighted sum of reward functions; returns (total, {name: unweighted value}).
+
+    A function listed twice (with other params) is reported as `name`, `name#2`, ...
+    """
+    total, parts = 0.0, {}
+    for name, weight, params in functions:
+        value = REWARDS[name](response, answer, meta, **params)
+        total += weight * value
+        key, n = name, 1
+        while key in parts:
+            n += 1
+            key = f"{name}#{n}"
+        parts[key] = value
+    return total, parts

@@ -1,0 +1,281 @@
+"""The RLJob resource: spec and status as pydantic models, the one source of truth.
+
+`crds/rljob.yaml` is generated from these models (`make crds`, see crd.py); the local
+runtime and the operator both read manifests through `load_manifest`. Every section has
+defaults, so a manifest with just a name and a task runs:
+
+    apiVersion: rollfleet.io/v1alpha1
+    kind: RLJob
+    metadata: {name: countdown}
+    spec: {task: {name: countdown}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+API_VERSION = "rollfleet.io/v1alpha1"
+KIND = "RLJob"
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class WarmupSpec(Strict):
+    """Supervised warm-up on the task's demonstrations before RL (builtin model only)."""
+
+    steps: int = Field(300, ge=0, description="SFT steps; 0 skips the warm-up")
+    batchSize: int = Field(64, ge=1)
+    learningRate: float = Field(3e-3, gt=0)
+
+
+class ModelSpec(Strict):
+    path: str | None = Field(
+        None, description="Hugging Face model folder; empty means the builtin tiny Llama"
+    )
+    hidden: int = Field(128, ge=8, description="builtin model: hidden size")
+    layers: int = Field(4, ge=1, description="builtin model: transformer layers")
+    heads: int = Field(4, ge=1, description="builtin model: attention heads")
+    maxLength: int = Field(64, ge=8, description="longest sequence (prompt + response), tokens")
+    warmup: WarmupSpec = WarmupSpec()
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"model.heads ({self.heads}) must divide model.hidden ({self.hidden})")
+        return self
+
+
+class TaskSpec(Strict):
+    name: str = Field("countdown", description="registered task: countdown, jsonl, calculator")
+    params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
+    heldoutLimit: int | None = Field(
+        None, ge=1, description="evaluate on at most this many held-out prompts"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from rollfleet.tasks import TASKS
+
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+        return name
+
+
+class AlgorithmSpec(Strict):
+    advantage: str = Field("grpo", description="registered advantage estimator")
+    policyLoss: str = Field("ppo_clip", description="registered policy loss")
+    clipEpsilon: float = Field(0.2, gt=0, lt=1)
+    learningRate: float = Field(5e-4, gt=0)
+    maxGradNorm: float = Field(1.0, gt=0)
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_advantage(cls, name: str) -> str:
+        from rollfleet.algorithms import ADVANTAGES
+
+        if name not in ADVANTAGES:
+            raise ValueError(f"unknown advantage {name!r}; choose one of {sorted(ADVANTAGES)}")
+        return name
+
+    @field_validator("policyLoss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        from rollfleet.algorithms import POLICY_LOSSES
+
+        if name not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy loss {name!r}; choose one of {sorted(POLICY_LOSSES)}")
+        return name
+
+
+class AsyncSpec(Strict):
+    ratio: int = Field(
+        1,
+        ge=0,
+        description="staleness bound α: samples may be at most α policy versions old; 0 is synchronous",
+    )
+
+
+class SamplingSpec(Strict):
+    groupSize: int = Field(8, ge=1, description="responses sampled per prompt (the GRPO group)")
+    temperature: float = Field(1.0, ge=0)
+    topP: float = Field(1.0, gt=0, le=1)
+    maxNewTokens: int = Field(12, ge=1, description="tokens per model turn")
+
+
+class PoolSpec(Strict):
+    name: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    replicas: int = Field(2, ge=1, description="rollout workers in this pool")
+    engine: Literal["torch", "vllm"] = "torch"
+    gpuClass: str | None = Field(
+        None, description="GPU class for placement (e.g. H800, H20); none = CPU"
+    )
+    maxBatch: int = Field(64, ge=1, description="sequences decoded together (engine slots)")
+
+
+class RolloutSpec(Strict):
+    pools: list[PoolSpec] = Field(default_factory=lambda: [PoolSpec()], min_length=1)
+    sampling: SamplingSpec = SamplingSpec()
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_names(cls, pools: list[PoolSpec]) -> list[PoolSpec]:
+        names = [p.name for p in pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+        return pools
+
+
+class TrainerSpec(Strict):
+    steps: int = Field(200, ge=1, description="RL steps (policy versions) to train")
+    promptsPerStep: int = Field(16, ge=1, description="prompts (groups) per training batch")
+    workers: int = Field(1, ge=1, description="data-parallel trainer workers (>1 uses Ray)")
+    evalEvery: int = Field(
+        0, ge=0, description="held-out evaluation every N steps; 0 = only at start and end"
+    )
+
+
+class RewardFunctionSpec(Strict):
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_reward(cls, name: str) -> str:
+        from rollfleet.rewards import REWARDS
+
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward function {name!r}; choose one of {sorted(REWARDS)}")
+        return name
+
+
+class RewardSpec(Strict):
+    functions: list[RewardFunctionSpec] = Field(
+        default_factory=list, description="weighted reward functions; empty = the task's verifier"
+    )
+    replicas: int = Field(1, ge=1)
+    maxScale: int = Field(4, ge=1, description="Knative max scale")
+    targetConcurrency: int = Field(16, ge=1, description="Knative target concurrency")
+
+
+class EnvSpec(Strict):
+    replicas: int = Field(1, ge=1)
+    sessionTimeoutSeconds: float = Field(
+        300, gt=0, description="idle sessions are closed after this"
+    )
+    stepLatencyMs: float = Field(0, ge=0, description="added latency per env step (benchmarks)")
+    latencyTail: float = Field(0, ge=0, description="Pareto tail of the latency; 0 = constant")
+
+
+class CheckpointSpec(Strict):
+    every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
+    keep: int = Field(2, ge=1, description="checkpoints kept on disk")
+
+
+class RLJobSpec(Strict):
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    task: TaskSpec = TaskSpec()
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+    async_: AsyncSpec = Field(AsyncSpec(), alias="async")
+    rollout: RolloutSpec = RolloutSpec()
+    trainer: TrainerSpec = TrainerSpec()
+    reward: RewardSpec = RewardSpec()
+    env: EnvSpec = EnvSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    suspend: bool = False
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="method modules by name, each with its own settings"
+    )
+
+    def reward_functions(self) -> list[tuple[str, float, dict[str, Any]]]:
+        """The weighted reward functions, defaulting to the task's own verifier."""
+        if self.reward.functions:
+            return [(f.name, f.weight, f.params) for f in self.reward.functions]
+        from rollfleet.tasks import TASKS
+
+        return [(TASKS[self.task.name].default_reward, 1.0, {})]
+
+    def verifier(self) -> str:
+        """The reward function that decides held-out accuracy (the first one listed)."""
+        return self.reward_functions()[0][0]
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=50)
+    namespace: str | None = None
+
+
+class Condition(BaseModel):
+    type: Literal["Ready", "Progressing", "Complete", "Failed", "Degraded"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class RLJobStatus(BaseModel):
+    phase: Literal["Pending", "WarmingUp", "Running", "Suspended", "Succeeded", "Failed"] | None = (
+        None
+    )
+    observedGeneration: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    step: int | None = None
+    policyVersion: int | None = None
+    meanReward: float | None = None
+    samplesPerSecond: float | None = None
+    staleness: float | None = None
+    heldoutAccuracy: float | None = None
+
+
+class RLJob(Strict):
+    apiVersion: Literal["rollfleet.io/v1alpha1"]
+    kind: Literal["RLJob"]
+    metadata: Metadata
+    spec: RLJobSpec = RLJobSpec()
+    status: RLJobStatus | None = None
+
+
+class ManifestError(ValueError):
+    """A manifest that does not validate; the message names every bad field."""
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it or check its spelling"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_manifest(data: Any, source: str = "manifest") -> RLJob:
+    try:
+        return RLJob.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(f"{source} is not a valid RLJob:\n{_format_errors(e)}") from None
+
+
+def load_manifest(path: str | Path) -> RLJob:
+    """Read and validate an RLJob YAML file; ManifestError names each bad field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path} is not valid YAML: {e}") from None
+    return parse_manifest(data, str(path))

@@ -1,0 +1,72 @@
+"""Task registry: generators and loaders of prompts with verifiable answers.
+
+A task turns an index into an `Example` (prompt, reference answer, metadata and a
+demonstration for warm-up SFT). Tasks are deterministic in (seed, split, index), so the
+trainer's dataset cursor is just an integer and a resumed run sees the same prompts.
+
+    from rollfleet.tasks import make_task
+    task = make_task("countdown", {"numbers": 3}, seed=0)
+    task.example("train", 0).prompt   # '3 5 7>22:'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Split = Literal["train", "heldout"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt. `demonstration` is a list of (speaker, text) turns, speaker 'model' or 'env'."""
+
+    id: str
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    demonstration: tuple[tuple[str, str], ...] = ()
+
+
+class Task:
+    """Base class of a task: subclasses set the class attributes and implement `example`."""
+
+    name: str = ""
+    multi_turn: bool = False
+    default_reward: str = "exact_match"
+    # Tokens that end a model turn in a multi-turn episode (besides end-of-sequence).
+    turn_stop: tuple[str, ...] = ()
+
+    def example(self, split: Split, index: int) -> Example:
+        raise NotImplementedError
+
+    def size(self, split: Split) -> int | None:
+        """Number of examples in a split; None for an endless generated train split."""
+        return None
+
+    def env_step(self, meta: dict[str, Any], turn: int, action: str) -> tuple[str, bool]:
+        """Multi-turn tasks: the env's observation after the model's `action` in turn `turn`
+        (0-based), and whether the episode has ended. The env service calls this."""
+        raise NotImplementedError(f"task {self.name!r} is single-turn")
+
+
+TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str):
+    def wrap(factory):
+        TASKS[name] = factory
+        return factory
+
+    return wrap
+
+
+def make_task(name: str, params: dict[str, Any] | None = None, seed: int = 0) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
+    return TASKS[name](seed=seed, **(params or {}))
+
+
+# Registration happens on import of the task modules.
+from rollfleet.tasks import calculator, countdown, jsonl  # noqa: E402, F401

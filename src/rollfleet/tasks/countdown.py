@@ -1,0 +1,137 @@
+"""Countdown: combine the given numbers with + - * to reach a target.
+
+Prompt `3 5 7>22:`; any expression that uses each number exactly once and evaluates to the
+target is correct (`3*5+7`), so the reward is a verifier rather than an exact match. The
+held-out split is a slice of the problem space that the train split never generates.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+from rollfleet.tasks import Example, Split, Task, register_task
+
+OPS = "+-*"
+
+
+def _problem(rng: random.Random, numbers: int, max_number: int, max_target: int):
+    while True:
+        nums = [rng.randint(1, max_number) for _ in range(numbers)]
+        ops = [rng.choice(OPS) for _ in range(numbers - 1)]
+        expr = str(nums[0]) + "".join(op + str(n) for op, n in zip(ops, nums[1:], strict=True))
+        target = eval_expression(expr)
+        if 0 <= target <= max_target:
+            shown = sorted(nums)
+            return shown, target, expr
+
+
+def eval_expression(expr: str) -> int:
+    """Evaluate digits, + - * and parentheses with the usual precedence; ValueError if malformed."""
+    pos = 0
+
+    def peek():
+        return expr[pos] if pos < len(expr) else ""
+
+    def number():
+        nonlocal pos
+        if peek() == "(":
+            pos += 1
+            value = sum_()
+            if peek() != ")":
+                raise ValueError("missing )")
+            pos += 1
+            return value
+        start = pos
+        while peek().isdigit():
+            pos += 1
+        if start == pos:
+            raise ValueError(f"number expected at {pos}")
+        return int(expr[start:pos])
+
+    def product():
+        nonlocal pos
+        value = number()
+        while peek() == "*":
+            pos += 1
+            value *= number()
+        return value
+
+    def sum_():
+        nonlocal pos
+        value = product()
+        while peek() in ("+", "-"):
+            op = peek()
+            pos += 1
+            value = value + product() if op == "+" else value - product()
+        return value
+
+    if len(expr) > 64:
+        raise ValueError("expression too long")
+    value = sum_()
+    if pos != len(expr):
+        raise ValueError(f"unexpected {expr[pos]!r} at {pos}")
+    return value
+
+
+def verify(response: str, numbers: list[int], target: int) -> bool:
+    """True if `response` uses exactly `numbers` (each once) and evaluates to `target`."""
+    expr = response.strip()
+    try:
+        value = eval_expression(expr)
+    except ValueError:
+        return False
+    used = sorted(int(tok) for tok in "".join(c if c.isdigit() else " " for c in expr).split())
+    return value == target and used == sorted(numbers)
+
+
+@register_task("countdown")
+class Countdown(Task):
+    """Problems are split by a hash of (numbers, target): `heldout_percent` of the problem
+    space is held out, so both splits follow the same distribution and never overlap."""
+
+    name = "countdown"
+    default_reward = "countdown"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        numbers: int = 3,
+        max_number: int = 9,
+        max_target: int = 99,
+        heldout_size: int = 500,
+        heldout_percent: int = 10,
+    ):
+        if numbers < 2:
+            raise ValueError("task.params.numbers must be at least 2")
+        if not 0 < heldout_percent < 100:
+            raise ValueError("task.params.heldout_percent must be between 1 and 99")
+        self.seed, self.numbers, self.max_number, self.max_target = (
+            seed,
+            numbers,
+            max_number,
+            max_target,
+        )
+        self.heldout_size, self.heldout_percent = heldout_size, heldout_percent
+
+    def split_of(self, shown: list[int], target: int) -> Split:
+        key = f"{self.seed}:{','.join(map(str, shown))}>{target}".encode()
+        return "heldout" if zlib.crc32(key) % 100 < self.heldout_percent else "train"
+
+    def size(self, split: Split) -> int | None:
+        return self.heldout_size if split == "heldout" else None
+
+    def example(self, split: Split, index: int) -> Example:
+        rng = random.Random(f"countdown/{self.seed}/{split}/{index}")
+        while True:
+            shown, target, expr = _problem(rng, self.numbers, self.max_number, self.max_target)
+            if self.split_of(shown, target) == split:
+                break
+        prompt = " ".join(map(str, shown)) + f">{target}:"
+        return Example(
+            id=f"countdown-{split}-{index}",
+            prompt=prompt,
+            answer=str(target),
+            meta={"numbers": shown, "target": target},
+            demonstration=(("model", expr),),
+        )

@@ -1,0 +1,89 @@
+"""`jsonl`: a user's own prompts from a JSON Lines file, one object per line.
+
+    task:
+      name: jsonl
+      params: {path: data/train.jsonl, heldout_path: data/test.jsonl}
+
+Each line needs the prompt and answer fields (names configurable). Without
+`heldout_path`, the last `heldout_fraction` of the file is held out. The train split
+cycles through its rows epoch after epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rollfleet.tasks import Example, Split, Task, register_task
+
+
+def _read_rows(path: Path, prompt_field: str, answer_field: str) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"task.params.path: dataset file {str(path)!r} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+            for name in (prompt_field, answer_field):
+                if name not in row:
+                    raise ValueError(
+                        f"{path}:{number}: missing field {name!r}; set task.params."
+                        f"{'prompt' if name == prompt_field else 'answer'}_field to the right name"
+                    )
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"task.params.path: {path} holds no rows")
+    return rows
+
+
+@register_task("jsonl")
+class JsonlTask(Task):
+    name = "jsonl"
+    default_reward = "exact_match"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        path: str | None = None,
+        heldout_path: str | None = None,
+        heldout_fraction: float = 0.1,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+    ):
+        if not path:
+            raise ValueError("task.params.path: the jsonl task needs the path of a JSON Lines file")
+        self.prompt_field, self.answer_field = prompt_field, answer_field
+        rows = _read_rows(Path(path), prompt_field, answer_field)
+        if heldout_path:
+            self._rows = {
+                "train": rows,
+                "heldout": _read_rows(Path(heldout_path), prompt_field, answer_field),
+            }
+        else:
+            cut = max(1, round(len(rows) * (1 - heldout_fraction)))
+            if cut >= len(rows):
+                raise ValueError(
+                    f"task.params.path: {len(rows)} rows leave nothing to hold out; add rows, "
+                    "raise heldout_fraction or set heldout_path"
+                )
+            self._rows = {"train": rows[:cut], "heldout": rows[cut:]}
+
+    def size(self, split: Split) -> int | None:
+        return len(self._rows[split])
+
+    def example(self, split: Split, index: int) -> Example:
+        rows = self._rows[split]
+        row = rows[index % len(rows)]
+        answer = str(row[self.answer_field])
+        return Example(
+            id=f"jsonl-{split}-{index % len(rows)}",
+            prompt=str(row[self.prompt_field]),
+            answer=answer,
+            meta={},
+            demonstration=(("model", str(row.get("demonstration", answer))),),
+        )

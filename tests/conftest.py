@@ -1,0 +1,78 @@
+"""Shared test helpers.
+
+`serve_app` runs a real ASGI app under a real uvicorn server on a free 127.0.0.1 port in a
+background thread and hands back an httpx client pointed at it; the server stops when the
+test ends. The service token variable is cleared first, so a test that wants
+authentication sets it itself (the services read it at request time).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import httpx
+import pytest
+import uvicorn
+
+from rollfleet.service import TOKEN_ENV
+
+
+@contextmanager
+def serving(app, start_timeout: float = 10.0) -> Iterator[str]:
+    """Serve `app` on a free local port in a thread; yields the base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # bound before the server starts: no race for the port
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive():
+            sock.close()
+            raise RuntimeError("uvicorn server thread exited before it started")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(5)
+            sock.close()
+            raise RuntimeError(f"uvicorn server on port {port} did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def serve_app(monkeypatch) -> Iterator[Callable[..., httpx.Client]]:
+    """`client = serve_app(app)`: start `app` for real and get an httpx client for it."""
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with ExitStack() as stack:
+
+        def serve(app) -> httpx.Client:
+            base_url = stack.enter_context(serving(app))
+            return stack.enter_context(httpx.Client(base_url=base_url, timeout=10.0))
+
+        yield serve
+
+
+def _metric_value(text: str, name: str, labels: str = "") -> float:
+    selector = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
+    match = re.search(rf"^{selector} (\S+)$", text, flags=re.MULTILINE)
+    if match is None:
+        raise AssertionError(f"metric {name}{{{labels}}} not found in /metrics")
+    return float(match.group(1))
+
+
+@pytest.fixture
+def metric_value() -> Callable[..., float]:
+    """`metric_value(text, name, labels="")`: one sample's value in Prometheus exposition text."""
+    return _metric_value

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+from rollfleet_env.app import create_app
+
+from rollfleet.service import TOKEN_ENV
+from rollfleet.tasks import make_task
+
+
+@pytest.fixture
+def calculator():
+    return make_task("calculator")
+
+
+def new_session(client, meta=None) -> str:
+    response = client.post(
+        "/sessions", json={"meta": meta if meta is not None else {"max_turns": 3}}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["turn"] == 0
+    return body["session_id"]
+
+
+def test_episode_tool_call_then_answer(serve_app, calculator):
+    client = serve_app(create_app(calculator, session_timeout=30))
+    sid = new_session(client)
+    response = client.post(f"/sessions/{sid}/step", json={"action": "c12*34;"})
+    assert response.status_code == 200
+    assert response.json() == {"observation": "=408;", "done": False, "turn": 1}
+    response = client.post(f"/sessions/{sid}/step", json={"action": "a413"})
+    assert response.json() == {"observation": "", "done": True, "turn": 2}
+    # stepping after the episode ended is a conflict
+    after = client.post(f"/sessions/{sid}/step", json={"action": "c1+1;"})
+    assert after.status_code == 409
+    assert sid in after.json()["detail"]
+
+
+def test_max_turns_from_session_meta_ends_the_episode(serve_app, calculator):
+    client = serve_app(create_app(calculator, session_timeout=30))
+    sid = new_session(client, {"max_turns": 2})
+    assert client.post(f"/sessions/{sid}/step", json={"action": "c2*3;"}).json()["done"] is False
+    last = client.post(f"/sessions/{sid}/step", json={"action": "c2*4;"}).json()
+    assert last == {"observation": "=8;", "done": True, "turn": 2}
+
+
+def test_sessions_are_independent(serve_app, calculator):
+    client = serve_app(create_app(calculator, session_timeout=30))
+    a, b = new_session(client), new_session(client)
+    assert a != b
+    assert client.post(f"/sessions/{a}/step", json={"action": "a1"}).json()["done"] is True
+    assert client.post(f"/sessions/{b}/step", json={"action": "c9*9;"}).json() == {
+        "observation": "=81;",
+        "done": False,
+        "turn": 1,
+    }
+
+
+def test_unknown_and_closed_sessions_are_404(serve_app, calculator):
+    client = serve_app(create_app(calculator, session_timeout=30))
+    missing = client.post("/sessions/nope/step", json={"action": "c1;"})
+    assert missing.status_code == 404
+    assert "nope" in missing.json()["detail"]
+    sid = new_session(client)
+    assert client.delete(f"/sessions/{sid}").json() == {"closed": sid}
+    assert client.post(f"/sessions/{sid}/step", json={"action": "c1;"}).status_code == 404
+
+
+def test_bad_step_payload_is_422(serve_app, calculator):
+    client = serve_app(create_app(calculator, session_timeout=30))
+    sid = new_session(client)
+    response = client.post(f"/sessions/{sid}/step", json={"act": "c1;"})
+    assert response.status_code == 422
+    assert "action" in response.text
+
+
+def test_single_turn_task_has_no_steps(serve_app):
+    client = serve_app(create_app(make_task("countdown"), session_timeout=30))
+    sid = new_session(client, {})
+    response = client.post(f"/sessions/{sid}/step", json={"action": "3*5+7"})
+    assert response.status_code == 400
+    assert "single-turn" in response.json()["detail"]
+
+
+def test_idle_session_expires(serve_app, calculator, metric_value):
+    client = serve_app(create_app(calculator, session_timeout=0.3))
+    expired_before = metric_value(
+        client.get("/metrics").text, "rollfleet_env_sessions_expired_total"
+    )
+    sid = new_session(client)
+    assert client.get("/healthz").json()["sessions"] == 1
+    time.sleep(0.7)  # > timeout + a sweep interval (timeout / 4)
+    response = client.post(f"/sessions/{sid}/step", json={"action": "c12*34;"})
+    assert response.status_code == 404
+    metrics = client.get("/metrics").text
+    assert metric_value(metrics, "rollfleet_env_sessions_expired_total") >= expired_before + 1
+    assert metric_value(metrics, "rollfleet_env_sessions") == 0
+    assert client.get("/healthz").json()["sessions"] == 0
+
+
+def test_used_session_stays_alive(serve_app, calculator):
+    client = serve_app(create_app(calculator, session_timeout=0.3))
+    busy, idle = new_session(client, {"max_turns": 10}), new_session(client)
+    for _ in range(5):  # 0.5 s in all, but never idle for more than 0.1 s
+        time.sleep(0.1)
+        assert client.post(f"/sessions/{busy}/step", json={"action": "c1+1;"}).status_code == 200
+    time.sleep(0.1)
+    assert client.post(f"/sessions/{busy}/step", json={"action": "c2+2;"}).json()["turn"] == 6
+    assert client.post(f"/sessions/{idle}/step", json={"action": "c1+1;"}).status_code == 404
+
+
+def test_metrics_and_health(serve_app, calculator, metric_value):
+    client = serve_app(create_app(calculator, session_timeout=30))
+    created_before = metric_value(
+        client.get("/metrics").text, "rollfleet_env_sessions_created_total"
+    )
+    new_session(client)
+    new_session(client)
+    metrics = client.get("/metrics").text
+    assert "rollfleet_env_sessions " in metrics
+    assert metric_value(metrics, "rollfleet_env_sessions") == 2
+    assert metric_value(metrics, "rollfleet_env_sessions_created_total") == created_before + 2
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "service": "env",
+        "task": "calculator",
+        "sessions": 2,
+    }
+
+
+def test_step_latency_is_applied(serve_app, calculator):
+    client = serve_app(create_app(calculator, session_timeout=30, step_latency_ms=150, seed=0))
+    sid = new_session(client)
+    started = time.perf_counter()
+    assert client.post(f"/sessions/{sid}/step", json={"action": "c1+1;"}).status_code == 200
+    assert time.perf_counter() - started >= 0.15
+
+
+def test_token_is_required_when_set(serve_app, calculator, monkeypatch):
+    client = serve_app(create_app(calculator, session_timeout=30))
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    assert client.post("/sessions", json={}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    created = client.post("/sessions", json={}, headers=auth)
+    assert created.status_code == 200
+    sid = created.json()["session_id"]
+    assert client.post(f"/sessions/{sid}/step", json={"action": "c1;"}).status_code == 401
+    assert client.delete(f"/sessions/{sid}").status_code == 401
+    step = client.post(f"/sessions/{sid}/step", json={"action": "c1;"}, headers=auth)
+    assert step.json()["observation"] == "=1;"

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import pytest
+from rollfleet_reward.app import create_app
+
+from rollfleet.service import TOKEN_ENV
+
+META = {"numbers": [3, 5, 7], "target": 22}
+
+
+def test_healthz_names_the_functions(serve_app):
+    client = serve_app(create_app([("countdown", 1.0, {}), ("format", 0.1, {})]))
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "service": "reward",
+        "functions": ["countdown", "format"],
+    }
+
+
+def test_score_countdown(serve_app, metric_value):
+    client = serve_app(create_app([("countdown", 1.0, {})]))
+    before = metric_value(client.get("/metrics").text, "rollfleet_reward_items_total")
+    items = [
+        {"response": "3*5+7", "answer": "22", "meta": META},
+        {"response": "3+5+7", "answer": "22", "meta": META},
+        {"response": "7+5*3", "answer": "22", "meta": META},
+    ]
+    response = client.post("/score", json={"items": items})
+    assert response.status_code == 200
+    rewards = response.json()["rewards"]
+    assert [r["reward"] for r in rewards] == [1.0, 0.0, 1.0]
+    assert [r["parts"] for r in rewards] == [
+        {"countdown": 1.0},
+        {"countdown": 0.0},
+        {"countdown": 1.0},
+    ]
+    assert all(r["error"] is None for r in rewards)
+    metrics = client.get("/metrics").text
+    assert metric_value(metrics, "rollfleet_reward_items_total") == before + 3
+
+
+def test_score_weighted_composition(serve_app):
+    client = serve_app(create_app([("countdown", 1.0, {}), ("format", 0.25, {})]))
+    items = [
+        {"response": "3*5+7", "answer": "22", "meta": META},
+        {"response": "3+5+7", "answer": "22", "meta": META},
+        {"response": "twenty-two", "answer": "22", "meta": META},
+    ]
+    rewards = client.post("/score", json={"items": items}).json()["rewards"]
+    assert [r["reward"] for r in rewards] == [1.25, 0.25, 0.0]
+    assert rewards[1]["parts"] == {"countdown": 0.0, "format": 1.0}
+
+
+def test_bad_item_scores_zero_with_error_without_failing_the_batch(serve_app, metric_value):
+    client = serve_app(create_app([("countdown", 1.0, {})]))
+    labels = 'function="countdown"'
+    text = client.get("/metrics").text
+    before = metric_value(text, "rollfleet_reward_errors_total", labels) if labels in text else 0.0
+    items = [
+        {"response": "3*5+7", "answer": "22"},  # countdown needs meta.numbers
+        {"response": "3*5+7", "answer": "22", "meta": META},
+    ]
+    response = client.post("/score", json={"items": items})
+    assert response.status_code == 200
+    first, second = response.json()["rewards"]
+    assert first["reward"] == 0.0
+    assert first["parts"] == {}
+    assert first["error"].startswith("KeyError")
+    assert second["reward"] == 1.0
+    after = metric_value(client.get("/metrics").text, "rollfleet_reward_errors_total", labels)
+    assert after == before + 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"items": [{"response": "3*5+7"}]}, "answer"),
+        ({"items": [{"response": "1", "answer": "1", "extra": 1}]}, "extra"),
+        ({"items": []}, "items"),
+        ({"things": []}, "items"),
+        ({"items": [{"response": 5, "answer": "1"}]}, "response"),
+    ],
+)
+def test_bad_payload_is_422_naming_the_field(serve_app, payload, field):
+    client = serve_app(create_app([("exact_match", 1.0, {})]))
+    response = client.post("/score", json=payload)
+    assert response.status_code == 422
+    locations = [d["loc"] for d in response.json()["detail"]]
+    assert any(field in loc for loc in locations), locations
+    assert field in response.text
+
+
+def test_token_is_required_when_set(serve_app, monkeypatch):
+    client = serve_app(create_app([("exact_match", 1.0, {})]))
+    body = {"items": [{"response": "22", "answer": "22"}]}
+    # no token configured: open
+    assert client.post("/score", json=body).status_code == 200
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")  # read at request time
+    assert client.post("/score", json=body).status_code == 401
+    wrong = client.post("/score", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    basic = client.post("/score", json=body, headers={"Authorization": "Basic s3cret"})
+    assert basic.status_code == 401
+    ok = client.post("/score", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert ok.json()["rewards"][0]["reward"] == 1.0
+    # probes stay open
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_exposes_reward_counters(serve_app):
+    client = serve_app(create_app([("exact_match", 1.0, {})]))
+    client.post("/score", json={"items": [{"response": "a", "answer": "a"}]})
+    text = client.get("/metrics").text
+    assert "rollfleet_reward_items_total" in text
+    assert "rollfleet_reward_request_seconds_bucket" in text
+    assert "rollfleet_reward_value_bucket" in text
+
+
+def test_unknown_function_is_rejected_at_startup():
+    with pytest.raises(ValueError, match=r"unknown reward functions \['vibes'\]"):
+        create_app([("vibes", 1.0, {})])
