@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-import nats
+from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
@@ -67,17 +67,31 @@ class Bus:
     async def connect(
         cls, url: str, job: str, name: str = "rollfleet", token: str | None = None
     ) -> Bus:
+        errors: list[Exception] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(e)
+            if "authorization" in str(e).lower():
+                raise ConnectionRefusedError(
+                    str(e)
+                )  # a wrong token will not fix itself: stop retrying
+
+        nc = NATS()
         try:
-            nc = await nats.connect(
+            await nc.connect(
                 url,
                 name=name,
                 token=token,
                 connect_timeout=5,
                 max_reconnect_attempts=10,
+                reconnect_time_wait=0.5,
                 allow_reconnect=True,
+                error_cb=on_error,
             )
         except Exception as e:
-            raise ConnectionError(f"cannot reach NATS at {url}: {e}") from None
+            await nc.close()
+            cause = errors[-1] if errors else e
+            raise ConnectionError(f"cannot connect to NATS at {url}: {cause}") from None
         return cls(nc, job)
 
     async def close(self) -> None:

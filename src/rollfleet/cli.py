@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ def _run(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_inputs(job)
     print(f"run directory: {run_dir}", file=sys.stderr)
+    # `kill` (SIGTERM) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         result = LocalRun(job, run_dir, show_progress=not args.quiet).run()
     except RunFailed as e:

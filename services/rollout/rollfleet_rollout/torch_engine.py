@@ -237,7 +237,7 @@ class TorchEngine(Engine):
 
     def free_capacity(self) -> int:
         with self._wake:
-            return self.slots - len(self._active) - len(self._waiting)
+            return max(0, self.slots - len(self._active) - len(self._waiting))
 
     # --- engine thread ----------------------------------------------------------------
     def _emit(self, seq: _Sequence, finished: bool = False, reason: str | None = None):
@@ -261,8 +261,9 @@ class TorchEngine(Engine):
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while self._running and (
-                    self._paused or not (self._waiting or self._active or self._pending_weights)
+                # Paused: only a weight swap may happen; otherwise sleep until there is work.
+                while self._running and not (
+                    self._pending_weights or (not self._paused and (self._waiting or self._active))
                 ):
                     self._wake.wait()
                 if not self._running:
@@ -272,6 +273,8 @@ class TorchEngine(Engine):
                     self._pending_weights = None
                     self.model.load_state_dict(tensors, strict=False)
                     self.policy_version = version
+                if self._paused:
+                    continue
                 for seq in [s for s in (*self._waiting, *self._active.values()) if s.aborted]:
                     if seq in self._waiting:
                         self._waiting.remove(seq)

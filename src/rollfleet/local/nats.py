@@ -6,12 +6,20 @@ with EmbeddedNats(store_dir="runs/x/nats") as server:
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: it gets SIGTERM when its parent dies, whatever killed it."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -63,7 +71,6 @@ class EmbeddedNats:
         if not port_is_free(self.port):
             raise RuntimeError(f"cannot start nats-server: port {self.port} on 127.0.0.1 is in use")
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_file.open("ab")
         command = [
             nats_server_binary(),
             "-js",
@@ -76,12 +83,14 @@ class EmbeddedNats:
         ]
         if self.auth_token:
             command += ["--auth", self.auth_token]
-        self.process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with self.log_file.open("ab") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops us in order
+                preexec_fn=die_with_parent,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -12,11 +12,9 @@ and Ctrl-C. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import httpx
 import yaml
 
 from rollfleet.bus import NATS_TOKEN_ENV, Bus
-from rollfleet.local.nats import EmbeddedNats, free_port
+from rollfleet.local.nats import EmbeddedNats, die_with_parent, free_port
 from rollfleet.plan import Component, Endpoints, plan
 from rollfleet.service import TOKEN_ENV
 from rollfleet.spec import RLJob
@@ -39,12 +37,6 @@ SINGLE_LOCAL = ("reward", "env")
 
 class RunFailed(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies, whatever killed it."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -105,7 +97,8 @@ class LocalRun:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops us in order
+            preexec_fn=die_with_parent,
             cwd=os.getcwd(),
         )
         log.close()

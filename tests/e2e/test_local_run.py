@@ -1,0 +1,295 @@
+"""End-to-end: `rollfleet run` as a user runs it, every service a real process.
+
+One short seeded countdown run (about two minutes here) must raise the batch reward, leave
+checkpoints, metrics and a curve, run at least six processes while it trains and none
+after it; `--resume` continues its policy-version sequence. Ctrl-C ends every process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLLFLEET = [sys.executable, "-m", "rollfleet.cli"]
+
+pytestmark = pytest.mark.e2e
+
+
+def manifest(tmp: Path, name: str, spec: dict) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "rollfleet.io/v1alpha1",
+                "kind": "RLJob",
+                "metadata": {"name": name},
+                "spec": spec,
+            }
+        )
+    )
+    return path
+
+
+def run_processes(run_dir: Path) -> set[int]:
+    """PIDs of live processes of one run: services carry ROLLFLEET_RUN_DIR, nats-server its store."""
+    marker_env = f"ROLLFLEET_RUN_DIR={run_dir}".encode()
+    marker_cmd = str(run_dir / "nats").encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "stat").read_text().split(") ")[1].startswith("Z"):
+                continue  # a zombie has ended; only its parent has not reaped it yet
+            if (
+                marker_env in (entry / "environ").read_bytes().split(b"\0")
+                or marker_cmd in (entry / "cmdline").read_bytes()
+            ):
+                found.add(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def watch(process: subprocess.Popen, run_dir: Path, timeout: float) -> int:
+    """Wait for the CLI to exit; return the most processes of the run seen alive at once."""
+    most = 0
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        most = max(most, len(run_processes(run_dir)))
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"rollfleet run did not finish within {timeout}s")
+        time.sleep(0.5)
+    return most
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+COUNTDOWN = {
+    "seed": 0,
+    "task": {"name": "countdown"},
+    "model": {"warmup": {"steps": 300}},
+    "async": {"ratio": 1},
+    "rollout": {"pools": [{"name": "default", "replicas": 2, "maxBatch": 64}]},
+    "trainer": {"steps": 40, "promptsPerStep": 32},
+    "algorithm": {"learningRate": 1e-3},
+    "checkpoint": {"every": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def countdown_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    run_dir = tmp / "run"
+    process = subprocess.Popen(
+        [
+            *ROLLFLEET,
+            "run",
+            str(manifest(tmp, "e2e-countdown", COUNTDOWN)),
+            "--run-dir",
+            str(run_dir),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    most = watch(process, run_dir, timeout=420)
+    out, err = process.communicate()
+    return {
+        "run_dir": run_dir,
+        "code": process.returncode,
+        "stdout": out,
+        "stderr": err,
+        "most_processes": most,
+    }
+
+
+def test_run_finishes_with_a_result_line(countdown_run):
+    assert countdown_run["code"] == 0, countdown_run["stderr"][-3000:]
+    result = json.loads((countdown_run["run_dir"] / "result.json").read_text())
+    line = [x for x in countdown_run["stdout"].splitlines() if x.startswith("result: ")]
+    assert line == [
+        f"result: heldout_accuracy before={result['heldout_before']:.3f} after={result['heldout_after']:.3f} "
+        f"steps=40 samples={40 * 32 * 8}"
+    ]
+
+
+def test_reward_rises(countdown_run):
+    rewards = [r["mean_reward"] for r in records(countdown_run["run_dir"])]
+    assert len(rewards) == 40
+    assert mean(rewards[-10:]) > mean(rewards[:10]) + 0.03, rewards
+
+
+def test_processes_while_running_and_none_after(countdown_run):
+    # nats-server, reward, env, two rollout workers, trainer
+    assert countdown_run["most_processes"] >= 6
+    assert run_processes(countdown_run["run_dir"]) == set()
+
+
+def test_outputs_and_version_sequence(countdown_run):
+    run_dir = countdown_run["run_dir"]
+    recs = records(run_dir)
+    assert [r["version"] for r in recs] == list(range(1, 41))
+    assert max(r["max_staleness"] for r in recs) <= 1  # alpha = 1
+    assert (run_dir / "reward_curve.png").stat().st_size > 1000
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000040"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [
+        "step-00000020",
+        "step-00000040",
+    ]
+    assert (run_dir / "model" / "warmup" / "model.safetensors").is_file()
+
+
+def test_resume_continues_the_version_sequence(countdown_run):
+    run_dir = countdown_run["run_dir"]
+    job = yaml.safe_load((run_dir / "job.yaml").read_text())
+    job["spec"]["trainer"]["steps"] = 43
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
+    before = json.loads((run_dir / "result.json").read_text())["heldout_before"]
+    done = subprocess.run(
+        [*ROLLFLEET, "run", "--resume", str(run_dir), "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    recs = records(run_dir)
+    assert [r["version"] for r in recs] == list(range(1, 44))
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 43
+    assert result["heldout_before"] == before  # measured once, before RL, not again on resume
+    assert (
+        "warm-up SFT"
+        not in (run_dir / "logs" / "trainer.log").read_text().split("resumed from")[-1]
+    )
+    assert run_processes(run_dir) == set()
+
+
+def test_ctrl_c_ends_every_process(tmp_path):
+    data = tmp_path / "sums.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(10, 60)
+        )
+    )
+    spec = {
+        "task": {"name": "jsonl", "params": {"path": str(data)}},
+        "model": {"warmup": {"steps": 5}},
+        "rollout": {"sampling": {"maxNewTokens": 4}},
+        "trainer": {"steps": 10000, "promptsPerStep": 4},
+    }
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            *ROLLFLEET,
+            "run",
+            str(manifest(tmp_path, "e2e-ctrl-c", spec)),
+            "--run-dir",
+            str(run_dir),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while not ((run_dir / "metrics.jsonl").exists() and records(run_dir)):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the jsonl job never trained a step"
+        time.sleep(0.5)
+    assert len(run_processes(run_dir)) >= 6
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert f"--resume {run_dir}" in err
+    time.sleep(0.5)
+    assert run_processes(run_dir) == set()
+
+
+def test_invalid_manifest_starts_nothing(tmp_path):
+    spec = {
+        "async": {"ratio": -1},
+        "rollout": {"pools": [{"name": "default", "replicas": 0}]},
+        "task": {"name": "nope"},
+    }
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [*ROLLFLEET, "run", str(manifest(tmp_path, "bad", spec)), "--run-dir", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    for field in ("spec.async.ratio", "spec.rollout.pools.0.replicas", "spec.task.name"):
+        assert field in done.stderr
+    assert not run_dir.exists()
+
+
+def test_missing_dataset_names_the_path(tmp_path):
+    spec = {"task": {"name": "jsonl", "params": {"path": str(tmp_path / "missing.jsonl")}}}
+    done = subprocess.run(
+        [
+            *ROLLFLEET,
+            "run",
+            str(manifest(tmp_path, "nodata", spec)),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert str(tmp_path / "missing.jsonl") in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_path_names_the_path(tmp_path):
+    spec = {"model": {"path": str(tmp_path / "no-model")}}
+    done = subprocess.run(
+        [
+            *ROLLFLEET,
+            "run",
+            str(manifest(tmp_path, "nomodel", spec)),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "spec.model.path" in done.stderr and str(tmp_path / "no-model") in done.stderr
+
+
+def test_proc_scan_sees_a_marked_process(tmp_path):
+    """The process scan the tests above rely on must find a process that carries the marker."""
+    env = {**os.environ, "ROLLFLEET_RUN_DIR": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        time.sleep(0.2)
+        assert child.pid in run_processes(tmp_path)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in run_processes(tmp_path)

