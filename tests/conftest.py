@@ -19,7 +19,18 @@ import httpx
 import pytest
 import uvicorn
 
+from rollfleet.local.nats import EmbeddedNats
 from rollfleet.service import TOKEN_ENV
+
+NATS_TOKEN = "test-token-3f9a"
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    """A real nats-server with JetStream on a free port, its own store and an auth token."""
+    server = EmbeddedNats(store_dir=tmp_path / "nats", auth_token=NATS_TOKEN).start()
+    yield server
+    server.stop()
 
 
 @contextmanager

@@ -33,15 +33,8 @@ from rollfleet.protocol import (
     encode,
 )
 
-TOKEN = "test-token-3f9a"
+TOKEN = "test-token-3f9a"  # the nats_server fixture's token (tests/conftest.py)
 JOB = "job-a"
-
-
-@pytest.fixture
-def nats_server(tmp_path):
-    server = EmbeddedNats(store_dir=tmp_path / "nats", auth_token=TOKEN).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

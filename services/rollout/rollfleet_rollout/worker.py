@@ -55,6 +55,9 @@ ERRORS = Counter(
 
 
 class RolloutWorker:
+    reward_attempts = 5  # tries per batch before its samples are marked failed
+    reward_backoff_s = 0.2  # first wait between tries; doubles each time
+
     def __init__(self, spec: RLJobSpec, pool: PoolSpec, env: ServiceEnv, bus: Bus, name: str):
         self.spec, self.pool, self.env, self.bus, self.name = spec, pool, env, bus, name
         self.engine: Engine | None = None
@@ -208,7 +211,7 @@ class RolloutWorker:
                 for t in scored
             ]
         }
-        for attempt in range(5):
+        for attempt in range(self.reward_attempts):
             try:
                 reply = await self.http.post(f"{self.env.reward_url}/score", json=payload)
                 reply.raise_for_status()
@@ -217,7 +220,7 @@ class RolloutWorker:
                 return
             except (httpx.HTTPError, KeyError, ValueError) as e:
                 log.warning("reward service failed (attempt %d): %s", attempt + 1, e)
-                await asyncio.sleep(0.2 * 2**attempt)
+                await asyncio.sleep(self.reward_backoff_s * 2**attempt)
         for t in scored:
             t.status = TrajectoryStatus.FAILED
 

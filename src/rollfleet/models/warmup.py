@@ -43,6 +43,9 @@ def warmup_sft(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # Linear decay to zero: the result then depends on the step count, not on where the
+    # last noisy step of a constant-rate run happened to land.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     model.train()
     losses = []
     for step in range(steps):
@@ -57,6 +60,7 @@ def warmup_sft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         if on_step:
             on_step(step, losses[-1])

@@ -1,0 +1,211 @@
+"""The rollout worker against a real nats-server and real reward and env services.
+
+A tiny model warmed up for a few seconds on calculator demonstrations calls the tool, so
+multi-turn episodes really go through the env service; the test plays the trainer's part
+on the bus (model files, weights, tasks) and reads what the worker publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rollfleet.bus import Bus
+from rollfleet.models.tiny import create_tiny_model
+from rollfleet.models.warmup import warmup_sft
+from rollfleet.models.weights import weights_to_bytes
+from rollfleet.plan import ServiceEnv
+from rollfleet.protocol import Task, Trajectory, TrajectoryStatus
+from rollfleet.spec import RLJobSpec
+from rollfleet.tasks import make_task
+from rollfleet_env.app import create_app as create_env_app
+from rollfleet_reward.app import create_app as create_reward_app
+from rollfleet_rollout.__main__ import engine_factory
+from rollfleet_rollout.worker import RolloutWorker
+from tests.conftest import NATS_TOKEN, serving
+
+JOB = "worker-job"
+
+
+@pytest.fixture(scope="module")
+def calculator_model(tmp_path_factory):
+    """A tiny model that has seen 150 steps of calculator demonstrations (a few seconds)."""
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    folder = create_tiny_model(tmp_path_factory.mktemp("model"), seed=0)
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(folder),
+        AutoTokenizer.from_pretrained(folder),
+    )
+    warmup_sft(model, tokenizer, make_task("calculator"), steps=150, batch_size=32, lr=3e-3, seed=0)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def calculator_spec(group: int = 4) -> RLJobSpec:
+    return RLJobSpec.model_validate(
+        {
+            "task": {"name": "calculator"},
+            "async": {"ratio": 1},
+            "rollout": {
+                "pools": [{"name": "p", "replicas": 1, "maxBatch": 8}],
+                "sampling": {"groupSize": group, "maxNewTokens": 8, "temperature": 0.0},
+            },
+            "model": {"maxLength": 64},
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    nats_server, calculator_model, spec: RLJobSpec, reward_url: str, env_url: str
+):
+    folder, model = calculator_model
+    trainer = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
+    await trainer.ensure_streams()
+    for path in folder.iterdir():
+        if path.suffix == ".json":
+            await trainer.put_file(path.name, path.read_bytes())
+    await trainer.put_weights(0, 0, weights_to_bytes(model))
+    env = ServiceEnv(
+        job_file="",
+        nats_url=nats_server.url,
+        reward_url=reward_url,
+        env_url=env_url,
+        run_dir="",
+        http_port=0,
+    )
+    worker_bus = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
+    pool = spec.rollout.pools[0]
+    worker = RolloutWorker(spec, pool, env, worker_bus, "p-0")
+    worker.reward_attempts, worker.reward_backoff_s = 2, 0.01
+    job = asyncio.create_task(worker.run(engine_factory(pool, spec, seed=0)))
+    try:
+        yield trainer, worker
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        if worker.engine:
+            await worker.engine.stop()
+        await worker.http.aclose()
+        await worker_bus.close()
+        await trainer.close()
+
+
+async def collect(bus: Bus, count: int, timeout: float = 60) -> list[Trajectory]:
+    consumer = await bus.trajectory_consumer()
+    got: list[Trajectory] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(got) < count:
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"only {len(got)} of {count} trajectories arrived"
+        )
+        for traj, raw in await bus.fetch(consumer, Trajectory, count, timeout=0.5):
+            got.append(traj)
+            await raw.ack()
+    return got
+
+
+def calculator_task(index: int, group: int) -> Task:
+    example = make_task("calculator").example("heldout", index)
+    return Task(
+        task_id=f"t{index}",
+        group_id=f"g{index}",
+        index=index,
+        prompt=example.prompt,
+        answer=example.answer,
+        meta=example.meta,
+        samples=group,
+        group_size=group,
+        multi_turn=True,
+        min_version=0,
+    )
+
+
+async def test_multi_turn_episodes_go_through_the_env_and_get_scored(nats_server, calculator_model):
+    spec = calculator_spec(group=4)
+    with (
+        serving(create_reward_app(spec.reward_functions())) as reward_url,
+        serving(create_env_app(make_task("calculator"), session_timeout=30)) as env_url,
+    ):
+        async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
+            trainer,
+            worker,
+        ):
+            for index in range(3):
+                await trainer.publish(trainer.subjects.tasks, calculator_task(index, 4))
+            trajectories = await collect(trainer, 12)
+    tokenizer = AutoTokenizer.from_pretrained(calculator_model[0])
+    assert sorted((t.group_id, t.sample_index) for t in trajectories) == [
+        (f"g{i}", s) for i in range(3) for s in range(4)
+    ]
+    with_tool = [t for t in trajectories if 0.0 in t.loss_mask]
+    assert with_tool, "the warmed-up model never called the calculator"
+    for t in with_tool:
+        env_positions = [i for i, m in enumerate(t.loss_mask) if m == 0.0]
+        env_text = tokenizer.decode([t.response_ids[i] for i in env_positions])
+        assert env_text.startswith("=") and env_text.endswith(";")  # the env's reply, e.g. "=408;"
+        assert all(
+            t.token_versions[i] == -1 and t.behaviour_logprobs[i] == 0.0 for i in env_positions
+        )
+        # the model's turn before the env reply ended with the tool-call stop token
+        assert tokenizer.decode([t.response_ids[env_positions[0] - 1]]) == ";"
+    for t in trajectories:
+        assert t.status in (TrajectoryStatus.COMPLETED, TrajectoryStatus.TRUNCATED)
+        model_versions = [v for v, m in zip(t.token_versions, t.loss_mask, strict=True) if m > 0]
+        assert model_versions and set(model_versions) == {0}
+        assert t.reward == float(
+            t.response_text.startswith("a")
+            and t.response_text[1:] == calculator_task(int(t.group_id[1:]), 4).answer
+        )
+
+
+async def test_reward_service_down_marks_samples_failed_and_acks_the_task(
+    nats_server, calculator_model
+):
+    spec = calculator_spec(group=2)
+    with serving(create_env_app(make_task("calculator"), session_timeout=30)) as env_url:
+        dead_reward = "http://127.0.0.1:9"  # discard port: nothing listens
+        async with running_worker(nats_server, calculator_model, spec, dead_reward, env_url) as (
+            trainer,
+            _,
+        ):
+            await trainer.publish(trainer.subjects.tasks, calculator_task(0, 2))
+            trajectories = await collect(trainer, 2)
+            await asyncio.sleep(0.2)
+            pending = (await trainer.js.stream_info(trainer.subjects.task_stream)).state.messages
+    assert [t.status for t in trajectories] == [TrajectoryStatus.FAILED] * 2
+    assert pending == 0  # the task was acked: its samples are accounted for, not lost
+
+
+async def test_worker_waits_for_the_task_min_version_and_tags_tokens(nats_server, calculator_model):
+    spec = calculator_spec(group=2)
+    folder, model = calculator_model
+    with (
+        serving(create_reward_app(spec.reward_functions())) as reward_url,
+        serving(create_env_app(make_task("calculator"), session_timeout=30)) as env_url,
+    ):
+        async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
+            trainer,
+            worker,
+        ):
+            task = calculator_task(1, 2).model_copy(update={"min_version": 3})
+            await trainer.publish(trainer.subjects.tasks, task)
+            await asyncio.sleep(1.0)
+            early = await collect_nowait(trainer)
+            await trainer.put_weights(3, 3, weights_to_bytes(model))
+            trajectories = await collect(trainer, 2)
+    assert early == []  # nothing was generated with version 0 for a task that needs 3
+    for t in trajectories:
+        assert {v for v, m in zip(t.token_versions, t.loss_mask, strict=True) if m > 0} == {3}
+
+
+async def collect_nowait(bus: Bus) -> list[Trajectory]:
+    consumer = await bus.trajectory_consumer()
+    return [t for t, _ in await bus.fetch(consumer, Trajectory, 10, timeout=0.2)]
