@@ -12,6 +12,7 @@ defaults, so a manifest with just a name and a task runs:
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,10 @@ class WarmupSpec(Strict):
 
     steps: int = Field(300, ge=0, description="SFT steps; 0 skips the warm-up")
     batchSize: int = Field(64, ge=1)
-    learningRate: float = Field(3e-3, gt=0)
+    learningRate: float = Field(3e-3, gt=0, description="peak rate, decayed linearly to 0")
+    examples: int | None = Field(
+        1024, ge=1, description="distinct train examples to learn from; null = the whole split"
+    )
 
 
 class ModelSpec(Strict):
@@ -251,13 +255,33 @@ class ManifestError(ValueError):
     """A manifest that does not validate; the message names every bad field."""
 
 
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model class that holds the field at `loc` (for listing the allowed names)."""
+    model: Any = RLJob
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        by_alias = {f.alias or name: f for name, f in model.model_fields.items()}
+        annotation = by_alias[part].annotation
+        for arg in (*typing.get_args(annotation), annotation):
+            inner = typing.get_args(arg)[0] if typing.get_origin(arg) is list else arg
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                model = inner
+                break
+        else:
+            return None
+    return model
+
+
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; remove it or check its spelling"
+            model = _model_at(e["loc"][:-1])
+            allowed = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
+            msg = "unknown field; allowed: " + ", ".join(allowed) if allowed else "unknown field"
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from rollfleet_env.app import create_app
 
 from rollfleet.service import TOKEN_ENV
 from rollfleet.tasks import make_task
+from rollfleet_env.app import create_app
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from rollfleet_reward.app import create_app
 
 from rollfleet.service import TOKEN_ENV
+from rollfleet_reward.app import create_app
 
 META = {"numbers": [3, 5, 7], "target": 22}
 

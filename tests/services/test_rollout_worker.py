@@ -136,7 +136,7 @@ async def test_multi_turn_episodes_go_through_the_env_and_get_scored(nats_server
     ):
         async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
             trainer,
-            worker,
+            _worker,
         ):
             for index in range(3):
                 await trainer.publish(trainer.subjects.tasks, calculator_task(index, 4))
@@ -186,14 +186,14 @@ async def test_reward_service_down_marks_samples_failed_and_acks_the_task(
 
 async def test_worker_waits_for_the_task_min_version_and_tags_tokens(nats_server, calculator_model):
     spec = calculator_spec(group=2)
-    folder, model = calculator_model
+    _folder, model = calculator_model
     with (
         serving(create_reward_app(spec.reward_functions())) as reward_url,
         serving(create_env_app(make_task("calculator"), session_timeout=30)) as env_url,
     ):
         async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
             trainer,
-            worker,
+            _worker,
         ):
             task = calculator_task(1, 2).model_copy(update={"min_version": 3})
             await trainer.publish(trainer.subjects.tasks, task)

@@ -14,12 +14,12 @@ import random
 import pytest
 import torch
 import transformers
-from rollfleet_rollout.engine import GenerationRequest, SamplingParams, complete
-from rollfleet_rollout.torch_engine import SlotLlama, TorchEngine, sample
 from transformers import AutoModelForCausalLM
 
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.weights import export_state
+from rollfleet_rollout.engine import GenerationRequest, SamplingParams, complete
+from rollfleet_rollout.torch_engine import SlotLlama, TorchEngine, sample
 
 torch.set_num_threads(1)
 transformers.utils.logging.set_verbosity_error()

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from rollfleet_rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, complete
 from rollfleet_rollout.vllm_engine import (
     VLLM_TARGET,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uvicorn
-from rollfleet_env.app import create_app
 
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import setup_logging, uvicorn_config
 from rollfleet.spec import load_manifest
 from rollfleet.tasks import make_task
+from rollfleet_env.app import create_app
 
 
 def main() -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uvicorn
-from rollfleet_reward.app import create_app
 
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import setup_logging, uvicorn_config
 from rollfleet.spec import load_manifest
+from rollfleet_reward.app import create_app
 
 
 def main() -> None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from rollfleet_rollout.worker import RolloutWorker
-
 from rollfleet.bus import Bus, nats_token
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import setup_logging
 from rollfleet.spec import load_manifest
+from rollfleet_rollout.worker import RolloutWorker
 
 
 def engine_factory(pool, spec, seed: int):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
 from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest
 
 

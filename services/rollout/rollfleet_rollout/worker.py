@@ -22,7 +22,6 @@ from pathlib import Path
 
 import httpx
 from prometheus_client import Counter, Gauge, Histogram
-from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
 from safetensors.torch import load as load_safetensors
 
 from rollfleet.bus import Bus
@@ -30,6 +29,7 @@ from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import Task, Trajectory, TrajectoryStatus, WeightVersion
 from rollfleet.service import auth_headers, make_app, serve_in_background
 from rollfleet.spec import PoolSpec, RLJobSpec
+from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
 
 log = logging.getLogger("rollout")
 

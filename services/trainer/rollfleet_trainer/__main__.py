@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from rollfleet_trainer.loop import Trainer
 
 from rollfleet.bus import Bus, nats_token
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import make_app, serve_in_background, setup_logging
 from rollfleet.spec import load_manifest
+from rollfleet_trainer.loop import Trainer
 
 
 async def amain() -> None:

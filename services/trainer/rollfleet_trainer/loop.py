@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
-from rollfleet_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rollfleet_trainer.model import prepare_policy
 
 from rollfleet.algorithms import ADVANTAGES, POLICY_LOSSES
 from rollfleet.bus import Bus
@@ -35,6 +33,8 @@ from rollfleet.models.weights import weights_to_bytes
 from rollfleet.protocol import Progress, Task, Trajectory, TrajectoryStatus
 from rollfleet.spec import RLJob
 from rollfleet.tasks import make_task
+from rollfleet_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rollfleet_trainer.model import prepare_policy
 
 log = logging.getLogger("trainer")
 

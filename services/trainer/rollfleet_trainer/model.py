@@ -65,6 +65,7 @@ def prepare_policy(spec: RLJobSpec, run_dir: Path):
                 batch_size=warm.batchSize,
                 lr=warm.learningRate,
                 seed=spec.seed,
+                examples=warm.examples,
                 on_step=lambda step, loss: f.write(json.dumps({"step": step, "loss": loss}) + "\n"),
             )
     model.save_pretrained(folder)

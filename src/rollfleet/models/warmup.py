@@ -37,9 +37,22 @@ def sft_batch(tokenizer, examples: list[Example]):
 
 
 def warmup_sft(
-    model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float, seed: int, on_step=None
+    model,
+    tokenizer,
+    task: Task,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    examples: int | None = None,
+    on_step=None,
 ) -> list[float]:
-    """Train on demonstrations of train examples; returns the loss of every step."""
+    """Train on demonstrations of train examples; returns the loss of every step.
+
+    `examples` limits SFT to the first N train examples (a small demonstration set, as
+    when demonstrations are expensive); None samples the whole train split.
+    """
     torch.manual_seed(seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -49,8 +62,9 @@ def warmup_sft(
     model.train()
     losses = []
     for step in range(steps):
-        examples = [task.example("train", rng.randrange(1_000_000)) for _ in range(batch_size)]
-        ids, attention, mask = sft_batch(tokenizer, examples)
+        pool = examples or 1_000_000
+        batch = [task.example("train", rng.randrange(pool)) for _ in range(batch_size)]
+        ids, attention, mask = sft_batch(tokenizer, batch)
         logits = model(input_ids=ids, attention_mask=attention).logits.float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
