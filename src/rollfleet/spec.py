@@ -13,14 +13,65 @@ defaults, so a manifest with just a name and a task runs:
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 API_VERSION = "rollfleet.io/v1alpha1"
 KIND = "RLJob"
+
+
+def _registered(kind: str, registry: Callable[[], dict]) -> AfterValidator:
+    """Validator: the name must be in a registry (looked up late: algorithms import torch)."""
+
+    def check(name: str) -> str:
+        names = registry()
+        if name not in names:
+            raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(names)}")
+        return name
+
+    return AfterValidator(check)
+
+
+def _tasks():
+    from rollfleet.tasks import TASKS
+
+    return TASKS
+
+
+def _advantages():
+    from rollfleet.algorithms import ADVANTAGES
+
+    return ADVANTAGES
+
+
+def _policy_losses():
+    from rollfleet.algorithms import POLICY_LOSSES
+
+    return POLICY_LOSSES
+
+
+def _rewards():
+    from rollfleet.rewards import REWARDS
+
+    return REWARDS
+
+
+TaskName = Annotated[str, _registered("task", _tasks)]
+AdvantageName = Annotated[str, _registered("advantage", _advantages)]
+PolicyLossName = Annotated[str, _registered("policy loss", _policy_losses)]
+RewardName = Annotated[str, _registered("reward function", _rewards)]
 
 
 class Strict(BaseModel):
@@ -58,46 +109,22 @@ class ModelSpec(Strict):
 
 
 class TaskSpec(Strict):
-    name: str = Field("countdown", description="registered task: countdown, jsonl, calculator")
+    name: TaskName = Field("countdown", description="registered task: countdown, jsonl, calculator")
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
     heldoutLimit: int | None = Field(
         None, ge=1, description="evaluate on at most this many held-out prompts"
     )
 
-    @field_validator("name")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        from rollfleet.tasks import TASKS
-
-        if name not in TASKS:
-            raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-        return name
-
 
 class AlgorithmSpec(Strict):
-    advantage: str = Field("grpo", description="registered advantage estimator")
-    policyLoss: str = Field("ppo_clip", description="registered policy loss")
+    advantage: AdvantageName = Field("grpo", description="registered advantage estimator")
+    policyLoss: PolicyLossName = Field("ppo_clip", description="registered policy loss")
     clipEpsilon: float = Field(0.2, gt=0, lt=1)
     learningRate: float = Field(5e-4, gt=0)
+    learningRateSchedule: Literal["constant", "linear"] = Field(
+        "constant", description="linear decays to 0 at the last step"
+    )
     maxGradNorm: float = Field(1.0, gt=0)
-
-    @field_validator("advantage")
-    @classmethod
-    def _known_advantage(cls, name: str) -> str:
-        from rollfleet.algorithms import ADVANTAGES
-
-        if name not in ADVANTAGES:
-            raise ValueError(f"unknown advantage {name!r}; choose one of {sorted(ADVANTAGES)}")
-        return name
-
-    @field_validator("policyLoss")
-    @classmethod
-    def _known_loss(cls, name: str) -> str:
-        from rollfleet.algorithms import POLICY_LOSSES
-
-        if name not in POLICY_LOSSES:
-            raise ValueError(f"unknown policy loss {name!r}; choose one of {sorted(POLICY_LOSSES)}")
-        return name
 
 
 class AsyncSpec(Strict):
@@ -148,18 +175,9 @@ class TrainerSpec(Strict):
 
 
 class RewardFunctionSpec(Strict):
-    name: str
+    name: RewardName
     weight: float = 1.0
     params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known_reward(cls, name: str) -> str:
-        from rollfleet.rewards import REWARDS
-
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward function {name!r}; choose one of {sorted(REWARDS)}")
-        return name
 
 
 class RewardSpec(Strict):

@@ -40,6 +40,22 @@ def manifest(tmp: Path, name: str, spec: dict) -> Path:
     return path
 
 
+def start_run(manifest_path: Path, run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*ROLLFLEET, "run", str(manifest_path), "--run-dir", str(run_dir), "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*ROLLFLEET, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def run_processes(run_dir: Path) -> set[int]:
     """PIDs of live processes of one run: services carry ROLLFLEET_RUN_DIR, nats-server its store."""
     marker_env = f"ROLLFLEET_RUN_DIR={run_dir}".encode()
@@ -94,20 +110,7 @@ COUNTDOWN = {
 def countdown_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     run_dir = tmp / "run"
-    process = subprocess.Popen(
-        [
-            *ROLLFLEET,
-            "run",
-            str(manifest(tmp, "e2e-countdown", COUNTDOWN)),
-            "--run-dir",
-            str(run_dir),
-            "--quiet",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_run(manifest(tmp, "e2e-countdown", COUNTDOWN), run_dir)
     most = watch(process, run_dir, timeout=420)
     out, err = process.communicate()
     return {
@@ -162,13 +165,7 @@ def test_resume_continues_the_version_sequence(countdown_run):
     job["spec"]["trainer"]["steps"] = STEPS + 3
     (run_dir / "job.yaml").write_text(yaml.safe_dump(job))
     before = json.loads((run_dir / "result.json").read_text())["heldout_before"]
-    done = subprocess.run(
-        [*ROLLFLEET, "run", "--resume", str(run_dir), "--quiet"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = cli("run", "--resume", str(run_dir), "--quiet", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     recs = records(run_dir)
     assert [r["version"] for r in recs] == list(range(1, STEPS + 4))
@@ -196,20 +193,7 @@ def test_ctrl_c_ends_every_process(tmp_path):
         "trainer": {"steps": 10000, "promptsPerStep": 4},
     }
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [
-            *ROLLFLEET,
-            "run",
-            str(manifest(tmp_path, "e2e-ctrl-c", spec)),
-            "--run-dir",
-            str(run_dir),
-            "--quiet",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_run(manifest(tmp_path, "e2e-ctrl-c", spec), run_dir)
     deadline = time.monotonic() + 180
     while not ((run_dir / "metrics.jsonl").exists() and records(run_dir)):
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -231,13 +215,7 @@ def test_invalid_manifest_starts_nothing(tmp_path):
         "task": {"name": "nope"},
     }
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [*ROLLFLEET, "run", str(manifest(tmp_path, "bad", spec)), "--run-dir", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli("run", str(manifest(tmp_path, "bad", spec)), "--run-dir", str(run_dir))
     assert done.returncode == 2
     for field in ("spec.async.ratio", "spec.rollout.pools.0.replicas", "spec.task.name"):
         assert field in done.stderr
@@ -246,19 +224,7 @@ def test_invalid_manifest_starts_nothing(tmp_path):
 
 def test_missing_dataset_names_the_path(tmp_path):
     spec = {"task": {"name": "jsonl", "params": {"path": str(tmp_path / "missing.jsonl")}}}
-    done = subprocess.run(
-        [
-            *ROLLFLEET,
-            "run",
-            str(manifest(tmp_path, "nodata", spec)),
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli("run", str(manifest(tmp_path, "nodata", spec)), "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 2
     assert str(tmp_path / "missing.jsonl") in done.stderr
     assert not (tmp_path / "run").exists()
@@ -266,19 +232,7 @@ def test_missing_dataset_names_the_path(tmp_path):
 
 def test_missing_model_path_names_the_path(tmp_path):
     spec = {"model": {"path": str(tmp_path / "no-model")}}
-    done = subprocess.run(
-        [
-            *ROLLFLEET,
-            "run",
-            str(manifest(tmp_path, "nomodel", spec)),
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cli("run", str(manifest(tmp_path, "nomodel", spec)), "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 2
     assert "spec.model.path" in done.stderr and str(tmp_path / "no-model") in done.stderr
 

@@ -47,6 +47,18 @@ def calculator_model(tmp_path_factory):
     return folder, model
 
 
+@pytest.fixture
+def env_url():
+    with serving(create_env_app(make_task("calculator"), session_timeout=30)) as url:
+        yield url
+
+
+@pytest.fixture
+def reward_url():
+    with serving(create_reward_app(calculator_spec().reward_functions())) as url:
+        yield url
+
+
 def calculator_spec(group: int = 4) -> RLJobSpec:
     return RLJobSpec.model_validate(
         {
@@ -86,7 +98,7 @@ async def running_worker(
     worker.reward_attempts, worker.reward_backoff_s = 2, 0.01
     job = asyncio.create_task(worker.run(engine_factory(pool, spec, seed=0)))
     try:
-        yield trainer, worker
+        yield trainer
     finally:
         job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -128,19 +140,14 @@ def calculator_task(index: int, group: int) -> Task:
     )
 
 
-async def test_multi_turn_episodes_go_through_the_env_and_get_scored(nats_server, calculator_model):
+async def test_multi_turn_episodes_go_through_the_env_and_get_scored(
+    nats_server, calculator_model, reward_url, env_url
+):
     spec = calculator_spec(group=4)
-    with (
-        serving(create_reward_app(spec.reward_functions())) as reward_url,
-        serving(create_env_app(make_task("calculator"), session_timeout=30)) as env_url,
-    ):
-        async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
-            trainer,
-            _worker,
-        ):
-            for index in range(3):
-                await trainer.publish(trainer.subjects.tasks, calculator_task(index, 4))
-            trajectories = await collect(trainer, 12)
+    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as trainer:
+        for index in range(3):
+            await trainer.publish(trainer.subjects.tasks, calculator_task(index, 4))
+        trajectories = await collect(trainer, 12)
     tokenizer = AutoTokenizer.from_pretrained(calculator_model[0])
     assert sorted((t.group_id, t.sample_index) for t in trajectories) == [
         (f"g{i}", s) for i in range(3) for s in range(4)
@@ -167,40 +174,31 @@ async def test_multi_turn_episodes_go_through_the_env_and_get_scored(nats_server
 
 
 async def test_reward_service_down_marks_samples_failed_and_acks_the_task(
-    nats_server, calculator_model
+    nats_server, calculator_model, env_url
 ):
     spec = calculator_spec(group=2)
-    with serving(create_env_app(make_task("calculator"), session_timeout=30)) as env_url:
-        dead_reward = "http://127.0.0.1:9"  # discard port: nothing listens
-        async with running_worker(nats_server, calculator_model, spec, dead_reward, env_url) as (
-            trainer,
-            _,
-        ):
-            await trainer.publish(trainer.subjects.tasks, calculator_task(0, 2))
-            trajectories = await collect(trainer, 2)
-            await asyncio.sleep(0.2)
-            pending = (await trainer.js.stream_info(trainer.subjects.task_stream)).state.messages
+    dead_reward = "http://127.0.0.1:9"  # discard port: nothing listens
+    async with running_worker(nats_server, calculator_model, spec, dead_reward, env_url) as trainer:
+        await trainer.publish(trainer.subjects.tasks, calculator_task(0, 2))
+        trajectories = await collect(trainer, 2)
+        await asyncio.sleep(0.2)
+        pending = (await trainer.js.stream_info(trainer.subjects.task_stream)).state.messages
     assert [t.status for t in trajectories] == [TrajectoryStatus.FAILED] * 2
     assert pending == 0  # the task was acked: its samples are accounted for, not lost
 
 
-async def test_worker_waits_for_the_task_min_version_and_tags_tokens(nats_server, calculator_model):
+async def test_worker_waits_for_the_task_min_version_and_tags_tokens(
+    nats_server, calculator_model, reward_url, env_url
+):
     spec = calculator_spec(group=2)
     _folder, model = calculator_model
-    with (
-        serving(create_reward_app(spec.reward_functions())) as reward_url,
-        serving(create_env_app(make_task("calculator"), session_timeout=30)) as env_url,
-    ):
-        async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
-            trainer,
-            _worker,
-        ):
-            task = calculator_task(1, 2).model_copy(update={"min_version": 3})
-            await trainer.publish(trainer.subjects.tasks, task)
-            await asyncio.sleep(1.0)
-            early = await collect_nowait(trainer)
-            await trainer.put_weights(3, 3, weights_to_bytes(model))
-            trajectories = await collect(trainer, 2)
+    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as trainer:
+        task = calculator_task(1, 2).model_copy(update={"min_version": 3})
+        await trainer.publish(trainer.subjects.tasks, task)
+        await asyncio.sleep(1.0)
+        early = await collect_nowait(trainer)
+        await trainer.put_weights(3, 3, weights_to_bytes(model))
+        trajectories = await collect(trainer, 2)
     assert early == []  # nothing was generated with version 0 for a task that needs 3
     for t in trajectories:
         assert {v for v, m in zip(t.token_versions, t.loss_mask, strict=True) if m > 0} == {3}

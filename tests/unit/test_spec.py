@@ -81,8 +81,18 @@ def test_explicit_reward_functions_keep_order_weights_and_params():
 
 def test_unknown_field_is_named():
     message = error_of(manifest(trainer={"stepz": 10}))
-    assert "spec.trainer.stepz" in message
-    assert "unknown field" in message
+    assert (
+        "spec.trainer.stepz: unknown field; allowed: evalEvery, promptsPerStep, steps, workers"
+        in message
+    )
+
+
+def test_unknown_field_in_a_list_item_lists_that_items_fields():
+    message = error_of(manifest(rollout={"pools": [{"name": "a", "gpu": "H20"}]}))
+    assert (
+        "spec.rollout.pools.0.gpu: unknown field; allowed: engine, gpuClass, maxBatch, name, replicas"
+        in message
+    )
 
 
 def test_unknown_top_level_field_is_named():

@@ -192,6 +192,13 @@ class Trainer:
                 else:
                     await self.drop(traj.group_id, group, "stale")
 
+    def learning_rate(self, step: int) -> float:
+        """The rate for the step after `step` steps; derived from the step, so resume-safe."""
+        algo = self.spec.algorithm
+        if algo.learningRateSchedule == "linear":
+            return algo.learningRate * (1 - step / self.spec.trainer.steps)
+        return algo.learningRate
+
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self, batch: list[Group]) -> dict:
         algo = self.spec.algorithm
@@ -223,6 +230,8 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.state["step"])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.maxGradNorm)
         self.optimizer.step()
         self.model.eval()
@@ -237,6 +246,7 @@ class Trainer:
             "loss": loss.item(),
             "grad_norm": float(grad_norm),
             "mean_reward": rewards.mean().item(),
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
             "staleness": sum(staleness) / max(len(staleness), 1),
             "max_staleness": max(staleness, default=0),
             "response_tokens": sum(len(t.response_ids) for t in trajectories),

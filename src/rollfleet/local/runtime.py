@@ -246,14 +246,17 @@ def plot_rewards(run_dir: Path) -> Path | None:
         label="mean reward (batch)",
         alpha=0.6,
     )
-    evaluated = [r for r in records if "heldout_accuracy" in r]
-    if evaluated:
-        ax.plot(
-            [r["step"] for r in evaluated],
-            [r["heldout_accuracy"] for r in evaluated],
-            "o-",
-            label="held-out accuracy",
-        )
+    points = [(r["step"], r["heldout_accuracy"]) for r in records if "heldout_accuracy" in r]
+    result_file = run_dir / "result.json"
+    if result_file.exists():  # before RL at step 0, after it at the last step
+        result = json.loads(result_file.read_text())
+        points = [
+            (0, result["heldout_before"]),
+            *points,
+            (result["steps"], result["heldout_after"]),
+        ]
+    if points:
+        ax.plot(*zip(*points, strict=True), "o-", label="held-out accuracy (greedy)")
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.legend()
