@@ -1,6 +1,8 @@
-"""Held-out evaluation: greedy decoding of every held-out prompt, scored by a verifier.
+"""Held-out evaluation: the verifier's mean score on held-out prompts.
 
-Runs in the trainer's process with Hugging Face `generate`, independently of the rollout
+Two readings: `temperature=0` is greedy decoding (one answer per prompt); with a
+temperature and `samples=k` it is avg@k, the mean over k sampled answers per prompt, i.e.
+the expected reward of the sampling policy that RL trains. Runs in the trainer's process with Hugging Face `generate`, independently of the rollout
 engines, so it also cross-checks them. Multi-turn tasks play their episodes against the
 task's own env logic (the same code the env service runs).
 """
@@ -14,7 +16,14 @@ from rollfleet.tasks import Task
 
 
 @torch.inference_mode()
-def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
+def _generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    temperature: float,
+):
     width = max(len(p) for p in prompts)
     # Left padding so that every prompt ends where generation starts.
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -26,8 +35,12 @@ def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sto
         input_ids=ids,
         attention_mask=attention,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
         eos_token_id=stop_ids,
+        **(
+            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            if temperature > 0
+            else {"do_sample": False}
+        ),
         pad_token_id=tokenizer.pad_token_id,
     )[:, width:]
     results = []
@@ -45,13 +58,18 @@ def heldout_accuracy(
     *,
     max_new_tokens: int,
     limit: int | None = None,
+    temperature: float = 0.0,
+    samples: int = 1,
+    seed: int = 0,
     batch_size: int = 256,
 ) -> float:
-    """Fraction of held-out prompts whose greedy response the reward function `verifier` scores 1."""
+    """Share of held-out answers (`samples` per prompt) that the reward function `verifier` scores 1."""
     model.eval()
+    torch.manual_seed(seed)  # the same sampled answers for the same weights
     count = task.size("heldout") or 0
     count = min(count, limit) if limit else count
-    examples = [task.example("heldout", i) for i in range(count)]
+    examples = [task.example("heldout", i) for i in range(count) for _ in range(samples)]
+    count = len(examples)
     stop_ids = [
         tokenizer.eos_token_id,
         *(tokenizer.convert_tokens_to_ids(t) for t in task.turn_stop),
@@ -67,8 +85,8 @@ def heldout_accuracy(
         live = list(range(len(chunk)))
         turn = 0
         while live:
-            outputs = _greedy(
-                model, tokenizer, [contexts[i] for i in live], max_new_tokens, stop_ids
+            outputs = _generate(
+                model, tokenizer, [contexts[i] for i in live], max_new_tokens, stop_ids, temperature
             )
             still = []
             for i, tokens in zip(live, outputs, strict=True):

@@ -169,6 +169,9 @@ class TrainerSpec(Strict):
     steps: int = Field(200, ge=1, description="RL steps (policy versions) to train")
     promptsPerStep: int = Field(16, ge=1, description="prompts (groups) per training batch")
     workers: int = Field(1, ge=1, description="data-parallel trainer workers (>1 uses Ray)")
+    evalSamples: int = Field(
+        4, ge=1, description="answers sampled per held-out prompt; accuracy is their mean (avg@k)"
+    )
     evalEvery: int = Field(
         0, ge=0, description="held-out evaluation every N steps; 0 = only at start and end"
     )

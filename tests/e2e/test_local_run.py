@@ -94,7 +94,7 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-STEPS = 50
+STEPS = 80
 COUNTDOWN = {
     "seed": 0,
     "task": {"name": "countdown"},
@@ -102,7 +102,7 @@ COUNTDOWN = {
     "async": {"ratio": 1},
     "rollout": {"pools": [{"name": "default", "replicas": 2, "maxBatch": 64}]},
     "trainer": {"steps": STEPS, "promptsPerStep": 32},
-    "checkpoint": {"every": 25},
+    "checkpoint": {"every": 40},
 }
 
 
@@ -155,7 +155,7 @@ def test_outputs_and_version_sequence(countdown_run):
     assert (run_dir / "reward_curve.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
-    assert kept == [f"step-{STEPS // 2:08d}", f"step-{STEPS:08d}"]  # every 25, keep 2
+    assert kept == [f"step-{STEPS // 2:08d}", f"step-{STEPS:08d}"]  # every 40, keep 2
     assert (run_dir / "model" / "warmup" / "model.safetensors").is_file()
 
 

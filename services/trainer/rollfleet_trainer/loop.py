@@ -43,7 +43,9 @@ VERSION = Gauge("rollfleet_trainer_policy_version", "Newest published policy ver
 REWARD = Gauge("rollfleet_trainer_reward_mean", "Mean reward of the last batch")
 LOSS = Gauge("rollfleet_trainer_loss", "Policy loss of the last step")
 KL = Gauge("rollfleet_trainer_approx_kl", "Approximate KL(behaviour || current) of the last step")
-HELDOUT = Gauge("rollfleet_trainer_heldout_accuracy", "Greedy held-out accuracy, last evaluation")
+HELDOUT = Gauge(
+    "rollfleet_trainer_heldout_accuracy", "Held-out accuracy at the last evaluation", ["decoding"]
+)
 IN_FLIGHT = Gauge("rollfleet_trainer_groups_in_flight", "Prompt groups issued and not yet consumed")
 SAMPLES = Counter("rollfleet_trainer_samples_total", "Samples consumed by training steps")
 DROPPED = Counter("rollfleet_trainer_samples_dropped_total", "Samples not trained on", ["reason"])
@@ -90,6 +92,7 @@ class Trainer:
             "dropped_stale": 0,
             "dropped_failed": 0,
             "heldout_before": None,
+            "heldout_greedy_before": None,
             "rl_seconds": 0.0,
         }
         self.groups: dict[str, Group] = {}
@@ -97,17 +100,26 @@ class Trainer:
         self.discarded: set[str] = set()
 
     # --- helpers ----------------------------------------------------------------------------
-    def evaluate(self) -> float:
-        acc = heldout_accuracy(
-            self.model,
-            self.tokenizer,
-            self.task,
-            self.spec.verifier(),
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy as avg@k at the rollout temperature (the policy RL trains), and greedy."""
+        common = dict(
+            verifier=self.spec.verifier(),
             max_new_tokens=self.spec.rollout.sampling.maxNewTokens,
             limit=self.spec.task.heldoutLimit,
         )
-        HELDOUT.set(acc)
-        return acc
+        sampled = heldout_accuracy(
+            self.model,
+            self.tokenizer,
+            self.task,
+            **common,
+            temperature=self.spec.rollout.sampling.temperature,
+            samples=self.spec.trainer.evalSamples,
+            seed=self.spec.seed,
+        )
+        greedy = heldout_accuracy(self.model, self.tokenizer, self.task, **common)
+        HELDOUT.labels("sampled").set(sampled)
+        HELDOUT.labels("greedy").set(greedy)
+        return {"accuracy": sampled, "greedy": greedy}
 
     async def progress(self, phase: str, **extra) -> None:
         s = self.state
@@ -273,8 +285,10 @@ class Trainer:
             )
             await self.bus.purge_work()  # in-flight work of the previous life is re-issued
         if self.state["heldout_before"] is None:
-            self.state["heldout_before"] = await asyncio.to_thread(self.evaluate)
-            log.info("held-out accuracy before RL: %.3f", self.state["heldout_before"])
+            before = await asyncio.to_thread(self.evaluate)
+            self.state["heldout_before"] = before["accuracy"]
+            self.state["heldout_greedy_before"] = before["greedy"]
+            log.info("held-out accuracy before RL: %s", before)
         await self.publish_model_files(folder)
         await self.publish_weights()
         consumer = await self.bus.trajectory_consumer()
@@ -328,7 +342,9 @@ class Trainer:
             }
             every = self.spec.trainer.evalEvery
             if every and self.state["step"] % every == 0 and self.state["step"] < steps:
-                record["heldout_accuracy"] = await asyncio.to_thread(self.evaluate)
+                evaluated = await asyncio.to_thread(self.evaluate)
+                record["heldout_accuracy"] = evaluated["accuracy"]
+                record["heldout_greedy"] = evaluated["greedy"]
             STEP.set(self.state["step"])
             REWARD.set(stats["mean_reward"])
             LOSS.set(stats["loss"])
@@ -347,14 +363,16 @@ class Trainer:
         after = await asyncio.to_thread(self.evaluate)
         result = {
             "heldout_before": self.state["heldout_before"],
-            "heldout_after": after,
+            "heldout_after": after["accuracy"],
+            "heldout_greedy_before": self.state["heldout_greedy_before"],
+            "heldout_greedy_after": after["greedy"],
             "steps": self.state["step"],
             "samples": self.state["samples"],
             "samples_dropped_stale": self.state["dropped_stale"],
             "rl_seconds": round(self.state["rl_seconds"], 1),
         }
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
-        await self.progress("Succeeded", heldout_after=after)
+        await self.progress("Succeeded", heldout_after=after["accuracy"])
         log.info("done: %s", result)
         return result
 

@@ -256,7 +256,7 @@ def plot_rewards(run_dir: Path) -> Path | None:
             (result["steps"], result["heldout_after"]),
         ]
     if points:
-        ax.plot(*zip(*points, strict=True), "o-", label="held-out accuracy (greedy)")
+        ax.plot(*zip(*points, strict=True), "o-", label="held-out accuracy (avg@k)")
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.legend()
