@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -47,6 +48,7 @@ DEAD_LETTERS = Counter(
 
 TASK_ACK_WAIT_S = 120.0
 NATS_TOKEN_ENV = "ROLLFLEET_NATS_TOKEN"
+OBJECT_FETCH_TIMEOUT_S = 60.0
 TRAJECTORY_ACK_WAIT_S = 600.0
 
 
@@ -194,10 +196,22 @@ class Bus:
         )
 
     # --- weights -------------------------------------------------------------------------
+    @staticmethod
+    async def _put_once(store, name: str, data: bytes) -> None:
+        """Put an object unless it already holds exactly these bytes: objects are immutable,
+        so a restarted trainer never rewrites one under a worker that is reading it."""
+        digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+        try:
+            if (await store.get_info(name)).digest == digest:
+                return
+        except (ObjectNotFoundError, NotFoundError):
+            pass
+        await store.put(name, data)
+
     async def put_weights(self, version: int, step: int, data: bytes) -> WeightVersion:
+        """Store and announce a version (announcing one again does not rewrite it)."""
         store, kv = await self._buckets()
         name = f"weights/v{version:08d}.safetensors"
-        await store.put(name, data)
         announcement = WeightVersion(
             version=version,
             step=step,
@@ -205,6 +219,7 @@ class Bus:
             sha256=hashlib.sha256(data).hexdigest(),
             num_bytes=len(data),
         )
+        await self._put_once(store, name, data)
         await kv.put("weights", encode(announcement))
         await self.nc.publish(self.subjects.weights, encode(announcement))
         return announcement
@@ -217,9 +232,7 @@ class Bus:
 
     async def get_weights(self, announcement: WeightVersion) -> bytes:
         """Fetch a version's bytes and check them against the announced checksum."""
-        store, _ = await self._buckets()
-        result = await store.get(announcement.object_name)
-        data = result.data
+        data = await self._get(announcement.object_name)
         if hashlib.sha256(data).hexdigest() != announcement.sha256:
             raise ProtocolError(f"weights v{announcement.version}: checksum mismatch")
         return data
@@ -236,11 +249,20 @@ class Bus:
     async def put_file(self, name: str, data: bytes) -> None:
         """Store a model file (config, tokenizer) next to the weights, for workers elsewhere."""
         store, _ = await self._buckets()
-        await store.put(f"model/{name}", data)
+        await self._put_once(store, f"model/{name}", data)
 
     async def get_file(self, name: str) -> bytes:
+        return await self._get(f"model/{name}")
+
+    async def _get(self, name: str) -> bytes:
+        """An object's bytes; a read that stalls (say, the object was deleted under it) fails."""
         store, _ = await self._buckets()
-        return (await store.get(f"model/{name}")).data
+        try:
+            return (await asyncio.wait_for(store.get(name), OBJECT_FETCH_TIMEOUT_S)).data
+        except TimeoutError:
+            raise ProtocolError(
+                f"{name}: not fetched within {OBJECT_FETCH_TIMEOUT_S:.0f}s"
+            ) from None
 
     async def on_weights(self, callback: Callable[[WeightVersion], Awaitable[None]]):
         """Call `callback` for each announced version (invalid announcements are dead-lettered)."""

@@ -39,8 +39,8 @@ def _run(args) -> int:
             raise SystemExit(
                 f"rollfleet run: {run_dir} is not empty; use --resume {run_dir} to continue it"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
     _check_inputs(job)
+    run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run directory: {run_dir}", file=sys.stderr)
     # `kill` (SIGTERM) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))

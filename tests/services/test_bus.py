@@ -229,6 +229,19 @@ async def test_fetch_returns_empty_list_when_nothing_arrives(bus):
 # --- weights ----------------------------------------------------------------------------
 
 
+async def test_announcing_a_version_again_does_not_rewrite_it(bus):
+    """A resumed trainer re-announces its checkpoint's version; workers may be reading it."""
+    store, _ = await bus._buckets()
+    await bus.put_weights(4, 4, weights_bytes(4))
+    first = await store.get_info("weights/v00000004.safetensors")
+    await bus.put_weights(4, 4, weights_bytes(4))
+    again = await store.get_info("weights/v00000004.safetensors")
+    assert again.nuid == first.nuid  # the same object, not a rewrite
+    await bus.put_weights(4, 4, weights_bytes(5))  # different bytes do replace it
+    assert (await store.get_info("weights/v00000004.safetensors")).nuid != first.nuid
+    assert await bus.get_weights(await bus.latest_weights()) == weights_bytes(5)
+
+
 async def test_weights_round_trip_and_checksum(bus):
     assert await bus.latest_weights() is None
     data = weights_bytes(seed=1)

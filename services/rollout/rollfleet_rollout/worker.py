@@ -22,11 +22,12 @@ from pathlib import Path
 
 import httpx
 from prometheus_client import Counter, Gauge, Histogram
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from rollfleet.bus import Bus
 from rollfleet.plan import ServiceEnv
-from rollfleet.protocol import Task, Trajectory, TrajectoryStatus, WeightVersion
+from rollfleet.protocol import ProtocolError, Task, Trajectory, TrajectoryStatus, WeightVersion
 from rollfleet.service import auth_headers, make_app, serve_in_background
 from rollfleet.spec import PoolSpec, RLJobSpec
 from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
@@ -77,11 +78,15 @@ class RolloutWorker:
         """Fetch config and tokenizer from the bus, build the model, load the newest weights."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        announcement = None
-        while announcement is None:  # the trainer publishes v0 after its warm-up
+        while True:  # the trainer publishes v0 after its warm-up
             announcement = await self.bus.latest_weights()
-            if announcement is None:
-                await asyncio.sleep(0.2)
+            if announcement is not None:
+                try:
+                    tensors = load_safetensors(await self.bus.get_weights(announcement))
+                    break
+                except (ProtocolError, SafetensorError) as e:  # gone or corrupt: wait for the next
+                    log.warning("initial weights: %s; retrying", e)
+            await asyncio.sleep(0.2)
         for name in MODEL_FILES:
             try:
                 (workdir / name).write_bytes(await self.bus.get_file(name))
@@ -90,9 +95,7 @@ class RolloutWorker:
                     raise
         self.tokenizer = AutoTokenizer.from_pretrained(workdir)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workdir))
-        model.load_state_dict(
-            load_safetensors(await self.bus.get_weights(announcement)), strict=False
-        )
+        model.load_state_dict(tensors, strict=False)
         self.latest_announced = announcement.version
         return model, announcement.version
 
