@@ -196,12 +196,16 @@ class LocalRun:
         from tqdm import tqdm
 
         if bar is None and progress.phase != "WarmingUp":
+            # In a terminal the bar redraws in place; in a log (no TTY) a line every 15 s.
+            interactive = sys.stderr.isatty()
             bar = tqdm(
                 total=progress.total_steps,
                 desc="train",
                 unit="step",
                 dynamic_ncols=True,
                 file=sys.stderr,
+                mininterval=0.5 if interactive else 15,
+                ascii=not interactive,
             )
         if bar is None:
             return None
@@ -214,7 +218,7 @@ class LocalRun:
         if progress.staleness is not None:
             fields["staleness"] = f"{progress.staleness:.2f}"
         bar.set_postfix(fields, refresh=False)
-        bar.refresh()
+        bar.update(0)  # redraws only when mininterval has passed
         return bar
 
     def run(self) -> dict:
