@@ -251,6 +251,12 @@ class RolloutWorker:
         from rollfleet.tasks import TASKS
 
         self._turn_stop = TASKS[self.spec.task.name].turn_stop
+        # Serve /healthz and /metrics from the start: loading waits for the trainer's warm-up.
+        app = make_app(
+            "rollout",
+            health=lambda: {"policy_version": self.engine.policy_version if self.engine else None},
+        )
+        await serve_in_background(app, self.env.http_port, self.env.http_host)
         with tempfile.TemporaryDirectory(prefix="rollfleet-model-") as workdir:
             model, version = await self.load_model(Path(workdir))
         self.engine = engine_factory(model, self.tokenizer, version)
@@ -259,8 +265,6 @@ class RolloutWorker:
         if (latest := await self.bus.latest_weights()) and latest.version > version:
             await self.on_weights(latest)
         consumer = await self.bus.task_consumer()
-        app = make_app("rollout", health=lambda: {"policy_version": self.engine.policy_version})
-        await serve_in_background(app, self.env.http_port, self.env.http_host)
         log.info("worker %s ready at policy version %d", self.name, version)
         slots = self.pool.maxBatch
         group = self.spec.rollout.sampling.groupSize
