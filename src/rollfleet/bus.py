@@ -92,8 +92,13 @@ class Bus:
             )
         except Exception as e:
             await nc.close()
-            cause = errors[-1] if errors else e
-            raise ConnectionError(f"cannot connect to NATS at {url}: {cause}") from None
+            denied = [x for x in errors if "authorization" in str(x).lower()]
+            cause = (denied or errors or [e])[-1]
+            hint = ""
+            if not denied and isinstance(cause, ConnectionResetError):
+                # The server may close the socket before its "Authorization Violation" arrives.
+                hint = " (the server closed the connection: check the NATS token)"
+            raise ConnectionError(f"cannot connect to NATS at {url}: {cause}{hint}") from None
         return cls(nc, job)
 
     async def close(self) -> None:
@@ -289,12 +294,3 @@ class Bus:
         except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
             return None
         return decode(Progress, entry.value)
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll an async predicate until true or raise TimeoutError naming `what`."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)

@@ -37,7 +37,6 @@ class Component:
     env: dict[str, str]
     resources: dict[str, str] = field(default_factory=dict)
     placement: dict[str, str] = field(default_factory=dict)
-    http_port: int = 8080
 
     def command(self, python: str = "python") -> list[str]:
         return [python, "-m", self.module]

@@ -276,7 +276,7 @@ class RolloutWorker:
                 info = await consumer.consumer_info()
                 QUEUE_DEPTH.labels(self.pool.name).set(info.num_pending)
                 last_queue_check = time.monotonic()
-            room = (slots - self.reserved) // group
+            room = min(slots - self.reserved, self.engine.free_capacity()) // group
             if room <= 0:
                 await asyncio.sleep(0.01)
                 continue
