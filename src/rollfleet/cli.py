@@ -70,6 +70,12 @@ def _check_inputs(job) -> None:
     from rollfleet.tasks import make_task
 
     spec = job.spec
+    if spec.trainer.workers > 1:
+        raise ManifestError(
+            "spec.trainer.workers: several trainer workers (Ray Train) are not implemented yet; set 1"
+        )
+    if spec.suspend:
+        raise ManifestError("spec.suspend is true: a suspended job does not run; set it to false")
     if spec.model.path and not (Path(spec.model.path) / "config.json").is_file():
         raise ManifestError(
             f"spec.model.path: {spec.model.path!r} is not a Hugging Face model folder (no config.json)"

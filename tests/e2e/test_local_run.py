@@ -248,3 +248,14 @@ def test_proc_scan_sees_a_marked_process(tmp_path):
         child.kill()
         child.wait()
     assert child.pid not in run_processes(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [({"trainer": {"workers": 2}}, "spec.trainer.workers"), ({"suspend": True}, "spec.suspend")],
+)
+def test_settings_the_local_runtime_cannot_honour_are_refused(tmp_path, spec, field):
+    done = cli("run", str(manifest(tmp_path, "refused", spec)), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 2
+    assert field in done.stderr
+    assert not (tmp_path / "run").exists()
