@@ -64,6 +64,7 @@ class Bus:
         self.subjects = Subjects(job)
         self._weights_store = None
         self._progress_kv = None
+        self._weights_deleted_below = 0
 
     @classmethod
     async def connect(
@@ -230,10 +231,12 @@ class Bus:
         return announcement
 
     async def delete_weights_before(self, version: int) -> None:
+        """Delete older versions; each is deleted once, not asked for again every step."""
         store, _ = await self._buckets()
-        for old in range(max(0, version - 64), version):
+        for old in range(max(0, version - 64, self._weights_deleted_below), version):
             with contextlib.suppress(ObjectNotFoundError, NotFoundError):
                 await store.delete(f"weights/v{old:08d}.safetensors")
+        self._weights_deleted_below = max(self._weights_deleted_below, version)
 
     async def get_weights(self, announcement: WeightVersion) -> bytes:
         """Fetch a version's bytes and check them against the announced checksum."""

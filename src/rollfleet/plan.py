@@ -11,7 +11,7 @@ environment variables in `ServiceEnv`, so the two runtimes differ only in addres
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from rollfleet.spec import RLJob
@@ -55,8 +55,6 @@ class ServiceEnv:
     http_host: str = "127.0.0.1"  # 0.0.0.0 in a pod
     pool: str = ""
     replica: int = 0
-
-    PREFIX = "ROLLFLEET_"
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -121,7 +119,7 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
         ),
     ]
     for pool in spec.rollout.pools:
-        env = ServiceEnv(**{**base.__dict__, "pool": pool.name}).to_env()
+        env = replace(base, pool=pool.name).to_env()
         resources = {"cpu": "1", "memory": "2Gi"}
         placement = {}
         if pool.gpuClass:

@@ -66,7 +66,6 @@ class RolloutWorker:
         self.reserved = 0  # engine slots promised to running tasks
         self.latest_announced = -1
         self._weights_lock = asyncio.Lock()
-        self._version_changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self.http = httpx.AsyncClient(timeout=30.0, headers=auth_headers())
         sampling = spec.rollout.sampling
@@ -117,6 +116,7 @@ class RolloutWorker:
             WEIGHT_SYNC.labels(self.pool.name).observe(time.perf_counter() - started)
 
     async def wait_for_version(self, version: int) -> None:
+        # The engine swaps weights in its own thread between steps; polling is the simple way.
         while self.engine.policy_version < version:
             await asyncio.sleep(0.005)
 

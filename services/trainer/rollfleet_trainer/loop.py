@@ -67,6 +67,10 @@ class Group:
     size: int
     samples: dict[int, tuple[Trajectory, object]] = field(default_factory=dict)
 
+    @property
+    def id(self) -> str:
+        return f"g{self.index}"
+
     def complete(self) -> bool:
         return len(self.samples) == self.size
 
@@ -153,13 +157,13 @@ class Trainer:
             index = self.state["cursor"]
             self.state["cursor"] += 1
             example = self.task.example("train", index)
-            group_id = f"g{index}"
-            self.groups[group_id] = Group(index, self.group_size)
+            group = Group(index, self.group_size)
+            self.groups[group.id] = group
             await self.bus.publish(
                 self.bus.subjects.tasks,
                 Task(
                     task_id=f"t{index}",
-                    group_id=group_id,
+                    group_id=group.id,
                     index=index,
                     prompt=example.prompt,
                     answer=example.answer,
@@ -172,10 +176,10 @@ class Trainer:
             )
         IN_FLIGHT.set(len(self.groups) + len(self.ready))
 
-    async def drop(self, group_id: str, group: Group, reason: str) -> None:
+    async def drop(self, group: Group, reason: str) -> None:
         """Account for a group we will not train on, and ack what arrived of it."""
-        self.groups.pop(group_id, None)
-        self.discarded.add(group_id)
+        self.groups.pop(group.id, None)
+        self.discarded.add(group.id)
         DROPPED.labels(reason).inc(group.size)
         self.state["dropped_stale" if reason == "stale" else "dropped_failed"] += group.size
         for _, raw in group.samples.values():
@@ -196,13 +200,13 @@ class Trainer:
                 continue
             group.samples[traj.sample_index] = (traj, raw)
             if traj.status in (TrajectoryStatus.ABORTED, TrajectoryStatus.FAILED):
-                await self.drop(traj.group_id, group, traj.status.value)
+                await self.drop(group, traj.status.value)
             elif group.complete():
                 if self.is_fresh(group):
-                    self.groups.pop(traj.group_id)
+                    self.groups.pop(group.id)
                     self.ready.append(group)
                 else:
-                    await self.drop(traj.group_id, group, "stale")
+                    await self.drop(group, "stale")
 
     def learning_rate(self, step: int) -> float:
         """The rate for the step after `step` steps; derived from the step, so resume-safe."""
@@ -302,7 +306,7 @@ class Trainer:
             # Re-check freshness at consumption: the version may have moved since completion.
             while self.ready and not self.is_fresh(self.ready[0]):
                 stale = self.ready.popleft()
-                await self.drop(f"g{stale.index}", stale, "stale")
+                await self.drop(stale, "stale")
             if len(self.ready) < self.prompts_per_step:
                 continue
             batch = [self.ready.popleft() for _ in range(self.prompts_per_step)]

@@ -68,6 +68,8 @@ class LocalRun:
         self.nats: EmbeddedNats | None = None
         self.service_token = secrets.token_hex(16)
         self.nats_token = secrets.token_hex(16)
+        # The HTTP services everyone else calls get their ports up front; the rest pick their own.
+        self._ports = {"reward": free_port(), "env": free_port()}
 
     # --- processes -----------------------------------------------------------------------
     def _spawn(self, component: Component, replica: int) -> Child:
@@ -128,7 +130,6 @@ class LocalRun:
             log_file=self.run_dir / "logs" / "nats-server.log",
             auth_token=self.nats_token,
         ).start()
-        self._ports = {"reward": free_port(), "env": free_port()}
         endpoints = Endpoints(
             nats_url=self.nats.url,
             reward_url=f"http://127.0.0.1:{self._ports['reward']}",
