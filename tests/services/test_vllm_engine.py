@@ -3,20 +3,27 @@ outputs and weights, exercised with plain stand-in objects shaped like vLLM's.""
 
 from __future__ import annotations
 
+import logging
+import random
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from rollfleet_rollout import vllm_engine
 from rollfleet_rollout.engine import GenerationOutput, GenerationRequest, SamplingParams, complete
 from rollfleet_rollout.vllm_engine import (
     VLLM_TARGET,
+    WEIGHT_CHUNK_BYTES,
     VllmEngine,
     VllmNotInstalled,
     WeightLoaderExtension,
+    chunk_weights,
     from_vllm_output,
     require_vllm,
+    tensor_bytes,
+    to_vllm_prompt,
     to_vllm_sampling,
 )
 
@@ -156,25 +163,100 @@ def test_logprob_is_read_for_the_sampled_token():
 # --- weights ----------------------------------------------------------------------------
 
 
-def test_weight_loader_extension_passes_name_tensor_pairs_to_the_model():
-    received = []
+class RecordingModel:
+    """A vLLM model as the extension sees it: records each `load_weights` call."""
 
-    class Model:
-        def load_weights(self, weights):
-            received.append(weights)
-            return {name for name, _ in weights}
+    def __init__(self):
+        self.calls: list[list] = []
 
+    def load_weights(self, weights):
+        self.calls.append(weights)
+        return {name for name, _ in weights}
+
+
+def make_worker(device="cpu"):
     class Worker(WeightLoaderExtension):  # as vLLM mixes it into its GPU worker
-        model_runner = SimpleNamespace(model=Model())
+        pass
 
+    worker = Worker()
+    worker.device = torch.device(device)
+    worker.model_runner = SimpleNamespace(model=RecordingModel())
+    return worker
+
+
+def test_weight_loader_extension_passes_name_tensor_pairs_to_the_model():
+    worker = make_worker("cpu")
     tensors = {"model.embed_tokens.weight": torch.ones(3, 2), "model.norm.weight": torch.zeros(2)}
-    assert Worker().rollfleet_load_weights(tensors) is None
-    assert len(received) == 1
-    weights = received[0]
+    assert worker.rollfleet_load_weights(tensors) is None
+    calls = worker.model_runner.model.calls
+    assert len(calls) == 1
+    weights = calls[0]
     assert isinstance(weights, list)
     assert [name for name, _ in weights] == list(tensors)
     for name, tensor in weights:
-        assert tensor is tensors[name]  # no copies on the way
+        assert tensor is tensors[name]  # already on the worker's device: no copies
+
+
+def test_weight_loader_extension_moves_tensors_to_the_worker_device():
+    worker = make_worker("meta")  # a device other than the tensors' one, without a GPU
+    tensors = {
+        "model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4, dtype=torch.bfloat16),
+        "model.norm.weight": torch.zeros(4),
+    }
+    worker.rollfleet_load_weights(tensors)
+    (weights,) = worker.model_runner.model.calls
+    assert [name for name, _ in weights] == list(tensors)
+    for name, tensor in weights:
+        assert tensor.device.type == "meta"
+        assert (tensor.shape, tensor.dtype) == (tensors[name].shape, tensors[name].dtype)
+
+
+# --- chunking ---------------------------------------------------------------------------
+
+
+def test_chunk_weights_packs_in_order_and_bounds_each_chunk():
+    tensors = {
+        "a": torch.zeros(10),  # 40 bytes
+        "b": torch.zeros(15),  # 60 -> a+b = 100, exactly the limit
+        "c": torch.zeros(1),  # 4 -> would exceed: next chunk
+        "d": torch.zeros(30),  # 120 > limit: a chunk of its own
+        "e": torch.zeros(5, dtype=torch.float16),  # 10
+    }
+    chunks = chunk_weights(tensors, 100)
+    assert [list(c) for c in chunks] == [["a", "b"], ["c"], ["d"], ["e"]]
+    for chunk in chunks:
+        for name, tensor in chunk.items():
+            assert tensor is tensors[name]
+
+
+def test_chunk_weights_random_sizes_every_tensor_once_and_chunks_full():
+    rng = random.Random(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+    tensors = {
+        f"layer.{i}.w": torch.empty(rng.randint(1, 400), dtype=rng.choice(dtypes))
+        for i in range(200)
+    }
+    limit = 1000
+    chunks = chunk_weights(tensors, limit)
+    # every tensor exactly once, in the original order
+    assert [name for chunk in chunks for name in chunk] == list(tensors)
+    sizes = [sum(tensor_bytes(t) for t in chunk.values()) for chunk in chunks]
+    for chunk, size in zip(chunks, sizes, strict=True):
+        assert size <= limit or len(chunk) == 1  # only a lone oversized tensor may exceed
+    # greedy: a chunk ends only where the next tensor would not have fit
+    for size, following in zip(sizes, chunks[1:], strict=False):
+        first = next(iter(following.values()))
+        assert size + tensor_bytes(first) > limit
+    assert any(len(chunk) > 1 for chunk in chunks)  # the test does exercise packing
+
+
+def test_chunk_weights_edge_cases():
+    assert chunk_weights({}, 100) == []
+    one = {"w": torch.zeros(1000)}
+    assert [list(c) for c in chunk_weights(one, 1)] == [["w"]]
+    with pytest.raises(ValueError, match="positive"):
+        chunk_weights(one, 0)
+    assert WEIGHT_CHUNK_BYTES > 0
 
 
 # --- the engine over a stand-in AsyncLLM ------------------------------------------------
@@ -187,6 +269,7 @@ class FakeAsyncLLM:
         self.tokens = list(tokens)
         self.calls: list[tuple] = []
         self.on_token = None
+        self.on_rpc = None  # async (method, args) -> None, may raise
 
     async def generate(self, prompt, sampling_params, request_id):
         self.calls.append(("generate", prompt, sampling_params, request_id))
@@ -199,17 +282,30 @@ class FakeAsyncLLM:
     async def abort(self, request_id):
         self.calls.append(("abort", request_id))
 
-    async def pause_generation(self, mode, clear_cache):
+    async def pause_generation(self, *, mode, clear_cache):  # keyword-only, as in vLLM
         self.calls.append(("pause", mode, clear_cache))
 
     async def resume_generation(self):
         self.calls.append(("resume",))
 
-    async def collective_rpc(self, method, args):
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(("rpc", method, args))
+        if self.on_rpc:
+            await self.on_rpc(method, args)
 
     def shutdown(self):
         self.calls.append(("shutdown",))
+
+
+def rpc_chunks(calls) -> list[dict]:
+    """The chunk each weight RPC carried, in call order."""
+    chunks = []
+    for call in calls:
+        if call[0] == "rpc":
+            assert call[1] == "rollfleet_load_weights"
+            (chunk,) = call[2]
+            chunks.append(chunk)
+    return chunks
 
 
 async def test_vllm_engine_generate_and_version_switch():
@@ -237,25 +333,114 @@ async def test_vllm_engine_generate_and_version_switch():
     assert (name, prompt, rid) == ("generate", {"prompt_token_ids": [1, 4, 5]}, "r1")
     assert sampling["stop_token_ids"] == [2] and sampling["max_tokens"] == 4
     # weights load with the engine paused (requests kept) and resumed afterwards
-    assert llm.calls[1:] == [
-        ("pause", "keep", False),
-        ("rpc", "rollfleet_load_weights", (tensors,)),
-        ("resume",),
-    ]
+    assert [call[0] for call in llm.calls[1:]] == ["pause", "rpc", "resume"]
+    assert llm.calls[1] == ("pause", "keep", False)
+    assert rpc_chunks(llm.calls) == [{"w": tensors["w"]}]
+    assert rpc_chunks(llm.calls)[0]["w"] is tensors["w"]
 
 
-async def test_vllm_engine_resumes_and_keeps_version_when_loading_fails():
+async def test_load_weights_sends_bounded_chunks_between_pause_and_resume():
+    llm = FakeAsyncLLM()
+    engine = VllmEngine(llm, FAKE_VLLM, version=4, slots=2, chunk_bytes=64)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(n, generator=generator)
+        for i, n in enumerate([8, 8, 4, 20, 3, 13])  # float32: 32, 32, 16, 80, 12, 52 bytes
+    }
+    versions_during_rpc = []
+
+    async def on_rpc(method, args):
+        versions_during_rpc.append(engine.policy_version)
+
+    llm.on_rpc = on_rpc
+    await engine.load_weights(5, tensors)
+
+    kinds = [call[0] for call in llm.calls]
+    assert kinds == ["pause", "rpc", "rpc", "rpc", "rpc", "resume"]
+    assert llm.calls[0] == ("pause", "keep", False)
+    chunks = rpc_chunks(llm.calls)
+    names = list(tensors)
+    assert [list(c) for c in chunks] == [names[0:2], names[2:3], names[3:4], names[4:6]]
+    assert [name for chunk in chunks for name in chunk] == names  # each once, in order
+    for chunk in chunks:
+        assert sum(tensor_bytes(t) for t in chunk.values()) <= 64 or len(chunk) == 1
+        for name, tensor in chunk.items():
+            assert tensor is tensors[name]
+    assert versions_during_rpc == [4, 4, 4, 4]  # the new version only once all loaded
+    assert engine.policy_version == 5
+
+
+async def test_load_weights_failure_resumes_and_keeps_the_version(caplog):
+    llm = FakeAsyncLLM()
+    engine = VllmEngine(llm, FAKE_VLLM, version=5, slots=2, chunk_bytes=4)
+    tensors = {name: torch.zeros(1) for name in ("a", "b", "c")}  # one chunk each
+
+    async def on_rpc(method, args):
+        if "b" in args[0]:
+            raise RuntimeError("worker died")
+
+    llm.on_rpc = on_rpc
+    with (
+        caplog.at_level(logging.ERROR, logger=vllm_engine.__name__),
+        pytest.raises(RuntimeError, match="worker died"),
+    ):
+        await engine.load_weights(6, tensors)
+    assert engine.policy_version == 5
+    # chunk "c" is never sent after "b" failed, and generation resumes
+    assert [call[0] for call in llm.calls] == ["pause", "rpc", "rpc", "resume"]
+    assert [list(c) for c in rpc_chunks(llm.calls)] == [["a"], ["b"]]
+    assert "chunk 2/3 failed" in caplog.text and "1 of 3 tensors" in caplog.text
+
+
+async def test_load_weights_first_chunk_failure_still_resumes():
     llm = FakeAsyncLLM()
 
-    async def failing_rpc(method, args):
-        raise RuntimeError("worker died")
+    async def on_rpc(method, args):
+        raise RuntimeError("rpc timed out")
 
-    llm.collective_rpc = failing_rpc
-    engine = VllmEngine(llm, FAKE_VLLM, version=5, slots=2)
-    with pytest.raises(RuntimeError, match="worker died"):
-        await engine.load_weights(6, {})
-    assert engine.policy_version == 5
-    assert llm.calls == [("pause", "keep", False), ("resume",)]
+    llm.on_rpc = on_rpc
+    engine = VllmEngine(llm, FAKE_VLLM, version=1, slots=2)
+    with pytest.raises(RuntimeError, match="rpc timed out"):
+        await engine.load_weights(2, {"w": torch.zeros(2)})
+    assert engine.policy_version == 1
+    assert [call[0] for call in llm.calls] == ["pause", "rpc", "resume"]
+
+
+async def test_load_weights_refuses_an_empty_version_without_pausing():
+    llm = FakeAsyncLLM()
+    engine = VllmEngine(llm, FAKE_VLLM, version=1, slots=2)
+    with pytest.raises(ValueError, match="no tensors"):
+        await engine.load_weights(2, {})
+    assert engine.policy_version == 1
+    assert llm.calls == []
+
+
+def test_engine_refuses_a_non_positive_chunk_size():
+    with pytest.raises(ValueError, match="positive"):
+        VllmEngine(FakeAsyncLLM(), FAKE_VLLM, version=0, slots=1, chunk_bytes=0)
+
+
+async def test_chunks_reach_every_worker_through_the_extension():
+    """Engine and extension together: each vLLM worker's model sees every tensor once."""
+    workers = [make_worker("cpu"), make_worker("cpu")]  # e.g. tensor parallel 2
+    llm = FakeAsyncLLM()
+
+    async def on_rpc(method, args):
+        for worker in workers:  # collective: the same call on every worker
+            getattr(worker, method)(*args)
+
+    llm.on_rpc = on_rpc
+    engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=1, chunk_bytes=16)
+    tensors = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}  # 12 bytes each
+    await engine.load_weights(1, tensors)
+    for worker in workers:
+        calls = worker.model_runner.model.calls
+        assert len(calls) == 5  # 12 + 12 > 16: one tensor per chunk
+        received = [pair for call in calls for pair in call]
+        assert [name for name, _ in received] == list(tensors)
+        for name, tensor in received:
+            assert torch.equal(tensor, tensors[name])
+    assert engine.policy_version == 1
 
 
 async def test_vllm_engine_capacity_recovers_when_a_stream_is_abandoned():
@@ -268,3 +453,135 @@ async def test_vllm_engine_capacity_recovers_when_a_stream_is_abandoned():
     await engine.abort("r")
     await engine.stop()
     assert engine.engine.calls[-2:] == [("abort", "r"), ("shutdown",)]
+
+
+# --- prompt embeddings ------------------------------------------------------------------
+
+
+def test_to_vllm_prompt_uses_token_ids_without_embeddings():
+    req = GenerationRequest("r", [1, 4, 5], SamplingParams())
+    assert to_vllm_prompt(req) == {"prompt_token_ids": [1, 4, 5]}
+    assert req.prompt_embeds is None  # the default
+
+
+def test_to_vllm_prompt_maps_embeddings_detached_on_cpu():
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(3, 8, generator=generator, requires_grad=True)  # a trainable prefix
+    req = GenerationRequest("r", [1, 4, 5], SamplingParams(), embeds)
+    prompt = to_vllm_prompt(req, hidden_size=8)
+    assert list(prompt) == ["prompt_embeds"]  # the embeddings replace the token ids
+    sent = prompt["prompt_embeds"]
+    assert torch.equal(sent, embeds.detach())
+    assert sent.device.type == "cpu" and not sent.requires_grad
+
+
+@pytest.mark.parametrize("shape", [(8,), (1, 3, 8), (0, 8)])
+def test_to_vllm_prompt_refuses_embeddings_of_the_wrong_rank_or_length(shape):
+    req = GenerationRequest("bad", [1], SamplingParams(), torch.zeros(shape))
+    with pytest.raises(ValueError, match=r"\[prompt_len, hidden\]"):
+        to_vllm_prompt(req)
+
+
+def test_to_vllm_prompt_refuses_the_wrong_hidden_size():
+    req = GenerationRequest("bad", [1], SamplingParams(), torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="hidden size 6 does not match the model's 8"):
+        to_vllm_prompt(req, hidden_size=8)
+
+
+def test_requests_with_embeddings_still_compare_by_their_other_fields():
+    a = GenerationRequest("r", [1], SamplingParams(), torch.zeros(2, 4))
+    b = GenerationRequest("r", [1], SamplingParams(), torch.ones(2, 4))
+    assert a == b  # no "ambiguous truth value" from comparing tensors
+    assert a != GenerationRequest("other", [1], SamplingParams())
+
+
+async def test_vllm_engine_generates_from_prompt_embeddings():
+    llm = FakeAsyncLLM(tokens=(7, 8))
+    engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=2, hidden_size=4)
+    embeds = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    out = await complete(engine, GenerationRequest("e", [1, 2, 3], SamplingParams(), embeds))
+    assert out.token_ids == [7, 8]
+    name, prompt, _, rid = llm.calls[0]
+    assert (name, rid, list(prompt)) == ("generate", "e", ["prompt_embeds"])
+    assert torch.equal(prompt["prompt_embeds"], embeds)
+
+
+async def test_vllm_engine_checks_embeddings_before_submitting():
+    llm = FakeAsyncLLM()
+    engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=2, hidden_size=4)
+    req = GenerationRequest("e", [1], SamplingParams(), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="hidden size 5"):
+        await complete(engine, req)
+    assert llm.calls == [] and engine.free_capacity() == 2
+
+
+async def test_vllm_engine_started_without_embeddings_refuses_them():
+    llm = FakeAsyncLLM()
+    engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=2, prompt_embeds=False)
+    req = GenerationRequest("e", [1], SamplingParams(), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="without enable_prompt_embeds"):
+        await complete(engine, req)
+    assert llm.calls == [] and engine.free_capacity() == 2
+
+
+# --- from_model over a stand-in vllm module ----------------------------------------------
+
+
+def fake_vllm_modules(monkeypatch, created):
+    class AsyncLLM:
+        @classmethod
+        def from_engine_args(cls, args):
+            created.append(args)
+            return FakeAsyncLLM()
+
+    vllm = SimpleNamespace(
+        __name__="vllm",
+        AsyncEngineArgs=lambda **kw: kw,
+        SamplingParams=lambda **kw: kw,
+    )
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.v1", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.async_llm", SimpleNamespace(AsyncLLM=AsyncLLM))
+    return vllm
+
+
+class Saves:
+    def __init__(self, **config):
+        self.config = SimpleNamespace(**config)
+        self.saved_to = None
+
+    def save_pretrained(self, folder):
+        self.saved_to = folder
+
+
+def test_from_model_starts_vllm_with_prompt_embeds_and_the_weight_extension(monkeypatch, tmp_path):
+    created: list[dict] = []
+    vllm = fake_vllm_modules(monkeypatch, created)
+    monkeypatch.setattr(vllm_engine.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    model, tokenizer = Saves(hidden_size=16), Saves()
+    engine = VllmEngine.from_model(
+        model, tokenizer, version=3, max_len=256, seed=7, slots=8, chunk_bytes=1024
+    )
+    (args,) = created
+    assert args["model"] == str(tmp_path)
+    assert model.saved_to == tokenizer.saved_to == str(tmp_path)
+    assert (args["max_model_len"], args["max_num_seqs"], args["seed"]) == (256, 8, 7)
+    assert args["enable_prompt_embeds"] is True
+    module, _, cls = args["worker_extension_cls"].rpartition(".")
+    assert getattr(sys.modules[module], cls) is WeightLoaderExtension
+    assert engine.vllm is vllm
+    assert (engine.policy_version, engine.slots, engine.chunk_bytes) == (3, 8, 1024)
+    assert (engine.prompt_embeds, engine.hidden_size) == (True, 16)
+
+
+def test_from_model_can_leave_prompt_embeds_off(monkeypatch, tmp_path):
+    created: list[dict] = []
+    fake_vllm_modules(monkeypatch, created)
+    monkeypatch.setattr(vllm_engine.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    engine = VllmEngine.from_model(
+        Saves(hidden_size=16), Saves(), version=0, max_len=64, seed=0, prompt_embeds=False
+    )
+    assert created[0]["enable_prompt_embeds"] is False
+    assert engine.prompt_embeds is False
+    assert engine.chunk_bytes == WEIGHT_CHUNK_BYTES

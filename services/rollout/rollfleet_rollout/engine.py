@@ -11,6 +11,10 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -23,9 +27,19 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One prompt to complete.
+
+    `prompt_embeds` ([prompt_len, hidden], or None) replaces the embedded prompt for
+    prefix-based methods (soft prompts, prefix tuning): the engine feeds these vectors
+    instead of looking up `prompt_ids`, which stay the record of what the prompt was.
+    Only `engine: vllm` takes them; the torch engine refuses such a request.
+    """
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    # compare=False: a tensor has no single truth value, so it stays out of ==
+    prompt_embeds: torch.Tensor | None = field(default=None, compare=False)
 
 
 @dataclass

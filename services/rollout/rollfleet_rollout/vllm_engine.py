@@ -1,28 +1,46 @@
 """The vLLM engine (`engine: vllm`): production GPU generation behind the same interface.
 
 Written against vLLM's V1 async engine (targets vLLM 0.32; `AsyncLLM`):
-- generate: `AsyncLLM.generate(prompt={"prompt_token_ids": ...}, sampling_params, request_id)`
-  streams cumulative `RequestOutput`s; `logprobs=0` returns the sampled token's log-prob;
+- generate: `AsyncLLM.generate(prompt, sampling_params, request_id)` streams cumulative
+  `RequestOutput`s; `logprobs=0` returns the sampled token's log-prob. The prompt is
+  `{"prompt_token_ids": [...]}`, or `{"prompt_embeds": tensor}` (vLLM's `EmbedsPrompt`,
+  shape [prompt_len, hidden]) for a request with prompt embeddings, which vLLM accepts
+  only when started with `enable_prompt_embeds=True`;
 - abort: `AsyncLLM.abort(request_id)`;
-- pause/resume: `pause_generation(mode="keep")` freezes in-flight requests across a
-  weight swap, `resume_generation()` continues them under the new weights;
-- load weights: `collective_rpc("rollfleet_load_weights", ...)` runs `WeightLoaderExtension`
-  inside each vLLM worker (`worker_extension_cls`), which calls the model's own
-  `load_weights` with the tensors, so the engine is never restarted.
+- pause/resume: `pause_generation(mode="keep", clear_cache=False)` freezes in-flight
+  requests across a weight swap, `resume_generation()` continues them under the new weights;
+- load weights: the worker hands over a version it fetched and checked from the weight
+  store; `load_weights` pauses, sends the tensors in chunks of at most `chunk_bytes`
+  through `collective_rpc("rollfleet_load_weights", args=(chunk,))`, which runs
+  `WeightLoaderExtension` inside every vLLM worker (`worker_extension_cls`): it moves the
+  chunk to the worker's device and calls the model's own `load_weights` with
+  (name, tensor) pairs, so the engine is never restarted. Then it resumes.
 
-vLLM is imported lazily: it installs only with a CUDA build of torch. It is NOT
-exercised on the development machine or in CI; `tests/services/test_vllm_engine.py`
-tests the request/response mapping with plain objects and the clear error without vLLM.
+vLLM is imported lazily: it installs only with a CUDA build of torch. None of this module
+has run against a real vLLM: not on the development machine, not in CI.
+`tests/services/test_vllm_engine.py` tests the request/response mapping, the chunked
+weight loading and the pause/resume ordering with plain stand-in objects shaped like
+vLLM's, and the clear error when vLLM is missing. What the stand-ins cannot show: that
+vLLM 0.32 still has these names and signatures, that its RPC serialisation carries the
+chunks, and that `load_weights` accepts every tensor name the trainer publishes.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import AsyncIterator
 
 from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
 
+log = logging.getLogger(__name__)
+
 VLLM_TARGET = "0.32"
+
+# Upper bound on the tensor bytes of one weight RPC. Each chunk is serialised to every
+# vLLM worker and staged on its GPU before `load_weights` copies it into the parameters,
+# so this also bounds that extra GPU memory.
+WEIGHT_CHUNK_BYTES = 256 * 2**20
 
 
 class VllmNotInstalled(RuntimeError):
@@ -52,6 +70,31 @@ def to_vllm_sampling(params: SamplingParams, vllm_module):
     )
 
 
+def to_vllm_prompt(request: GenerationRequest, hidden_size: int | None = None) -> dict:
+    """Our request -> vLLM's prompt input: token ids, or the prompt embeddings when given.
+
+    vLLM's docs warn that embeddings of the wrong shape may crash the engine, so the
+    shape is checked here: [prompt_len >= 1, hidden] (hidden checked when known). The
+    tensor is detached (a trainable prefix may require grad; vLLM serialises it to its
+    engine process) and moved to the CPU, where vLLM's input processing puts it anyway.
+    """
+    embeds = request.prompt_embeds
+    if embeds is None:
+        return {"prompt_token_ids": list(request.prompt_ids)}
+    shape = tuple(embeds.shape)
+    if len(shape) != 2 or shape[0] < 1:
+        raise ValueError(
+            f"request {request.request_id!r}: prompt_embeds must be [prompt_len, hidden] "
+            f"with prompt_len >= 1, got shape {list(shape)}"
+        )
+    if hidden_size is not None and shape[1] != hidden_size:
+        raise ValueError(
+            f"request {request.request_id!r}: prompt_embeds hidden size {shape[1]} "
+            f"does not match the model's {hidden_size}"
+        )
+    return {"prompt_embeds": embeds.detach().cpu()}
+
+
 def from_vllm_output(
     output, request_id: str, versions: list[int], version: int
 ) -> GenerationOutput:
@@ -77,26 +120,83 @@ def from_vllm_output(
     )
 
 
+def tensor_bytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def chunk_weights(tensors: dict, chunk_bytes: int) -> list[dict]:
+    """Split `tensors` into consecutive chunks of at most `chunk_bytes` bytes each.
+
+    Keeps the dict's order and every tensor object as it is (no copies); a tensor larger
+    than `chunk_bytes` gets a chunk of its own, since a tensor is never split.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    chunks: list[dict] = []
+    current: dict = {}
+    size = 0
+    for name, tensor in tensors.items():
+        n = tensor_bytes(tensor)
+        if current and size + n > chunk_bytes:
+            chunks.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class WeightLoaderExtension:
-    """Mixed into vLLM's GPU worker (`worker_extension_cls`): receives new weights in place."""
+    """Mixed into vLLM's GPU worker (`worker_extension_cls`): receives new weights in place.
+
+    `self.device` and `self.model_runner.model` are the worker's (vLLM's RLHF examples use
+    the same two attributes). The model's `load_weights` takes (name, tensor) pairs under
+    Hugging Face names, maps q/k/v and gate/up onto its fused parameters and shards them
+    for tensor parallelism, so each worker gets whole tensors. Tied embeddings: the
+    trainer leaves `lm_head.weight` out when `tie_word_embeddings` is true, and vLLM's
+    `LlamaForCausalLM.load_weights` skips the `lm_head.` prefix in that case anyway (its
+    lm_head is tied to `embed_tokens`), so updating `model.embed_tokens.weight` updates both.
+    """
 
     def rollfleet_load_weights(self, tensors: dict) -> None:
-        self.model_runner.model.load_weights(weights=list(tensors.items()))
+        weights = [(name, tensor.to(self.device)) for name, tensor in tensors.items()]
+        self.model_runner.model.load_weights(weights=weights)
 
 
 class VllmEngine(Engine):
-    def __init__(self, engine, vllm_module, *, version: int, slots: int):
-        self.engine, self.vllm, self.policy_version, self.slots = (
-            engine,
-            vllm_module,
-            version,
-            slots,
-        )
+    def __init__(
+        self,
+        engine,
+        vllm_module,
+        *,
+        version: int,
+        slots: int,
+        chunk_bytes: int = WEIGHT_CHUNK_BYTES,
+        prompt_embeds: bool = True,
+        hidden_size: int | None = None,
+    ):
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.engine, self.vllm = engine, vllm_module
+        self.policy_version, self.slots = version, slots
+        self.chunk_bytes = chunk_bytes
+        self.prompt_embeds = prompt_embeds  # whether vLLM was started to accept them
+        self.hidden_size = hidden_size
         self.running = 0
 
     @classmethod
     def from_model(
-        cls, model, tokenizer, *, version: int, max_len: int, seed: int, slots: int = 256
+        cls,
+        model,
+        tokenizer,
+        *,
+        version: int,
+        max_len: int,
+        seed: int,
+        slots: int = 256,
+        chunk_bytes: int = WEIGHT_CHUNK_BYTES,
+        prompt_embeds: bool = True,
     ):
         """Start AsyncLLM on a folder written from the trainer's model and tokenizer."""
         vllm = require_vllm()
@@ -111,9 +211,19 @@ class VllmEngine(Engine):
             max_num_seqs=slots,
             seed=seed,
             enable_prefix_caching=True,
+            # EngineArgs.enable_prompt_embeds: accept {"prompt_embeds": ...} prompts
+            enable_prompt_embeds=prompt_embeds,
             worker_extension_cls=f"{__name__}.WeightLoaderExtension",
         )
-        return cls(AsyncLLM.from_engine_args(args), vllm, version=version, slots=slots)
+        return cls(
+            AsyncLLM.from_engine_args(args),
+            vllm,
+            version=version,
+            slots=slots,
+            chunk_bytes=chunk_bytes,
+            prompt_embeds=prompt_embeds,
+            hidden_size=getattr(model.config, "hidden_size", None),
+        )
 
     async def start(self) -> None:
         return None  # AsyncLLM starts its engine core on construction
@@ -122,11 +232,17 @@ class VllmEngine(Engine):
         self.engine.shutdown()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if request.prompt_embeds is not None and not self.prompt_embeds:
+            raise ValueError(
+                f"request {request.request_id!r} has prompt embeddings, but this vLLM "
+                "engine was started without enable_prompt_embeds"
+            )
+        prompt = to_vllm_prompt(request, self.hidden_size)
         versions: list[int] = []
         self.running += 1
         try:
             async for output in self.engine.generate(
-                prompt={"prompt_token_ids": request.prompt_ids},
+                prompt=prompt,
                 sampling_params=to_vllm_sampling(request.params, self.vllm),
                 request_id=request.request_id,
             ):
@@ -144,9 +260,33 @@ class VllmEngine(Engine):
         await self.engine.resume_generation()
 
     async def load_weights(self, version: int, tensors: dict) -> None:
+        """Swap in a version's tensors, chunk by chunk, with generation paused (kept).
+
+        The version changes only after every chunk loaded. If a chunk fails, generation
+        resumes, the error is raised and the engine keeps reporting the old version; the
+        chunks sent before it stay loaded, so the weights are then a mix until the next
+        version loads (every version carries every tensor).
+        """
+        if not tensors:
+            raise ValueError(f"weights v{version} have no tensors")
+        chunks = chunk_weights(tensors, self.chunk_bytes)
         await self.pause()
         try:
-            await self.engine.collective_rpc("rollfleet_load_weights", args=(tensors,))
+            for i, chunk in enumerate(chunks):
+                try:
+                    await self.engine.collective_rpc("rollfleet_load_weights", args=(chunk,))
+                except Exception:
+                    log.error(
+                        "weights v%d: chunk %d/%d failed; %d of %d tensors were loaded, "
+                        "keeping v%d",
+                        version,
+                        i + 1,
+                        len(chunks),
+                        sum(len(c) for c in chunks[:i]),
+                        len(tensors),
+                        self.policy_version,
+                    )
+                    raise
             self.policy_version = version
         finally:
             await self.resume()
