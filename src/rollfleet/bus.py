@@ -26,7 +26,13 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
 from prometheus_client import Counter
 
 from rollfleet.protocol import (
@@ -50,6 +56,7 @@ TASK_ACK_WAIT_S = 120.0
 NATS_TOKEN_ENV = "ROLLFLEET_NATS_TOKEN"
 OBJECT_FETCH_TIMEOUT_S = 60.0
 TRAJECTORY_ACK_WAIT_S = 600.0
+SWAP_LEASE_TTL_S = 120.0  # longer than any weight swap; frees the lease of a dead worker
 
 
 def nats_token() -> str | None:
@@ -64,7 +71,7 @@ class Bus:
         self.subjects = Subjects(job)
         self._weights_store = None
         self._progress_kv = None
-        self._weights_deleted_below = 0
+        self._swap_kv = None
 
     @classmethod
     async def connect(
@@ -116,7 +123,7 @@ class Bus:
             api.StreamConfig(
                 name=s.task_stream, subjects=[s.tasks], retention=api.RetentionPolicy.WORK_QUEUE
             ),
-            api.StreamConfig(name=s.trajectory_stream, subjects=[s.trajectories]),
+            api.StreamConfig(name=s.trajectory_stream, subjects=[f"{s.trajectories}.>"]),
             api.StreamConfig(name=s.deadletter_stream, subjects=[f"{s.deadletter}.>"]),
         ]
         for config in configs:
@@ -133,10 +140,14 @@ class Bus:
         for name in (s.task_stream, s.trajectory_stream, s.deadletter_stream):
             with contextlib.suppress(NotFoundError):
                 await self.js.delete_stream(name)
-        for delete in (self.js.delete_object_store, self.js.delete_key_value):
-            for bucket in (s.weight_bucket, s.progress_bucket):
-                with contextlib.suppress(NotFoundError, BucketNotFoundError):
-                    await delete(bucket)
+        buckets = [
+            (self.js.delete_object_store, s.weight_bucket),
+            (self.js.delete_key_value, s.progress_bucket),
+            (self.js.delete_key_value, s.swap_bucket),
+        ]
+        for delete, bucket in buckets:
+            with contextlib.suppress(NotFoundError, BucketNotFoundError):
+                await delete(bucket)
 
     async def purge_work(self) -> None:
         """Drop queued tasks and unconsumed trajectories (a resumed trainer re-issues its work)."""
@@ -167,10 +178,11 @@ class Bus:
             config=api.ConsumerConfig(ack_wait=TASK_ACK_WAIT_S, max_ack_pending=-1),
         )
 
-    async def trajectory_consumer(self):
+    async def trajectory_consumer(self, rank: int = 0):
+        """The durable consumer of one trainer rank: the trajectories of the tasks it issued."""
         return await self.js.pull_subscribe(
-            self.subjects.trajectories,
-            durable="trainer",
+            self.subjects.trajectories_for(rank),
+            durable=f"trainer-{rank}",
             stream=self.subjects.trajectory_stream,
             config=api.ConsumerConfig(ack_wait=TRAJECTORY_ACK_WAIT_S, max_ack_pending=-1),
         )
@@ -194,7 +206,7 @@ class Bus:
         return valid
 
     async def dead_letter(self, subject: str, data: bytes, reason: str) -> None:
-        kind = subject.rsplit(".", 1)[-1]
+        kind = subject.removeprefix(f"rollfleet.{self.subjects.job}.").split(".")[0]
         log.warning("dead letter on %s: %s", subject, reason)
         DEAD_LETTERS.labels(subject=kind).inc()
         await self.js.publish(
@@ -214,36 +226,31 @@ class Bus:
             pass
         await store.put(name, data)
 
-    async def put_weights(self, version: int, step: int, data: bytes) -> WeightVersion:
-        """Store and announce a version (announcing one again does not rewrite it)."""
-        store, kv = await self._buckets()
-        name = f"weights/v{version:08d}.safetensors"
-        announcement = WeightVersion(
-            version=version,
-            step=step,
-            object_name=name,
-            sha256=hashlib.sha256(data).hexdigest(),
-            num_bytes=len(data),
-        )
+    async def put_object(self, name: str, data: bytes) -> None:
+        store, _ = await self._buckets()
         await self._put_once(store, name, data)
+
+    async def get_object(self, name: str) -> bytes:
+        return await self._get(name)
+
+    async def object_names(self, prefix: str) -> list[str]:
+        store, _ = await self._buckets()
+        try:
+            infos = await store.list()
+        except NotFoundError:  # nats-py raises it for an empty store
+            return []
+        return [i.name for i in infos if i.name.startswith(prefix) and not i.deleted]
+
+    async def delete_object(self, name: str) -> None:
+        store, _ = await self._buckets()
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            await store.delete(name)
+
+    async def announce_weights(self, announcement: WeightVersion) -> None:
+        """Make a stored version the latest and tell the workers (again is harmless)."""
+        _, kv = await self._buckets()
         await kv.put("weights", encode(announcement))
         await self.nc.publish(self.subjects.weights, encode(announcement))
-        return announcement
-
-    async def delete_weights_before(self, version: int) -> None:
-        """Delete older versions; each is deleted once, not asked for again every step."""
-        store, _ = await self._buckets()
-        for old in range(max(0, version - 64, self._weights_deleted_below), version):
-            with contextlib.suppress(ObjectNotFoundError, NotFoundError):
-                await store.delete(f"weights/v{old:08d}.safetensors")
-        self._weights_deleted_below = max(self._weights_deleted_below, version)
-
-    async def get_weights(self, announcement: WeightVersion) -> bytes:
-        """Fetch a version's bytes and check them against the announced checksum."""
-        data = await self._get(announcement.object_name)
-        if hashlib.sha256(data).hexdigest() != announcement.sha256:
-            raise ProtocolError(f"weights v{announcement.version}: checksum mismatch")
-        return data
 
     async def latest_weights(self) -> WeightVersion | None:
         """The newest announced version; None before the trainer has published one."""
@@ -253,6 +260,31 @@ class Bus:
         except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
             return None
         return decode(WeightVersion, entry.value)
+
+    @contextlib.asynccontextmanager
+    async def swap_lease(self, pool: str, slots: int, holder: str, poll_s: float = 0.02):
+        """Hold one of a pool's `slots` weight-swap leases for the block (rolling updates).
+
+        A lease is a KV key created only if absent; one left by a worker that died expires
+        with the bucket's max age (SWAP_LEASE_TTL_S)."""
+        if self._swap_kv is None:
+            self._swap_kv = await self.js.create_key_value(
+                bucket=self.subjects.swap_bucket, history=1, ttl=SWAP_LEASE_TTL_S
+            )
+        kv = self._swap_kv
+        while True:
+            for slot in range(slots):
+                key = f"{pool}.{slot}"
+                try:
+                    revision = await kv.create(key, holder.encode())
+                except KeyWrongLastSequenceError:
+                    continue
+                try:
+                    yield slot
+                finally:
+                    await kv.delete(key, last=revision)
+                return
+            await asyncio.sleep(poll_s)
 
     async def put_file(self, name: str, data: bytes) -> None:
         """Store a model file (config, tokenizer) next to the weights, for workers elsewhere."""
@@ -271,6 +303,8 @@ class Bus:
             raise ProtocolError(
                 f"{name}: not fetched within {OBJECT_FETCH_TIMEOUT_S:.0f}s"
             ) from None
+        except (ObjectNotFoundError, NotFoundError):
+            raise ProtocolError(f"{name}: no such object") from None
 
     async def on_weights(self, callback: Callable[[WeightVersion], Awaitable[None]]):
         """Call `callback` for each announced version (invalid announcements are dead-lettered)."""

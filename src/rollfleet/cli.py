@@ -10,6 +10,7 @@ rollfleet crd                             # the RLJob CustomResourceDefinition (
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import sys
@@ -70,9 +71,10 @@ def _check_inputs(job) -> None:
     from rollfleet.tasks import make_task
 
     spec = job.spec
-    if spec.trainer.workers > 1:
+    if spec.trainer.workers > 1 and importlib.util.find_spec("ray") is None:
         raise ManifestError(
-            "spec.trainer.workers: several trainer workers (Ray Train) are not implemented yet; set 1"
+            "spec.trainer.workers > 1 trains with Ray Train, which is not installed: "
+            "pip install 'rollfleet[trainer]' (or set spec.trainer.workers: 1)"
         )
     if spec.suspend:
         raise ManifestError("spec.suspend is true: a suspended job does not run; set it to false")

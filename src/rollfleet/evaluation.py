@@ -31,9 +31,10 @@ def _generate(
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :] = torch.tensor(p)
         attention[row, width - len(p) :] = 1
+    device = next(model.parameters()).device
     out = model.generate(
-        input_ids=ids,
-        attention_mask=attention,
+        input_ids=ids.to(device),
+        attention_mask=attention.to(device),
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids,
         **(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: weights announced as a manifest of buckets
 
 
 class ProtocolError(ValueError):
@@ -42,6 +42,7 @@ class Task(Message):
     sample_offset: int = Field(0, ge=0)  # first sample index of this task within the group
     multi_turn: bool = False
     min_version: int = Field(ge=0)  # the worker loads at least this policy version first
+    trainer_rank: int = Field(0, ge=0)  # the trainer rank that issued it gets its trajectories
     issued_at: float = Field(default_factory=time.time)
 
 
@@ -103,15 +104,39 @@ class Trajectory(Message):
         return min(versions) if versions else None
 
 
+class TensorEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    dtype: str  # as safetensors writes it: "F32", "BF16", ...
+    shape: list[int]
+
+
+class WeightBucket(BaseModel):
+    """One stored piece of a version: a safetensors blob holding some of the tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    sha256: str
+    num_bytes: int = Field(ge=0)
+    tensors: list[TensorEntry]
+
+
 class WeightVersion(Message):
-    """Announcement of a published policy version; the bytes sit in the object store."""
+    """Announcement and manifest of a published policy version.
+
+    The tensors sit in `buckets` in the weight store (`transport`: the NATS object store or
+    a shared filesystem); a worker checks each bucket against its entry before swapping.
+    """
 
     version: int = Field(ge=0)
     step: int = Field(ge=0)
-    object_name: str
-    sha256: str
-    num_bytes: int = Field(ge=0)
+    transport: Literal["nats", "filesystem"] = "nats"
+    buckets: list[WeightBucket] = Field(min_length=1)
     published_at: float = Field(default_factory=time.time)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(b.num_bytes for b in self.buckets)
 
 
 class Progress(Message):
@@ -166,7 +191,7 @@ class Subjects:
         self.job = job
         token = job.replace("-", "_")
         self.tasks = f"rollfleet.{job}.tasks"
-        self.trajectories = f"rollfleet.{job}.trajectories"
+        self.trajectories = f"rollfleet.{job}.trajectories"  # .<trainer rank>
         self.weights = f"rollfleet.{job}.weights"
         self.deadletter = f"rollfleet.{job}.deadletter"
         self.task_stream = f"RF_{token}_TASKS"
@@ -174,3 +199,8 @@ class Subjects:
         self.deadletter_stream = f"RF_{token}_DEADLETTER"
         self.weight_bucket = f"rf_{token}_weights"
         self.progress_bucket = f"rf_{token}_progress"
+        self.swap_bucket = f"rf_{token}_swaps"  # rolling weight updates: who may pause now
+
+    def trajectories_for(self, rank: int) -> str:
+        """Each trainer rank consumes the trajectories of the tasks it issued."""
+        return f"{self.trajectories}.{rank}"

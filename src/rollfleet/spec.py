@@ -168,13 +168,29 @@ class RolloutSpec(Strict):
 class TrainerSpec(Strict):
     steps: int = Field(200, ge=1, description="RL steps (policy versions) to train")
     promptsPerStep: int = Field(16, ge=1, description="prompts (groups) per training batch")
-    workers: int = Field(1, ge=1, description="data-parallel trainer workers (>1 uses Ray)")
+    workers: int = Field(1, ge=1, description="data-parallel trainer workers (>1 uses Ray Train)")
+    gpusPerWorker: int = Field(
+        0, ge=0, description="GPUs per trainer worker; 0 trains on CPU (gloo instead of NCCL)"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with several workers: ddp replicates the model, fsdp (FSDP2) shards it",
+    )
     evalSamples: int = Field(
         4, ge=1, description="answers sampled per held-out prompt; accuracy is their mean (avg@k)"
     )
     evalEvery: int = Field(
         0, ge=0, description="held-out evaluation every N steps; 0 = only at start and end"
     )
+
+    @model_validator(mode="after")
+    def _workers_divide_batch(self):
+        if self.promptsPerStep % self.workers:
+            raise ValueError(
+                f"promptsPerStep ({self.promptsPerStep}) must be a multiple of "
+                f"workers ({self.workers}): each trainer worker trains an equal share"
+            )
+        return self
 
 
 class RewardFunctionSpec(Strict):
@@ -201,6 +217,32 @@ class EnvSpec(Strict):
     latencyTail: float = Field(0, ge=0, description="Pareto tail of the latency; 0 = constant")
 
 
+class WeightsSpec(Strict):
+    transport: Literal["nats", "filesystem"] = Field(
+        "nats",
+        description="where versions are stored: the NATS object store, or a shared folder (a PVC) for large models",
+    )
+    path: str | None = Field(
+        None,
+        description="filesystem transport: the shared folder; default <run dir>/weights",
+    )
+    bucketMB: float = Field(
+        64, gt=0, description="weights are published in buckets of about this many MB"
+    )
+    maxPausedFraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of a pool's workers that may pause for a weight swap at once (at least one, never all of several)",
+    )
+
+    def swap_slots(self, replicas: int) -> int:
+        """How many of a pool's `replicas` workers may swap weights at the same time."""
+        if replicas == 1:
+            return 1
+        return min(max(1, int(replicas * self.maxPausedFraction)), replicas - 1)
+
+
 class CheckpointSpec(Strict):
     every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
     keep: int = Field(2, ge=1, description="checkpoints kept on disk")
@@ -217,6 +259,7 @@ class RLJobSpec(Strict):
     reward: RewardSpec = RewardSpec()
     env: EnvSpec = EnvSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    weights: WeightsSpec = WeightsSpec()
     suspend: bool = False
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method modules by name, each with its own settings"

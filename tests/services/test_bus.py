@@ -16,9 +16,7 @@ import msgpack
 import pytest
 import torch
 from nats.js import api
-from nats.js.errors import ObjectNotFoundError
 from prometheus_client import REGISTRY
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from rollfleet.bus import Bus
@@ -27,8 +25,10 @@ from rollfleet.protocol import (
     Progress,
     ProtocolError,
     Task,
+    TensorEntry,
     Trajectory,
     TrajectoryStatus,
+    WeightBucket,
     WeightVersion,
     encode,
 )
@@ -97,6 +97,26 @@ def weights_bytes(seed: int) -> bytes:
     )
 
 
+def make_announcement(version: int, step: int | None = None) -> WeightVersion:
+    """A manifest of one bucket holding `weights_bytes(version)` (the bus does not check it)."""
+    data = weights_bytes(version)
+    return WeightVersion(
+        version=version,
+        step=version * 10 if step is None else step,
+        buckets=[
+            WeightBucket(
+                name="bucket-0000.safetensors",
+                sha256=hashlib.sha256(data).hexdigest(),
+                num_bytes=len(data),
+                tensors=[
+                    TensorEntry(name="bias", dtype="F32", shape=[5]),
+                    TensorEntry(name="layer.weight", dtype="F32", shape=[4, 3]),
+                ],
+            )
+        ],
+    )
+
+
 # --- set-up -----------------------------------------------------------------------------
 
 
@@ -116,7 +136,8 @@ async def test_ensure_streams_is_idempotent_and_creates_the_streams(nats_server)
         assert tasks.config.subjects == [s.tasks]
         assert tasks.config.retention == api.RetentionPolicy.WORK_QUEUE
         trajectories = await bus.js.stream_info(s.trajectory_stream)
-        assert trajectories.config.subjects == [s.trajectories]
+        # one subject per trainer rank under the stream's wildcard
+        assert trajectories.config.subjects == [f"{s.trajectories}.>"]
         assert trajectories.config.retention == api.RetentionPolicy.LIMITS
         dead = await bus.js.stream_info(s.deadletter_stream)
         assert dead.config.subjects == [f"{s.deadletter}.>"]
@@ -188,10 +209,11 @@ async def test_undecodable_trajectories_are_dead_lettered_with_the_reason(bus):
         "wrong version": wrong_version,
         "wrong type": encode(make_task(0)),
     }
-    await bus.js.publish(s.trajectories, bad["garbage"])
-    await bus.js.publish(s.trajectories, encode(good))
+    subject = s.trajectories_for(0)
+    await bus.js.publish(subject, bad["garbage"])
+    await bus.js.publish(subject, encode(good))
     for key in ("not a map", "wrong version", "wrong type"):
-        await bus.js.publish(s.trajectories, bad[key])
+        await bus.js.publish(subject, bad[key])
 
     sub = await bus.trajectory_consumer()
     got = await bus.fetch(sub, Trajectory, 10, timeout=1)
@@ -222,12 +244,64 @@ async def test_undecodable_trajectories_are_dead_lettered_with_the_reason(bus):
 
     # the bad ones were acked by fetch; only the valid one waits for the trainer's ack
     await bus.nc.flush()
-    consumer = await bus.js.consumer_info(s.trajectory_stream, "trainer")
+    consumer = await bus.js.consumer_info(s.trajectory_stream, "trainer-0")
     assert consumer.num_ack_pending == 1
     await raw.ack()
     await bus.nc.flush()
     assert await bus.fetch(sub, Trajectory, 10, timeout=0.3) == []
-    assert (await bus.js.consumer_info(s.trajectory_stream, "trainer")).num_ack_pending == 0
+    assert (await bus.js.consumer_info(s.trajectory_stream, "trainer-0")).num_ack_pending == 0
+
+
+async def test_dead_letter_label_is_the_kind_of_subject_not_the_rank(bus):
+    # `rollfleet.<job>.trajectories.<rank>`: the label is "trajectories" for every rank,
+    # never the rank number (which would make a metric label per rank and hide the kind)
+    before = dead_letters("trajectories")
+    before_rank = dead_letters("3")
+    await bus.js.publish(bus.subjects.trajectories_for(3), b"\xc1 garbage")
+    got = await bus.fetch(await bus.trajectory_consumer(3), Trajectory, 5, timeout=1)
+    assert got == []
+    assert dead_letters("trajectories") == before + 1
+    assert dead_letters("3") == before_rank
+    msg = await bus.js.get_last_msg(
+        bus.subjects.deadletter_stream, f"{bus.subjects.deadletter}.trajectories"
+    )
+    assert msg.data == b"\xc1 garbage"
+
+
+# --- trajectories: one consumer per trainer rank ----------------------------------------
+
+
+async def test_each_trainer_rank_gets_only_the_trajectories_of_its_subject(bus, nats_server):
+    for rank, task_ids in ((0, ["a0", "a1"]), (1, ["b0", "b1", "b2"])):
+        for task_id in task_ids:
+            await bus.publish(bus.subjects.trajectories_for(rank), make_trajectory(task_id))
+    rank1 = await Bus.connect(nats_server.url, JOB, token=TOKEN)  # another trainer process
+    try:
+        sub0 = await bus.trajectory_consumer(0)
+        sub1 = await rank1.trajectory_consumer(1)
+        got0 = await bus.fetch(sub0, Trajectory, 10, timeout=0.5)
+        got1 = await rank1.fetch(sub1, Trajectory, 10, timeout=0.5)
+        assert [t.task_id for t, _ in got0] == ["a0", "a1"]
+        assert [t.task_id for t, _ in got1] == ["b0", "b1", "b2"]
+        consumers = {
+            c.name: c.config.filter_subject
+            for c in await bus.js.consumers_info(bus.subjects.trajectory_stream)
+        }
+        assert consumers == {
+            "trainer-0": bus.subjects.trajectories_for(0),
+            "trainer-1": bus.subjects.trajectories_for(1),
+        }
+        # acking rank 0's leaves rank 1's pending: the ranks do not share a cursor
+        for _, raw in got0:
+            await raw.ack()
+        await bus.nc.flush()
+        info1 = await bus.js.consumer_info(bus.subjects.trajectory_stream, "trainer-1")
+        assert info1.num_ack_pending == 3
+        # a rank's durable consumer resumes where it was: nothing new for rank 0
+        again = await bus.trajectory_consumer(0)
+        assert await bus.fetch(again, Trajectory, 10, timeout=0.3) == []
+    finally:
+        await rank1.close()
 
 
 async def test_fetch_returns_empty_list_when_nothing_arrives(bus):
@@ -238,57 +312,62 @@ async def test_fetch_returns_empty_list_when_nothing_arrives(bus):
 # --- weights ----------------------------------------------------------------------------
 
 
-async def test_announcing_a_version_again_does_not_rewrite_it(bus):
-    """A resumed trainer re-announces its checkpoint's version; workers may be reading it."""
+async def test_putting_an_object_again_does_not_rewrite_it(bus):
+    """A resumed trainer stores its checkpoint's version again; workers may be reading it."""
     store, _ = await bus._buckets()
-    await bus.put_weights(4, 4, weights_bytes(4))
-    first = await store.get_info("weights/v00000004.safetensors")
-    await bus.put_weights(4, 4, weights_bytes(4))
-    again = await store.get_info("weights/v00000004.safetensors")
+    name = "weights/v00000004/bucket-0000.safetensors"
+    await bus.put_object(name, weights_bytes(4))
+    first = await store.get_info(name)
+    await bus.put_object(name, weights_bytes(4))
+    again = await store.get_info(name)
     assert again.nuid == first.nuid  # the same object, not a rewrite
-    await bus.put_weights(4, 4, weights_bytes(5))  # different bytes do replace it
-    assert (await store.get_info("weights/v00000004.safetensors")).nuid != first.nuid
-    assert await bus.get_weights(await bus.latest_weights()) == weights_bytes(5)
+    await bus.put_object(name, weights_bytes(5))  # different bytes do replace it
+    assert (await store.get_info(name)).nuid != first.nuid
+    assert await bus.get_object(name) == weights_bytes(5)
 
 
-async def test_weights_round_trip_and_checksum(bus):
+async def test_objects_round_trip_list_and_delete(bus):
+    assert await bus.object_names("weights/") == []  # an empty store lists nothing
+    names = [f"weights/v{v:08d}/bucket-{b:04d}.safetensors" for v in (1, 2) for b in (0, 1)]
+    for i, name in enumerate(names):
+        await bus.put_object(name, weights_bytes(i))
+    await bus.put_file("config.json", b"{}")  # stored as model/config.json
+
+    for i, name in enumerate(names):
+        assert await bus.get_object(name) == weights_bytes(i)
+    assert sorted(await bus.object_names("weights/")) == sorted(names)
+    assert sorted(await bus.object_names("weights/v00000002/")) == names[2:]
+    assert await bus.object_names("model/") == ["model/config.json"]
+
+    await bus.delete_object(names[0])
+    await bus.delete_object(names[0])  # deleting again (or a missing one) is harmless
+    await bus.delete_object("weights/never-stored")
+    assert sorted(await bus.object_names("weights/")) == sorted(names[1:])  # deleted: not listed
+    with pytest.raises(ProtocolError, match="no such object"):
+        await bus.get_object(names[0])
+    with pytest.raises(ProtocolError, match="never-stored: no such object"):
+        await bus.get_object("weights/never-stored")
+    assert await bus.get_object(names[1]) == weights_bytes(1)
+
+
+async def test_announce_and_latest_weights(bus):
     assert await bus.latest_weights() is None
-    data = weights_bytes(seed=1)
-    announcement = await bus.put_weights(3, 30, data)
+    first = make_announcement(3, step=30)
+    await bus.announce_weights(first)
+    latest = await bus.latest_weights()
+    assert latest == first
+    assert latest.buckets[0].tensors[1].shape == [4, 3]
+    assert latest.num_bytes == len(weights_bytes(3))
 
-    assert announcement.version == 3
-    assert announcement.step == 30
-    assert announcement.num_bytes == len(data)
-    assert announcement.sha256 == hashlib.sha256(data).hexdigest()
-    assert await bus.latest_weights() == announcement
-    fetched = await bus.get_weights(announcement)
-    assert fetched == data
-    tensors = load_safetensors(fetched)
-    assert torch.equal(tensors["bias"], torch.arange(5.0))
-
-    tampered = announcement.model_copy(update={"sha256": "0" * 64})
-    with pytest.raises(ProtocolError, match="checksum"):
-        await bus.get_weights(tampered)
-
-    # a newer version replaces the latest announcement
-    newer = await bus.put_weights(4, 40, weights_bytes(seed=2))
+    # a newer version replaces the latest announcement; announcing again is harmless
+    newer = make_announcement(4)
+    await bus.announce_weights(newer)
+    await bus.announce_weights(newer)
     assert await bus.latest_weights() == newer
 
 
-async def test_delete_weights_before_removes_only_older_versions(bus):
-    announcements = [await bus.put_weights(v, v * 10, weights_bytes(seed=v)) for v in range(1, 5)]
-    await bus.delete_weights_before(3)
-    for old in announcements[:2]:
-        with pytest.raises(ObjectNotFoundError):
-            await bus.get_weights(old)
-    for kept in announcements[2:]:
-        assert await bus.get_weights(kept) == weights_bytes(seed=kept.version)
-    await bus.delete_weights_before(3)  # again: already deleted ones are skipped
-    assert await bus.latest_weights() == announcements[-1]
-
-
 async def test_on_weights_gets_announcements_published_after_subscribing(bus):
-    await bus.put_weights(1, 10, weights_bytes(seed=1))  # before: not delivered (core NATS)
+    await bus.announce_weights(make_announcement(1))  # before: not delivered (core NATS)
     received: list[WeightVersion] = []
     arrived = asyncio.Event()
 
@@ -299,8 +378,9 @@ async def test_on_weights_gets_announcements_published_after_subscribing(bus):
 
     sub = await bus.on_weights(callback)
     await bus.nc.flush()
-    second = await bus.put_weights(2, 20, weights_bytes(seed=2))
-    third = await bus.put_weights(3, 30, weights_bytes(seed=3))
+    second, third = make_announcement(2), make_announcement(3)
+    await bus.announce_weights(second)
+    await bus.announce_weights(third)
     await asyncio.wait_for(arrived.wait(), timeout=5)
     assert received == [second, third]
     await sub.unsubscribe()
@@ -316,19 +396,27 @@ async def test_invalid_weight_announcement_is_dead_lettered_not_passed_on(bus):
     await bus.on_weights(callback)
     await bus.nc.flush()
     await bus.nc.publish(bus.subjects.weights, b"\xc1garbage")
-    good = await bus.put_weights(1, 1, weights_bytes(seed=1))
+    # a schema-1 announcement (one object, no manifest) is refused too, not half-read
+    old = {"v": 1, "version": 1, "step": 1, "object_name": "weights/v00000001.safetensors"}
+    await bus.nc.publish(bus.subjects.weights, msgpack.packb(old))
+    good = make_announcement(1)
+    await bus.announce_weights(good)
 
     async def delivered() -> bool:
         return bool(received)
 
     await wait_for(delivered, timeout=5, what="the valid announcement")
     assert received == [good]
-    assert dead_letters("weights") == before + 1
-    msg = await bus.js.get_last_msg(
-        bus.subjects.deadletter_stream, f"{bus.subjects.deadletter}.weights"
-    )
-    assert msg.data == b"\xc1garbage"
-    assert "not msgpack" in msg.headers["Rollfleet-Reason"]
+    assert dead_letters("weights") == before + 2
+    dead = await bus.js.stream_info(bus.subjects.deadletter_stream)
+    reasons = []
+    for seq in range(dead.state.first_seq, dead.state.last_seq + 1):
+        msg = await bus.js.get_msg(bus.subjects.deadletter_stream, seq)
+        assert msg.subject == f"{bus.subjects.deadletter}.weights"
+        reasons.append((msg.data, msg.headers["Rollfleet-Reason"]))
+    assert [data for data, _ in reasons] == [b"\xc1garbage", msgpack.packb(old)]
+    assert "not msgpack" in reasons[0][1]
+    assert "schema version 1" in reasons[1][1]
 
 
 # --- progress ---------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rollfleet.bus import Bus
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.warmup import warmup_sft
-from rollfleet.models.weights import weights_to_bytes
+from rollfleet.models.weights import export_state
 from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import Task, Trajectory, TrajectoryStatus
 from rollfleet.spec import RLJobSpec
 from rollfleet.tasks import make_task
+from rollfleet.weight_transport import NatsWeightStore, publish_version
 from rollfleet_env.app import create_app as create_env_app
 from rollfleet_reward.app import create_app as create_reward_app
 from rollfleet_rollout.__main__ import engine_factory
@@ -30,6 +31,14 @@ from rollfleet_rollout.worker import RolloutWorker
 from tests.conftest import NATS_TOKEN, serving
 
 JOB = "worker-job"
+BUCKET_BYTES = 1 << 20  # the tiny model (~4 MB) goes out in several buckets
+
+
+async def publish_weights(trainer: Bus, version: int, model) -> None:
+    """The trainer's part: store the version's buckets in the object store, then announce it."""
+    await publish_version(
+        trainer, NatsWeightStore(trainer), version, version, export_state(model), BUCKET_BYTES
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +92,7 @@ async def running_worker(
     for path in folder.iterdir():
         if path.suffix == ".json":
             await trainer.put_file(path.name, path.read_bytes())
-    await trainer.put_weights(0, 0, weights_to_bytes(model))
+    await publish_weights(trainer, 0, model)
     env = ServiceEnv(
         job_file="",
         nats_url=nats_server.url,
@@ -110,8 +119,8 @@ async def running_worker(
         await trainer.close()
 
 
-async def collect(bus: Bus, count: int, timeout: float = 60) -> list[Trajectory]:
-    consumer = await bus.trajectory_consumer()
+async def collect(bus: Bus, count: int, timeout: float = 60, rank: int = 0) -> list[Trajectory]:
+    consumer = await bus.trajectory_consumer(rank)
     got: list[Trajectory] = []
     deadline = asyncio.get_running_loop().time() + timeout
     while len(got) < count:
@@ -197,13 +206,29 @@ async def test_worker_waits_for_the_task_min_version_and_tags_tokens(
         await trainer.publish(trainer.subjects.tasks, task)
         await asyncio.sleep(1.0)
         early = await collect_nowait(trainer)
-        await trainer.put_weights(3, 3, weights_to_bytes(model))
+        await publish_weights(trainer, 3, model)
         trajectories = await collect(trainer, 2)
     assert early == []  # nothing was generated with version 0 for a task that needs 3
     for t in trajectories:
         assert {v for v, m in zip(t.token_versions, t.loss_mask, strict=True) if m > 0} == {3}
 
 
-async def collect_nowait(bus: Bus) -> list[Trajectory]:
-    consumer = await bus.trajectory_consumer()
+async def collect_nowait(bus: Bus, rank: int = 0) -> list[Trajectory]:
+    consumer = await bus.trajectory_consumer(rank)
     return [t for t, _ in await bus.fetch(consumer, Trajectory, 10, timeout=0.2)]
+
+
+async def test_trajectories_go_to_the_trainer_rank_that_issued_the_task(
+    nats_server, calculator_model, reward_url, env_url
+):
+    spec = calculator_spec(group=2)
+    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as trainer:
+        await trainer.publish(trainer.subjects.tasks, calculator_task(0, 2))
+        issued_by_1 = calculator_task(1, 2).model_copy(update={"trainer_rank": 1})
+        await trainer.publish(trainer.subjects.tasks, issued_by_1)
+        rank1 = await collect(trainer, 2, rank=1)
+        rank0 = await collect(trainer, 2, rank=0)
+        stream = await trainer.js.stream_info(trainer.subjects.trajectory_stream)
+    assert {t.group_id for t in rank1} == {"g1"}
+    assert {t.group_id for t in rank0} == {"g0"}
+    assert stream.state.messages == 4  # each published once, on its rank's subject only

@@ -280,6 +280,19 @@ async def test_prompt_longer_than_max_len_is_refused(make_engine):
     assert out.finished
 
 
+async def test_prompt_embeddings_are_refused_with_a_pointer_to_vllm(make_engine, model):
+    engine = await make_engine(slots=2, max_len=32)
+    hidden = model.config.hidden_size
+    embeds = torch.zeros(3, hidden)
+    req = GenerationRequest("emb", [1, 5, 6], SamplingParams(max_new_tokens=3), embeds)
+    with pytest.raises(ValueError, match="prompt embeddings need engine: vllm"):
+        await complete(engine, req)
+    # nothing was queued, and the engine still serves plain requests
+    assert engine.free_capacity() == 2
+    out = await complete(engine, request("emb", [1, 5, 6], max_new_tokens=3))
+    assert out.finished and len(out.token_ids) >= 1
+
+
 async def test_duplicate_request_id_is_refused(make_engine):
     engine = await make_engine(slots=2, max_len=1024, eos_token_id=NO_EOS)
     stream = engine.generate(request("dup", [1, 5], max_new_tokens=1000))

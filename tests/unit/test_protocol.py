@@ -9,8 +9,10 @@ from rollfleet.protocol import (
     ProtocolError,
     Subjects,
     Task,
+    TensorEntry,
     Trajectory,
     TrajectoryStatus,
+    WeightBucket,
     WeightVersion,
     decode,
     encode,
@@ -79,11 +81,44 @@ def test_trajectory_round_trip_keeps_enum_and_floats():
     assert back.token_weights == [0.5, 1.0, 0.0, 0.0, 2.0]
 
 
-def test_other_messages_round_trip():
-    wv = WeightVersion(
-        version=3, step=3, object_name="v3", sha256="ab" * 32, num_bytes=10, published_at=1.0
+def make_weight_version(**overrides) -> WeightVersion:
+    fields = dict(
+        version=3,
+        step=30,
+        transport="filesystem",
+        buckets=[
+            WeightBucket(
+                name="bucket-0000.safetensors",
+                sha256="ab" * 32,
+                num_bytes=10,
+                tensors=[
+                    TensorEntry(name="embed.weight", dtype="BF16", shape=[64, 128]),
+                    TensorEntry(name="norm.weight", dtype="F32", shape=[128]),
+                ],
+            ),
+            WeightBucket(
+                name="bucket-0001.safetensors",
+                sha256="cd" * 32,
+                num_bytes=32,
+                tensors=[TensorEntry(name="scalar", dtype="F32", shape=[])],
+            ),
+        ],
+        published_at=1.0,
     )
-    assert decode(WeightVersion, encode(wv)) == wv
+    fields.update(overrides)
+    return WeightVersion(**fields)
+
+
+def test_other_messages_round_trip():
+    wv = make_weight_version()
+    back = decode(WeightVersion, encode(wv))
+    assert back == wv
+    assert back.transport == "filesystem"
+    assert back.buckets[0].tensors[0] == TensorEntry(
+        name="embed.weight", dtype="BF16", shape=[64, 128]
+    )
+    assert back.buckets[1].tensors[0].shape == []  # a scalar keeps its empty shape
+    assert back.num_bytes == 42  # the sum of the buckets
     progress = Progress(phase="Running", step=5, total_steps=10, mean_reward=0.25, updated_at=2.0)
     assert decode(Progress, encode(progress)) == progress
 
@@ -185,6 +220,8 @@ def test_subjects_for_job():
     assert s.job == "my-job"
     assert s.tasks == "rollfleet.my-job.tasks"
     assert s.trajectories == "rollfleet.my-job.trajectories"
+    assert s.trajectories_for(0) == "rollfleet.my-job.trajectories.0"
+    assert s.trajectories_for(3) == "rollfleet.my-job.trajectories.3"
     assert s.weights == "rollfleet.my-job.weights"
     assert s.deadletter == "rollfleet.my-job.deadletter"
     assert s.task_stream == "RF_my_job_TASKS"
@@ -192,3 +229,53 @@ def test_subjects_for_job():
     assert s.deadletter_stream == "RF_my_job_DEADLETTER"
     assert s.weight_bucket == "rf_my_job_weights"
     assert s.progress_bucket == "rf_my_job_progress"
+    assert s.swap_bucket == "rf_my_job_swaps"
+
+
+def test_weight_version_defaults_to_nats_and_needs_a_bucket():
+    wv = make_weight_version()
+    raw = msgpack.unpackb(encode(wv), raw=False)
+    del raw["transport"]
+    assert decode(WeightVersion, msgpack.packb(raw)).transport == "nats"
+    raw["transport"] = "s3"
+    with pytest.raises(ProtocolError, match="invalid WeightVersion: transport"):
+        decode(WeightVersion, msgpack.packb(raw))
+    raw["transport"] = "nats"
+    raw["buckets"] = []
+    with pytest.raises(ProtocolError, match="invalid WeightVersion: buckets"):
+        decode(WeightVersion, msgpack.packb(raw))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("object_name", "weights/v00000003.safetensors"),  # a schema-1 field
+        ("num_bytes", 10),  # derived from the buckets, not sent
+    ],
+)
+def test_weight_version_rejects_unknown_fields(field, value):
+    raw = msgpack.unpackb(encode(make_weight_version()), raw=False)
+    raw[field] = value
+    with pytest.raises(ProtocolError, match="invalid WeightVersion"):
+        decode(WeightVersion, msgpack.packb(raw))
+
+
+def test_weight_bucket_entries_reject_unknown_fields_and_negative_sizes():
+    raw = msgpack.unpackb(encode(make_weight_version()), raw=False)
+    raw["buckets"][0]["tensors"][0]["offset"] = 0
+    with pytest.raises(ProtocolError, match="invalid WeightVersion"):
+        decode(WeightVersion, msgpack.packb(raw))
+    raw = msgpack.unpackb(encode(make_weight_version()), raw=False)
+    raw["buckets"][1]["num_bytes"] = -1
+    with pytest.raises(ProtocolError, match="invalid WeightVersion"):
+        decode(WeightVersion, msgpack.packb(raw))
+
+
+def test_task_trainer_rank_defaults_to_zero_and_round_trips():
+    assert make_task().trainer_rank == 0
+    task = make_task(trainer_rank=2)
+    assert decode(Task, encode(task)).trainer_rank == 2
+    raw = msgpack.unpackb(encode(task), raw=False)
+    raw["trainer_rank"] = -1
+    with pytest.raises(ProtocolError, match="invalid Task: trainer_rank"):
+        decode(Task, msgpack.packb(raw))

@@ -82,7 +82,7 @@ def test_explicit_reward_functions_keep_order_weights_and_params():
 def test_unknown_field_is_named():
     message = error_of(manifest(trainer={"stepz": 10}))
     assert (
-        "spec.trainer.stepz: unknown field; allowed: evalEvery, evalSamples, promptsPerStep, steps, workers"
+        "spec.trainer.stepz: unknown field; allowed: evalEvery, evalSamples, gpusPerWorker, promptsPerStep, steps, strategy, workers"
         in message
     )
 
@@ -146,6 +146,26 @@ def test_heads_must_divide_hidden():
     assert "model.heads (3) must divide model.hidden (128)" in message
     # 4 heads of 32 is fine
     assert parse_manifest(manifest(model={"hidden": 128, "heads": 4})).spec.model.heads == 4
+
+
+def test_trainer_workers_must_divide_prompts_per_step():
+    message = error_of(manifest(trainer={"workers": 3, "promptsPerStep": 8}))
+    assert "spec.trainer: promptsPerStep (8) must be a multiple of workers (3)" in message
+    job = parse_manifest(manifest(trainer={"workers": 2, "promptsPerStep": 8, "strategy": "fsdp"}))
+    assert (job.spec.trainer.workers, job.spec.trainer.strategy) == (2, "fsdp")
+    assert "spec.trainer.strategy" in error_of(manifest(trainer={"strategy": "zero3"}))
+
+
+def test_weights_settings_are_checked():
+    job = parse_manifest(manifest(weights={"transport": "filesystem", "bucketMB": 0.5}))
+    assert (job.spec.weights.transport, job.spec.weights.path) == ("filesystem", None)
+    message = error_of(manifest(weights={"transport": "s3", "bucketMB": 0, "maxPausedFraction": 2}))
+    for where in (
+        "spec.weights.transport",
+        "spec.weights.bucketMB",
+        "spec.weights.maxPausedFraction",
+    ):
+        assert where in message
 
 
 def test_every_bad_field_is_reported_at_once():

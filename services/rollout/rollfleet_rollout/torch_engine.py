@@ -42,7 +42,7 @@ class SlotLlama:
         self.max_len = max_len
         rotary = model.model.rotary_emb
         positions = torch.arange(max_len, dtype=torch.float32)
-        freqs = torch.outer(positions, rotary.inv_freq.float())
+        freqs = torch.outer(positions, rotary.inv_freq.float().cpu())
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = getattr(rotary, "attention_scaling", 1.0)
         dtype = next(model.parameters()).dtype
@@ -121,6 +121,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     temperature 0 means greedy (log-prob then taken at temperature 1).
     """
     greedy = temperature <= 0
+    logits = logits.float()  # log-probs in float32 whatever the model's dtype
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     logprobs = torch.log_softmax(scaled, dim=-1)
     probs = logprobs.exp()
@@ -193,6 +194,11 @@ class TorchEngine(Engine):
             await asyncio.to_thread(self._thread.join)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if request.prompt_embeds is not None:
+            raise ValueError(
+                f"request {request.request_id!r} has prompt embeddings: the torch engine "
+                "does not take them; prompt embeddings need engine: vllm"
+            )
         if len(request.prompt_ids) + 1 > self.max_len:
             raise ValueError(
                 f"prompt of {len(request.prompt_ids)} tokens does not fit max_len={self.max_len}"

@@ -5,8 +5,11 @@ task's samples, so fast workers take more work. For each task it samples the gro
 responses (driving env sessions turn by turn for multi-turn tasks), scores them with the
 reward service, publishes one Trajectory per sample and only then acks the task.
 
-New weights are announced on the bus; the worker fetches and verifies them in the
-background and the engine swaps them in between decode steps. A sample whose oldest
+New weights are announced on the bus as a manifest of buckets; the worker fetches and
+verifies every bucket in the background (a bad version is rejected and counted; the
+worker keeps its current one), then takes one of its pool's swap leases, so that never
+all workers of a pool pause at once (rolling update), and the engine swaps the weights
+in between decode steps. A sample whose oldest
 token is more than α versions behind the newest announced policy is aborted (checked
 per turn) and published with status `aborted`, so the trainer can account for its group.
 """
@@ -22,19 +25,17 @@ from pathlib import Path
 
 import httpx
 from prometheus_client import Counter, Gauge, Histogram
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from rollfleet.bus import Bus
+from rollfleet.models.files import fetch_model_files
 from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import ProtocolError, Task, Trajectory, TrajectoryStatus, WeightVersion
 from rollfleet.service import auth_headers, make_app, serve_in_background
 from rollfleet.spec import PoolSpec, RLJobSpec
+from rollfleet.weight_transport import WeightsRejected, fetch_version, make_weight_store
 from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
 
 log = logging.getLogger("rollout")
-
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 TOKENS = Counter("rollfleet_rollout_tokens_total", "Tokens generated", ["pool"])
 SAMPLES = Counter("rollfleet_rollout_samples_total", "Trajectories published", ["pool", "status"])
@@ -49,6 +50,17 @@ WEIGHT_SYNC = Histogram(
     "Fetch, verify and hand over one weight version",
     ["pool"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+WEIGHT_REJECTIONS = Counter(
+    "rollfleet_rollout_weight_rejections_total",
+    "Announced weight versions rejected (missing, partial or corrupt buckets)",
+    ["pool"],
+)
+SWAP_WAIT = Histogram(
+    "rollfleet_rollout_swap_lease_wait_seconds",
+    "Time a verified version waited for the pool's rolling-update lease",
+    ["pool"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
 ERRORS = Counter(
     "rollfleet_rollout_errors_total", "Tasks that failed and were handed back", ["pool"]
@@ -68,6 +80,8 @@ class RolloutWorker:
         self._weights_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.http = httpx.AsyncClient(timeout=30.0, headers=auth_headers())
+        self.weight_store = make_weight_store(spec.weights, bus, env.run_dir)
+        self.swap_slots = spec.weights.swap_slots(pool.replicas)
         sampling = spec.rollout.sampling
         self.max_new_tokens = sampling.maxNewTokens
         self.temperature, self.top_p = sampling.temperature, sampling.topP
@@ -81,17 +95,12 @@ class RolloutWorker:
             announcement = await self.bus.latest_weights()
             if announcement is not None:
                 try:
-                    tensors = load_safetensors(await self.bus.get_weights(announcement))
+                    tensors = await fetch_version(self.weight_store, announcement)
                     break
-                except (ProtocolError, SafetensorError) as e:  # gone or corrupt: wait for the next
+                except ProtocolError as e:  # gone or corrupt: wait for the next
                     log.warning("initial weights: %s; retrying", e)
             await asyncio.sleep(0.2)
-        for name in MODEL_FILES:
-            try:
-                (workdir / name).write_bytes(await self.bus.get_file(name))
-            except Exception:
-                if name in ("config.json", "tokenizer.json"):
-                    raise
+        await fetch_model_files(self.bus, workdir)
         self.tokenizer = AutoTokenizer.from_pretrained(workdir)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workdir))
         model.load_state_dict(tensors, strict=False)
@@ -108,11 +117,16 @@ class RolloutWorker:
                 return  # older than what we have, or a newer one is already announced
             started = time.perf_counter()
             try:
-                tensors = load_safetensors(await self.bus.get_weights(announcement))
-            except Exception as e:  # keep serving the previous version
+                tensors = await fetch_version(self.weight_store, announcement)
+            except WeightsRejected as e:  # keep serving the previous version
+                WEIGHT_REJECTIONS.labels(self.pool.name).inc()
                 log.error("weights v%d rejected: %s", announcement.version, e)
                 return
-            await self.engine.load_weights(announcement.version, tensors)
+            waited = time.perf_counter()
+            async with self.bus.swap_lease(self.pool.name, self.swap_slots, self.name):
+                SWAP_WAIT.labels(self.pool.name).observe(time.perf_counter() - waited)
+                await self.engine.load_weights(announcement.version, tensors)
+                await self.wait_for_version(announcement.version)
             WEIGHT_SYNC.labels(self.pool.name).observe(time.perf_counter() - started)
 
     async def wait_for_version(self, version: int) -> None:
@@ -235,7 +249,7 @@ class RolloutWorker:
             )
             await self._score(task, trajectories)
             for t in trajectories:
-                await self.bus.publish(self.bus.subjects.trajectories, t)
+                await self.bus.publish(self.bus.subjects.trajectories_for(task.trainer_rank), t)
                 SAMPLES.labels(self.pool.name, t.status.value).inc()
             await raw.ack()
         except Exception:

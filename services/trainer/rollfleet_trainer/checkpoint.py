@@ -5,7 +5,9 @@
 
 A checkpoint is written into a temporary folder and renamed into place, and `latest` is
 replaced atomically, so a crash mid-write never leaves a half checkpoint behind `latest`.
-The optimizer state is read back with `torch.load(weights_only=True)`.
+The optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form),
+so a checkpoint written by N trainer ranks resumes on M; it is read back with
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rollfleet.models.weights import export_state
 
-
-def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model_state: dict, optimizer_state: dict, state: dict, keep: int
+) -> Path:
+    """Write a checkpoint from full (unsharded) states; only the leader rank calls this."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(export_state(model), tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(model_state, tmp / "model.safetensors")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -48,9 +51,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / "state.json").exists() else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, trainer state) as written by save_checkpoint."""
+    return (
+        load_file(path / "model.safetensors"),
+        torch.load(path / "optimizer.pt", weights_only=True),
+        json.loads((path / "state.json").read_text()),
+    )

@@ -10,11 +10,19 @@ One loop, in order:
    then publish the new weights, ack the consumed messages, write progress and metrics,
    and checkpoint every `checkpoint.every` steps.
 With α = 0 this is synchronous training: every batch comes from the current version.
+
+With `trainer.workers` = W > 1 (Ray Train, see ray_train.py) every rank runs this loop on
+its own share: it issues its own tasks (dataset indices ≡ rank mod W), consumes the
+trajectories of those tasks only, and trains on promptsPerStep / W groups per step; the
+ranks meet in the optimizer step (gradients averaged by DDP, or FSDP2's reduce-scatter)
+and in a few small all-reduces of counters. Rank 0 (the leader) publishes weights,
+writes checkpoints, metrics and progress, and evaluates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import time
@@ -29,12 +37,15 @@ from rollfleet.algorithms import ADVANTAGES, POLICY_LOSSES
 from rollfleet.bus import Bus
 from rollfleet.evaluation import heldout_accuracy
 from rollfleet.models.batching import pad_sequences, token_logprobs
-from rollfleet.models.weights import weights_to_bytes
+from rollfleet.models.files import publish_model_files
+from rollfleet.models.weights import export_state
 from rollfleet.protocol import Progress, Task, Trajectory, TrajectoryStatus
 from rollfleet.spec import RLJob
 from rollfleet.tasks import make_task
-from rollfleet_trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rollfleet_trainer.model import prepare_policy
+from rollfleet.weight_transport import make_weight_store, publish_version
+from rollfleet_trainer.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from rollfleet_trainer.model import build_from_bus, prepare_policy
+from rollfleet_trainer.parallel import DataParallel
 
 log = logging.getLogger("trainer")
 
@@ -80,11 +91,13 @@ class Group:
 
 
 class Trainer:
-    def __init__(self, job: RLJob, bus: Bus, run_dir: Path):
+    def __init__(self, job: RLJob, bus: Bus, run_dir: Path, dp: DataParallel | None = None):
         self.job, self.spec, self.bus, self.run_dir = job, job.spec, bus, run_dir
+        self.dp = dp or DataParallel()
+        self.weight_store = make_weight_store(self.spec.weights, bus, run_dir)
         self.task = make_task(self.spec.task.name, self.spec.task.params, self.spec.seed)
         self.alpha = self.spec.async_.ratio
-        self.prompts_per_step = self.spec.trainer.promptsPerStep
+        self.prompts_per_step = self.spec.trainer.promptsPerStep // self.dp.world  # this rank's
         self.group_size = self.spec.rollout.sampling.groupSize
         self.checkpoints = run_dir / "checkpoints"
         self.metrics_file = run_dir / "metrics.jsonl"
@@ -102,6 +115,7 @@ class Trainer:
         self.groups: dict[str, Group] = {}
         self.ready: deque[Group] = deque()
         self.discarded: set[str] = set()
+        self.dropped_here = {"stale": 0, "failed": 0}  # this rank's, since the last step
 
     # --- helpers ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -112,7 +126,7 @@ class Trainer:
             limit=self.spec.task.heldoutLimit,
         )
         sampled = heldout_accuracy(
-            self.model,
+            self.eval_model,
             self.tokenizer,
             self.task,
             **common,
@@ -120,7 +134,7 @@ class Trainer:
             samples=self.spec.trainer.evalSamples,
             seed=self.spec.seed,
         )
-        greedy = heldout_accuracy(self.model, self.tokenizer, self.task, **common)
+        greedy = heldout_accuracy(self.eval_model, self.tokenizer, self.task, **common)
         HELDOUT.labels("sampled").set(sampled)
         HELDOUT.labels("greedy").set(greedy)
         return {"accuracy": sampled, "greedy": greedy}
@@ -140,22 +154,24 @@ class Trainer:
             )
         )
 
-    async def publish_weights(self) -> None:
-        data = weights_to_bytes(self.model)
-        await self.bus.put_weights(self.state["version"], self.state["step"], data)
+    async def publish_weights(self, model_state: dict) -> None:
+        """Publish the version in `self.state` (leader only) from a full model state."""
+        await publish_version(
+            self.bus,
+            self.weight_store,
+            self.state["version"],
+            self.state["step"],
+            export_state(self.model, model_state),
+            int(self.spec.weights.bucketMB * 2**20),
+        )
         VERSION.set(self.state["version"])
         # Workers only ever need versions within α of the newest; keep a little slack.
-        await self.bus.delete_weights_before(self.state["version"] - self.alpha - 2)
-
-    async def publish_model_files(self, folder: Path) -> None:
-        for path in folder.iterdir():
-            if path.suffix == ".json":
-                await self.bus.put_file(path.name, path.read_bytes())
+        await self.weight_store.delete_before(self.state["version"] - self.alpha - 2)
 
     async def issue_tasks(self) -> None:
         while len(self.groups) + len(self.ready) < (1 + self.alpha) * self.prompts_per_step:
             index = self.state["cursor"]
-            self.state["cursor"] += 1
+            self.state["cursor"] += self.dp.world  # this rank's indices: ≡ rank (mod world)
             example = self.task.example("train", index)
             group = Group(index, self.group_size)
             self.groups[group.id] = group
@@ -172,6 +188,7 @@ class Trainer:
                     group_size=self.group_size,
                     multi_turn=self.task.multi_turn,
                     min_version=self.state["version"],
+                    trainer_rank=self.dp.rank,
                 ),
             )
         IN_FLIGHT.set(len(self.groups) + len(self.ready))
@@ -181,7 +198,7 @@ class Trainer:
         self.groups.pop(group.id, None)
         self.discarded.add(group.id)
         DROPPED.labels(reason).inc(group.size)
-        self.state["dropped_stale" if reason == "stale" else "dropped_failed"] += group.size
+        self.dropped_here["stale" if reason == "stale" else "failed"] += group.size
         for _, raw in group.samples.values():
             await raw.ack()
 
@@ -215,8 +232,40 @@ class Trainer:
             return algo.learningRate * (1 - step / self.spec.trainer.steps)
         return algo.learningRate
 
+    # --- model set-up ------------------------------------------------------------------------
+    def set_model(self, model, tokenizer) -> None:
+        """Take a policy (the same weights on every rank), wrap it for training, make the
+        optimizer. Evaluation runs on `eval_model`: the policy itself unless it is sharded."""
+        self.device = self._device()
+        model.to(self.device)
+        self.dp.broadcast_parameters(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.eval_model = copy.deepcopy(model) if self.dp.sharded and self.dp.is_leader else model
+        self.train_model = self.dp.wrap(model)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.spec.algorithm.learningRate, weight_decay=0.0
+        )
+
+    def _device(self) -> torch.device:
+        if not self.spec.trainer.gpusPerWorker:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"spec.trainer.gpusPerWorker is {self.spec.trainer.gpusPerWorker} but this "
+                "trainer sees no CUDA GPU: schedule it on a GPU node, or set gpusPerWorker: 0"
+            )
+        return torch.device("cuda", torch.cuda.current_device())  # Ray Train sets it per rank
+
+    def full_model_state(self) -> dict:
+        """The full weights on the leader (a collective under FSDP); the eval copy follows."""
+        state, _ = self.dp.full_state(self.model)
+        if self.dp.sharded and self.dp.is_leader:
+            self.eval_model.load_state_dict(state, strict=False)
+        return state
+
     # --- one optimizer step -----------------------------------------------------------------
     def train_step(self, batch: list[Group]) -> dict:
+        """One optimizer step on this rank's groups; every rank calls it together."""
         algo = self.spec.algorithm
         trajectories = [g.samples[i][0] for g in batch for i in range(g.size)]
         rewards = torch.tensor([t.reward for t in trajectories]).view(len(batch), -1)
@@ -230,12 +279,20 @@ class Trainer:
                 + [m * w for m, w in zip(t.loss_mask, weights, strict=True)]
             )
             behaviour.append([0.0] * len(t.prompt_ids) + t.behaviour_logprobs)
-        ids, attention, mask, behaviour_lp = pad_sequences(
-            sequences, self.tokenizer.pad_token_id, masks, behaviour
+        ids, attention, mask, behaviour_lp = (
+            t.to(self.device)
+            for t in pad_sequences(sequences, self.tokenizer.pad_token_id, masks, behaviour)
         )
-        self.model.train()
+        advantages = advantages.to(self.device)
+        # Losses average over this rank's tokens; scaling by its share of all ranks' tokens
+        # (times world, as DDP/FSDP average gradients) makes W ranks take exactly the step
+        # one process would take on the whole batch.
+        tokens_here = float(mask.sum())
+        (tokens_all,) = self.dp.all_reduce([tokens_here])
+        share = tokens_here / max(tokens_all, 1e-8)
+        self.train_model.train()
         logprobs = token_logprobs(
-            self.model, ids, attention, self.spec.rollout.sampling.temperature
+            self.train_model, ids, attention, self.spec.rollout.sampling.temperature
         )
         loss, stats = POLICY_LOSSES[algo.policyLoss](
             logprobs,
@@ -245,12 +302,14 @@ class Trainer:
             clip_eps=algo.clipEpsilon,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share * self.dp.world).backward()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.state["step"])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.maxGradNorm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
-        self.model.eval()
+        self.train_model.eval()
         version = self.state["version"]
         staleness = [
             version - v
@@ -258,45 +317,92 @@ class Trainer:
             for v, m in zip(t.token_versions, t.loss_mask, strict=True)
             if m > 0 and v >= 0
         ]
+        # Batch-wide metrics: token means weighted by each rank's share, sums summed.
+        token_means = {"loss": loss.item(), **stats}
+        sums = self.dp.all_reduce(
+            [v * share for v in token_means.values()]
+            + [
+                rewards.sum().item(),
+                rewards.numel(),
+                sum(staleness),
+                len(staleness),
+                sum(len(t.response_ids) for t in trajectories),
+            ]
+        )
+        reward_sum, samples, staleness_sum, staleness_count, response_tokens = sums[-5:]
+        (max_staleness,) = self.dp.all_reduce([max(staleness, default=0)], op="max")
         return {
-            "loss": loss.item(),
+            **dict(zip(token_means, sums, strict=False)),
             "grad_norm": float(grad_norm),
-            "mean_reward": rewards.mean().item(),
+            "mean_reward": reward_sum / samples,
             "learning_rate": self.optimizer.param_groups[0]["lr"],
-            "staleness": sum(staleness) / max(len(staleness), 1),
-            "max_staleness": max(staleness, default=0),
-            "response_tokens": sum(len(t.response_ids) for t in trajectories),
-            **stats,
+            "staleness": staleness_sum / max(staleness_count, 1),
+            "max_staleness": int(max_staleness),
+            "response_tokens": int(response_tokens),
         }
 
-    # --- the loop -----------------------------------------------------------------------------
-    async def run(self) -> dict:
-        await self.bus.ensure_streams()
-        await self.progress("WarmingUp", message="preparing the policy")
-        self.model, self.tokenizer, folder = await asyncio.to_thread(
-            prepare_policy, self.spec, self.run_dir
+    # --- start and resume ---------------------------------------------------------------------
+    def load_latest_checkpoint(self) -> bool:
+        """Resume model, optimizer and counters from the newest checkpoint, if there is one.
+
+        The leader reads it and every rank gets its copy, whatever the number of ranks
+        that wrote it. Every rank calls this together."""
+        dp = self.dp
+        checkpoint = latest_checkpoint(self.checkpoints) if dp.is_leader else None
+        if not dp.broadcast_json(checkpoint is not None):
+            return False
+        model_state, optim_state, state = (
+            read_checkpoint(checkpoint) if dp.is_leader else ({}, {}, {})
         )
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.spec.algorithm.learningRate, weight_decay=0.0
-        )
-        if (checkpoint := latest_checkpoint(self.checkpoints)) is not None:
-            self.state.update(load_checkpoint(checkpoint, self.model, self.optimizer))
+        dp.load_full_state(self.model, self.optimizer, model_state, optim_state)
+        self.state.update(dp.broadcast_json(state))
+        if dp.is_leader:
             log.info(
-                "resumed from %s at step %d (version %d)",
+                "resumed from %s at step %d (version %d) on %d rank(s)",
                 checkpoint.name,
                 self.state["step"],
                 self.state["version"],
+                dp.world,
             )
+        return True
+
+    async def prepare(self) -> None:
+        """Policy, optimizer and counters on every rank; the leader warms up and publishes
+        the model files, the others build the model from those and take its weights."""
+        dp = self.dp
+        if dp.is_leader:
+            await self.bus.ensure_streams()
+            await self.progress("WarmingUp", message="preparing the policy")
+            model, tokenizer, folder = await asyncio.to_thread(
+                prepare_policy, self.spec, self.run_dir
+            )
+            await publish_model_files(self.bus, folder)
+        await asyncio.to_thread(dp.barrier)
+        if not dp.is_leader:
+            model, tokenizer = await build_from_bus(
+                self.bus, self.run_dir / "model" / f"rank-{dp.rank}"
+            )
+        await asyncio.to_thread(self.set_model, model, tokenizer)
+        if await asyncio.to_thread(self.load_latest_checkpoint) and dp.is_leader:
             await self.bus.purge_work()  # in-flight work of the previous life is re-issued
-        if self.state["heldout_before"] is None:
-            before = await asyncio.to_thread(self.evaluate)
-            self.state["heldout_before"] = before["accuracy"]
-            self.state["heldout_greedy_before"] = before["greedy"]
-            log.info("held-out accuracy before RL: %s", before)
-        await self.publish_model_files(folder)
-        await self.publish_weights()
-        consumer = await self.bus.trajectory_consumer()
-        await self.progress("Running")
+        self.state["cursor"] += dp.rank
+        model_state = await asyncio.to_thread(self.full_model_state)
+        if dp.is_leader:
+            if self.state["heldout_before"] is None:
+                before = await asyncio.to_thread(self.evaluate)
+                self.state["heldout_before"] = before["accuracy"]
+                self.state["heldout_greedy_before"] = before["greedy"]
+                log.info("held-out accuracy before RL: %s", before)
+            await self.publish_weights(model_state)
+        await asyncio.to_thread(dp.barrier)  # nobody issues tasks before the purge
+
+    # --- the loop -----------------------------------------------------------------------------
+    async def run(self) -> dict:
+        await self.prepare()
+        dp = self.dp
+        consumer = await self.bus.trajectory_consumer(dp.rank)
+        if dp.is_leader:
+            await self.progress("Running")
         steps = self.spec.trainer.steps
         window = deque(maxlen=10)
         started = time.monotonic() - self.state["rl_seconds"]
@@ -317,12 +423,20 @@ class Trainer:
             t0 = time.perf_counter()
             stats = await asyncio.to_thread(self.train_step, batch)
             STEP_SECONDS.observe(time.perf_counter() - t0)
+            dropped_stale, dropped_failed = await asyncio.to_thread(
+                dp.all_reduce, [self.dropped_here["stale"], self.dropped_here["failed"]]
+            )
+            self.dropped_here = {"stale": 0, "failed": 0}
+            self.state["dropped_stale"] += int(dropped_stale)
+            self.state["dropped_failed"] += int(dropped_failed)
             self.state["step"] += 1
             self.state["version"] += 1
-            consumed = sum(g.size for g in batch)
+            consumed = sum(g.size for g in batch) * dp.world
             self.state["samples"] += consumed
             SAMPLES.inc(consumed)
-            await self.publish_weights()
+            model_state = await asyncio.to_thread(self.full_model_state)
+            if dp.is_leader:
+                await self.publish_weights(model_state)
             for group in batch:
                 for _, raw in group.samples.values():
                     await raw.ack()
@@ -334,36 +448,12 @@ class Trainer:
                 if len(window) > 1
                 else None
             )
-            record = {
-                "step": self.state["step"],
-                "version": self.state["version"],
-                "time": round(self.state["rl_seconds"], 3),
-                "samples": self.state["samples"],
-                "samples_per_second": rate,
-                "dropped_stale": self.state["dropped_stale"],
-                "step_seconds": time.perf_counter() - t0,
-                **stats,
-            }
-            every = self.spec.trainer.evalEvery
-            if every and self.state["step"] % every == 0 and self.state["step"] < steps:
-                evaluated = await asyncio.to_thread(self.evaluate)
-                record["heldout_accuracy"] = evaluated["accuracy"]
-                record["heldout_greedy"] = evaluated["greedy"]
-            STEP.set(self.state["step"])
-            REWARD.set(stats["mean_reward"])
-            LOSS.set(stats["loss"])
-            KL.set(stats["approx_kl"])
-            with self.metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            await self.progress(
-                "Running",
-                mean_reward=stats["mean_reward"],
-                samples_per_second=rate,
-                staleness=stats["staleness"],
-                loss=stats["loss"],
-            )
+            if dp.is_leader:
+                await self.record(stats, rate, time.perf_counter() - t0)
             if self.state["step"] % self.spec.checkpoint.every == 0 or self.state["step"] == steps:
                 await asyncio.to_thread(self._checkpoint)
+        if not dp.is_leader:
+            return {}
         after = await asyncio.to_thread(self.evaluate)
         result = {
             "heldout_before": self.state["heldout_before"],
@@ -374,18 +464,55 @@ class Trainer:
             "samples": self.state["samples"],
             "samples_dropped_stale": self.state["dropped_stale"],
             "rl_seconds": round(self.state["rl_seconds"], 1),
+            "trainer_workers": dp.world,
         }
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
         await self.progress("Succeeded", heldout_after=after["accuracy"])
         log.info("done: %s", result)
         return result
 
-    def _checkpoint(self) -> None:
-        save_checkpoint(
-            self.checkpoints,
-            self.state["step"],
-            self.model,
-            self.optimizer,
-            self.state,
-            self.spec.checkpoint.keep,
+    async def record(self, stats: dict, rate: float | None, step_seconds: float) -> None:
+        """The leader's metrics line, gauges and progress after a step (and evaluation)."""
+        record = {
+            "step": self.state["step"],
+            "version": self.state["version"],
+            "time": round(self.state["rl_seconds"], 3),
+            "samples": self.state["samples"],
+            "samples_per_second": rate,
+            "dropped_stale": self.state["dropped_stale"],
+            "step_seconds": step_seconds,
+            **stats,
+        }
+        every, steps = self.spec.trainer.evalEvery, self.spec.trainer.steps
+        if every and self.state["step"] % every == 0 and self.state["step"] < steps:
+            evaluated = await asyncio.to_thread(self.evaluate)
+            record["heldout_accuracy"] = evaluated["accuracy"]
+            record["heldout_greedy"] = evaluated["greedy"]
+        STEP.set(self.state["step"])
+        REWARD.set(stats["mean_reward"])
+        LOSS.set(stats["loss"])
+        KL.set(stats["approx_kl"])
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        await self.progress(
+            "Running",
+            mean_reward=stats["mean_reward"],
+            samples_per_second=rate,
+            staleness=stats["staleness"],
+            loss=stats["loss"],
         )
+
+    def _checkpoint(self) -> None:
+        """Every rank calls it (the states are gathered under FSDP); the leader writes."""
+        (cursor,) = self.dp.all_reduce([self.state["cursor"]], op="max")
+        model_state, optim_state = self.dp.full_state(self.model, self.optimizer)
+        if self.dp.is_leader:
+            save_checkpoint(
+                self.checkpoints,
+                self.state["step"],
+                export_state(self.model, model_state),
+                optim_state,
+                # On resume rank r starts at cursor + r: some indices are skipped, none repeated.
+                {**self.state, "cursor": int(cursor)},
+                self.spec.checkpoint.keep,
+            )

@@ -11,8 +11,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from rollfleet.bus import Bus
+from rollfleet.models.files import fetch_model_files
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.warmup import warmup_sft
 from rollfleet.spec import RLJobSpec
@@ -29,6 +31,14 @@ def load_folder(folder: Path):
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32
     ), AutoTokenizer.from_pretrained(folder)
+
+
+async def build_from_bus(bus: Bus, folder: Path):
+    """(model, tokenizer) from the files the leader published; the weights are random until
+    the leader's are broadcast."""
+    await fetch_model_files(bus, folder)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def prepare_policy(spec: RLJobSpec, run_dir: Path):

@@ -12,9 +12,11 @@ and Ctrl-C. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +61,20 @@ def write_job_file(job: RLJob, run_dir: Path) -> Path:
     data = job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (Linux /proc; elsewhere only the leader is tracked)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the command: state, ppid, pgrp, session
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry.name))
+    return members
 
 
 class LocalRun:
@@ -148,6 +164,9 @@ class LocalRun:
 
     def stop(self, timeout: float = 10.0) -> None:
         """End every child: SIGTERM, then SIGKILL for any still alive after `timeout`."""
+        # Each child leads its own session. The child itself is asked first, so it can stop
+        # what it started (the trainer's local Ray instance); whatever is left in its
+        # session after that, such as Ray workers in process groups of their own, is killed.
         for child in self.children:
             if child.process.poll() is None:
                 child.process.terminate()
@@ -158,6 +177,9 @@ class LocalRun:
             except subprocess.TimeoutExpired:
                 child.process.kill()
                 child.process.wait()
+            for pid in session_members(child.process.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         if self.nats:
             self.nats.stop()
 

@@ -1,0 +1,110 @@
+"""Several trainer workers: Ray Train's TorchTrainer runs the training loop on each rank.
+
+`python -m rollfleet_trainer` calls `run_with_ray` when `trainer.workers` > 1. In a
+cluster (a KubeRay RayJob sets RAY_ADDRESS) it joins that Ray cluster; on one machine
+(`rollfleet run`) it starts a local Ray instance on 127.0.0.1 with its temp dir in the run
+directory and authentication off (nothing listens beyond loopback), and stops it after.
+
+Ray Train makes the torch.distributed process group (gloo on CPU, NCCL on GPU); each rank
+runs `Trainer.run` (loop.py) with a `DataParallel` for its rank. Rank 0 serves the
+trainer's /healthz and /metrics on ROLLFLEET_HTTP_PORT.
+
+    RAY_ADDRESS=... python -m rollfleet_trainer      # what the RayJob's entrypoint runs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from rollfleet.plan import ServiceEnv
+from rollfleet.spec import RLJob
+
+log = logging.getLogger("trainer")
+
+# AF_UNIX socket paths are limited to 107 bytes, and Ray puts its sockets under its temp
+# dir: a run directory deeper than this is reached through a short symlink in /tmp.
+_MAX_RAY_TEMP_DIR = 40
+
+
+def _start_local_ray(run_dir: Path, workers: int, gpus: int) -> Path | None:
+    """Start Ray on loopback with its files in <run dir>/ray; returns a symlink to remove."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only; no token file is written
+    temp_dir = (run_dir / "ray").resolve()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    link = None
+    if len(str(temp_dir)) > _MAX_RAY_TEMP_DIR:
+        link = Path(tempfile.mkdtemp(prefix="rf-ray-")) / "r"
+        link.symlink_to(temp_dir)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        _temp_dir=str(link or temp_dir),
+        num_cpus=max(workers, os.cpu_count() or 1),
+        num_gpus=gpus,
+        log_to_driver=True,
+    )
+    return link
+
+
+def _rank_main(config: dict) -> None:
+    """The body of each Ray Train worker: one rank's training loop."""
+    from rollfleet_trainer.__main__ import run_trainer
+
+    os.environ.update(config["env"])
+    asyncio.run(run_trainer(config["strategy"]))
+
+
+def run_with_ray(job: RLJob, env: ServiceEnv) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer_spec = job.spec.trainer
+    run_dir = Path(env.run_dir)
+    in_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    link = (
+        None
+        if in_cluster
+        else _start_local_ray(run_dir, trainer_spec.workers, trainer_spec.gpusPerWorker)
+    )
+    if in_cluster:
+        ray.init()
+    log.info(
+        "Ray Train: %d workers (%s, %s)",
+        trainer_spec.workers,
+        trainer_spec.strategy,
+        "NCCL on GPU" if trainer_spec.gpusPerWorker else "gloo on CPU",
+    )
+    try:
+        TorchTrainer(
+            _rank_main,
+            # Non-secret settings travel in the config; secrets (tokens) stay in the
+            # environment each worker gets from its pod (or, locally, inherits).
+            train_loop_config={"env": env.to_env(), "strategy": trainer_spec.strategy},
+            scaling_config=ScalingConfig(
+                num_workers=trainer_spec.workers,
+                use_gpu=trainer_spec.gpusPerWorker > 0,
+                resources_per_worker={"CPU": 1, "GPU": trainer_spec.gpusPerWorker}
+                if trainer_spec.gpusPerWorker
+                else {"CPU": 1},
+            ),
+            run_config=RunConfig(
+                storage_path=str((run_dir / "ray-results").resolve()),
+                name=job.metadata.name,
+                failure_config=FailureConfig(
+                    max_failures=0
+                ),  # the job's own resume handles restarts
+            ),
+        ).fit()
+    finally:
+        ray.shutdown()
+        if link is not None:
+            link.unlink(missing_ok=True)
+            link.parent.rmdir()
