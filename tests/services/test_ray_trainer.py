@@ -13,15 +13,15 @@ two ranks hold different token counts and the loss normalisation across ranks ma
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from ray import cloudpickle
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,19 +81,64 @@ def train(config: dict) -> None:
         (run_dir / "world.json").write_text(json.dumps({"world": dp.world}))
 
 
+def listening_addresses(root_pid: int) -> set[str]:
+    """Local addresses (hex, as /proc/net shows them) of TCP sockets listened on by
+    `root_pid`'s descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    pids, todo = set(), list(children.get(root_pid, []))
+    while todo:
+        pid = todo.pop()
+        pids.add(pid)
+        todo.extend(children.get(pid, []))
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(fd)).startswith("socket:["):
+                    inodes.add(target[8:-1])
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                addresses.add(fields[1].rsplit(":", 1)[0])
+    return addresses
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     from rollfleet_trainer.ray_train import _start_local_ray
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root = tmp_path_factory.mktemp("ray")
     link = _start_local_ray(root, workers=2, gpus=0)
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield root
     ray.shutdown()
     if link is not None:
         link.unlink()
         link.parent.rmdir()
-    assert not (link and link.parent.exists()), "the short symlink to Ray's temp dir stays"
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    import ray
+
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    addresses = listening_addresses(os.getpid())
+    assert addresses, "expected Ray's servers (GCS, raylet) among this process's children"
+    assert addresses <= LOOPBACK, f"listening beyond loopback: {addresses - LOOPBACK}"
+    assert list(local_ray.glob("ray/session_*")), "Ray's temp dir is under the given folder"
 
 
 def fit_two_workers(config: dict, storage: Path) -> None:

@@ -2,8 +2,9 @@
 
 `python -m rollfleet_trainer` calls `run_with_ray` when `trainer.workers` > 1. In a
 cluster (a KubeRay RayJob sets RAY_ADDRESS) it joins that Ray cluster; on one machine
-(`rollfleet run`) it starts a local Ray instance on 127.0.0.1 with its temp dir in the run
-directory and authentication off (nothing listens beyond loopback), and stops it after.
+(`rollfleet run`) it starts a local Ray instance bound to 127.0.0.1 with its temp dir in
+the run directory and authentication off (nothing listens beyond loopback), and stops it
+after.
 
 Ray Train makes the torch.distributed process group (gloo on CPU, NCCL on GPU); each rank
 runs `Trainer.run` (loop.py) with a `DataParallel` for its rank. Rank 0 serves the
@@ -29,12 +30,22 @@ log = logging.getLogger("trainer")
 # dir: a run directory deeper than this is reached through a short symlink in /tmp.
 _MAX_RAY_TEMP_DIR = 40
 
+# Read by Ray when it is imported. The second makes Ray take 127.0.0.1 as the node address
+# and bind its servers (GCS, raylet, workers) there instead of the machine's routable one;
+# with nothing reachable from outside, authentication is off and no token file is written.
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def use_local_ray() -> None:
+    """Configure a single-machine Ray on loopback; call it before Ray is imported."""
+    os.environ.update(LOCAL_RAY_ENV)
+
 
 def _start_local_ray(run_dir: Path, workers: int, gpus: int) -> Path | None:
     """Start Ray on loopback with its files in <run dir>/ray; returns a symlink to remove."""
+    use_local_ray()
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only; no token file is written
     temp_dir = (run_dir / "ray").resolve()
     temp_dir.mkdir(parents=True, exist_ok=True)
     link = None
@@ -43,13 +54,18 @@ def _start_local_ray(run_dir: Path, workers: int, gpus: int) -> Path | None:
         link.symlink_to(temp_dir)
     ray.init(
         address="local",
-        _node_ip_address="127.0.0.1",
         include_dashboard=False,
         _temp_dir=str(link or temp_dir),
         num_cpus=max(workers, os.cpu_count() or 1),
         num_gpus=gpus,
         log_to_driver=True,
     )
+    if (address := ray.util.get_node_ip_address()) != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(
+            f"the local Ray instance took the address {address}, not 127.0.0.1: Ray was "
+            "imported before rollfleet_trainer.ray_train.use_local_ray() was called"
+        )
     return link
 
 
@@ -62,10 +78,6 @@ def _rank_main(config: dict) -> None:
 
 
 def run_with_ray(job: RLJob, env: ServiceEnv) -> None:
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     trainer_spec = job.spec.trainer
     run_dir = Path(env.run_dir)
     in_cluster = bool(os.environ.get("RAY_ADDRESS"))
@@ -74,6 +86,10 @@ def run_with_ray(job: RLJob, env: ServiceEnv) -> None:
         if in_cluster
         else _start_local_ray(run_dir, trainer_spec.workers, trainer_spec.gpusPerWorker)
     )
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     if in_cluster:
         ray.init()
     log.info(
