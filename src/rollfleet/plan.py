@@ -136,6 +136,11 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
                 placement=placement,
             )
         )
+    # One trainer process; with trainer.workers > 1 it drives that many Ray Train workers,
+    # each with these resources (a KubeRay RayJob in a cluster).
+    trainer_resources = {"cpu": "1", "memory": "4Gi"}
+    if spec.trainer.gpusPerWorker:
+        trainer_resources["nvidia.com/gpu"] = str(spec.trainer.gpusPerWorker)
     components.append(
         Component(
             "trainer",
@@ -143,7 +148,7 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
             1,
             "rollfleet_trainer",
             base.to_env(),
-            resources={"cpu": "1", "memory": "4Gi"},
+            resources=trainer_resources,
         )
     )
     return components

@@ -278,6 +278,8 @@ def ray_symlinks() -> set[Path]:
 
 def test_two_trainer_workers_run_with_ray_and_leave_nothing(tmp_path):
     links_before = ray_symlinks()
+    ray_home = Path.home() / ".ray"  # where Ray keeps an auth token file when auth is on
+    ray_home_before = sorted(ray_home.rglob("*")) if ray_home.exists() else None
     run_dir = tmp_path / "run"
     process = start_run(manifest(tmp_path, "e2e-ray", RAY_JOB), run_dir)
     most = watch(process, run_dir, timeout=300)
@@ -295,6 +297,7 @@ def test_two_trainer_workers_run_with_ray_and_leave_nothing(tmp_path):
     time.sleep(0.5)
     assert run_processes(run_dir) == set()
     assert ray_symlinks() == links_before  # the short link to the temp dir is removed
+    assert (sorted(ray_home.rglob("*")) if ray_home.exists() else None) == ray_home_before
 
 
 def test_ctrl_c_ends_the_ray_trainer_too(tmp_path):

@@ -63,6 +63,17 @@ def test_gpu_pools_request_a_gpu_and_carry_their_class():
     assert all(c.resources["nvidia.com/gpu"] == "1" for c in pools)
 
 
+def test_trainer_workers_get_the_gpus_they_ask_for():
+    cpu = next(c for c in plan(job(), ENDPOINTS) if c.role == "trainer")
+    assert "nvidia.com/gpu" not in cpu.resources
+    spec = {"trainer": {"workers": 4, "promptsPerStep": 16, "gpusPerWorker": 2}}
+    gpu = next(c for c in plan(job(**spec), ENDPOINTS) if c.role == "trainer")
+    assert (gpu.replicas, gpu.resources["nvidia.com/gpu"]) == (
+        1,
+        "2",
+    )  # one driver, per-worker GPUs
+
+
 def test_service_env_round_trips_through_the_environment(monkeypatch):
     original = ServiceEnv(
         job_file="/j.yaml",

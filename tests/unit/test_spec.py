@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
 from rollfleet.spec import ManifestError, load_manifest, parse_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MINIMAL = {
     "apiVersion": "rollfleet.io/v1alpha1",
@@ -228,3 +231,12 @@ def test_load_manifest_bad_yaml_and_bad_field_name_the_file(tmp_path):
         load_manifest(bad)
     assert str(bad) in str(info.value)
     assert "spec.trainer.stepz" in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_manifest_is_valid_and_its_inputs_exist(path, monkeypatch):
+    from rollfleet.cli import _check_inputs
+
+    monkeypatch.chdir(ROOT)  # examples name their data relative to the repository root
+    job = load_manifest(path)  # raises ManifestError naming the field
+    _check_inputs(job)  # raises ManifestError for a missing data file or model folder
