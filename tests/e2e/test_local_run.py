@@ -40,10 +40,10 @@ def manifest(tmp: Path, name: str, spec: dict) -> Path:
     return path
 
 
-def start_run(manifest_path: Path, run_dir: Path) -> subprocess.Popen:
+def start_run(manifest_path: Path, run_dir: Path, cwd: Path = ROOT) -> subprocess.Popen:
     return subprocess.Popen(
         [*ROLLFLEET, "run", str(manifest_path), "--run-dir", str(run_dir), "--quiet"],
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -280,8 +280,15 @@ def test_two_trainer_workers_run_with_ray_and_leave_nothing(tmp_path):
     links_before = ray_symlinks()
     ray_home = Path.home() / ".ray"  # where Ray keeps an auth token file when auth is on
     ray_home_before = sorted(ray_home.rglob("*")) if ray_home.exists() else None
+    # Relative paths, as a user types them: Ray Train starts its workers in a folder of its
+    # own, and they must still find the run directory and the task's data file.
+    (tmp_path / "sums.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(40))
+    )
+    job = {**RAY_JOB, "task": {"name": "jsonl", "params": {"path": "sums.jsonl"}}}
+    manifest(tmp_path, "e2e-ray", job)
     run_dir = tmp_path / "run"
-    process = start_run(manifest(tmp_path, "e2e-ray", RAY_JOB), run_dir)
+    process = start_run(Path("e2e-ray.yaml"), Path("run"), cwd=tmp_path)
     most = watch(process, run_dir, timeout=300)
     _, err = process.communicate()
     assert process.returncode == 0, err[-3000:]

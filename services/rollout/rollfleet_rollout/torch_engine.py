@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest
 
@@ -27,6 +28,12 @@ from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# Every backend but cuDNN's: cuDNN attention builds a new plan for each key length, and
+# the key length grows by one every decode step (measured on an H100 in bfloat16: 15.7 ms
+# of CPU time per call, a decode step 5x slower than in float32).
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SlotLlama:
@@ -69,7 +76,8 @@ class SlotLlama:
         repeat = self.heads // self.kv_heads
         if repeat > 1:
             keys, values = keys.repeat_interleave(repeat, 1), values.repeat_interleave(repeat, 1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        with sdpa_kernel(_ATTENTION_BACKENDS):
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         b, _, t, _ = out.shape
         h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))

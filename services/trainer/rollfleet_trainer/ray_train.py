@@ -74,6 +74,10 @@ def _rank_main(config: dict) -> None:
     from rollfleet_trainer.__main__ import run_trainer
 
     os.environ.update(config["env"])
+    # Ray starts workers in its own folder; on the driver's machine, work where it does, so
+    # relative paths in the job (a task's data file, say) mean the same on every rank.
+    if Path(config["cwd"]).is_dir():
+        os.chdir(config["cwd"])
     asyncio.run(run_trainer(config["strategy"]))
 
 
@@ -103,7 +107,11 @@ def run_with_ray(job: RLJob, env: ServiceEnv) -> None:
             _rank_main,
             # Non-secret settings travel in the config; secrets (tokens) stay in the
             # environment each worker gets from its pod (or, locally, inherits).
-            train_loop_config={"env": env.to_env(), "strategy": trainer_spec.strategy},
+            train_loop_config={
+                "env": env.to_env(),
+                "strategy": trainer_spec.strategy,
+                "cwd": os.getcwd(),
+            },
             scaling_config=ScalingConfig(
                 num_workers=trainer_spec.workers,
                 use_gpu=trainer_spec.gpusPerWorker > 0,

@@ -150,8 +150,9 @@ class LocalRun:
             nats_url=self.nats.url,
             reward_url=f"http://127.0.0.1:{self._ports['reward']}",
             env_url=f"http://127.0.0.1:{self._ports['env']}",
-            run_dir=str(self.run_dir),
-            job_file=str(job_file),
+            # Absolute: a process may run elsewhere (Ray Train workers start in Ray's own folder).
+            run_dir=str(self.run_dir.resolve()),
+            job_file=str(job_file.resolve()),
         )
         components = sorted(plan(self.job, endpoints), key=lambda c: START_ORDER.index(c.role))
         for component in components:
