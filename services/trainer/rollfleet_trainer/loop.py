@@ -234,14 +234,24 @@ class Trainer:
 
     # --- model set-up ------------------------------------------------------------------------
     def set_model(self, model, tokenizer) -> None:
-        """Take a policy (the same weights on every rank), wrap it for training, make the
-        optimizer. Evaluation runs on `eval_model`: the policy itself unless it is sharded."""
+        """Take a policy (rank 0's weights win), wrap it for training, make the optimizer.
+
+        Evaluation runs on `eval_model`: the policy itself, or under FSDP a copy on the
+        leader's CPU (a sharded model's forward needs every rank)."""
         self.device = self._device()
-        model.to(self.device)
-        self.dp.broadcast_parameters(model)
         self.model, self.tokenizer = model, tokenizer
-        self.eval_model = copy.deepcopy(model) if self.dp.sharded and self.dp.is_leader else model
-        self.train_model = self.dp.wrap(model)
+        if self.dp.sharded:
+            self.eval_model = copy.deepcopy(model) if self.dp.is_leader else model
+            full = model.state_dict() if self.dp.is_leader else {}
+            # FSDP2 moves each layer to the device as it shards it: the whole model never
+            # has to fit one device. Rank 0's weights are then broadcast shard by shard.
+            self.train_model = self.dp.wrap(model)
+            self.dp.load_model_state(model, full)
+        else:
+            self.eval_model = model
+            model.to(self.device)
+            self.dp.broadcast_parameters(model)
+            self.train_model = self.dp.wrap(model)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.spec.algorithm.learningRate, weight_decay=0.0
         )

@@ -49,7 +49,7 @@ class DataParallel:
         return self.world > 1 and self.strategy == "fsdp"
 
     def broadcast_parameters(self, model: torch.nn.Module) -> None:
-        """Give every rank rank 0's parameters and buffers (before wrapping)."""
+        """Give every rank rank 0's parameters and buffers (before wrapping with DDP)."""
         if self.world > 1:
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
@@ -117,10 +117,16 @@ class DataParallel:
         )
         return model_state, optim_state
 
-    def load_full_state(self, model, optimizer, model_state: dict, optim_state: dict) -> None:
-        """Load a full state read on rank 0 (other ranks pass empty dicts) into every rank."""
-        options = StateDictOptions(
+    def _load_options(self) -> StateDictOptions:
+        return StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=self.world > 1, strict=False
         )
-        set_model_state_dict(model, model_state, options=options)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+    def load_model_state(self, model, model_state: dict) -> None:
+        """Load a full model state held by rank 0 (others pass {}) into every rank."""
+        set_model_state_dict(model, model_state, options=self._load_options())
+
+    def load_full_state(self, model, optimizer, model_state: dict, optim_state: dict) -> None:
+        """Load a full model and optimizer state read on rank 0 (others pass {})."""
+        self.load_model_state(model, model_state)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=self._load_options())
