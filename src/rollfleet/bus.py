@@ -36,6 +36,7 @@ from nats.js.errors import (
 from prometheus_client import Counter
 
 from rollfleet.protocol import (
+    GroupsCancelled,
     M,
     Message,
     Progress,
@@ -306,18 +307,29 @@ class Bus:
         except (ObjectNotFoundError, NotFoundError):
             raise ProtocolError(f"{name}: no such object") from None
 
-    async def on_weights(self, callback: Callable[[WeightVersion], Awaitable[None]]):
-        """Call `callback` for each announced version (invalid announcements are dead-lettered)."""
+    async def _subscribe(self, subject: str, cls: type[M], callback) -> object:
+        """Core-NATS subscription delivering decoded messages (invalid ones dead-lettered)."""
 
         async def handler(msg):
             try:
-                announcement = decode(WeightVersion, msg.data)
+                message = decode(cls, msg.data)
             except ProtocolError as e:
                 await self.dead_letter(msg.subject, msg.data, str(e))
                 return
-            await callback(announcement)
+            await callback(message)
 
-        return await self.nc.subscribe(self.subjects.weights, cb=handler)
+        return await self.nc.subscribe(subject, cb=handler)
+
+    async def on_weights(self, callback: Callable[[WeightVersion], Awaitable[None]]):
+        """Call `callback` for each announced version (invalid announcements are dead-lettered)."""
+        return await self._subscribe(self.subjects.weights, WeightVersion, callback)
+
+    async def cancel_groups(self, group_ids: list[str]) -> None:
+        """Tell the workers to drop these groups (core NATS: only running workers care)."""
+        await self.nc.publish(self.subjects.cancel, encode(GroupsCancelled(group_ids=group_ids)))
+
+    async def on_cancel(self, callback: Callable[[GroupsCancelled], Awaitable[None]]):
+        return await self._subscribe(self.subjects.cancel, GroupsCancelled, callback)
 
     # --- progress ------------------------------------------------------------------------
     async def put_progress(self, progress: Progress) -> None:

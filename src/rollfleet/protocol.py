@@ -139,6 +139,13 @@ class WeightVersion(Message):
         return sum(b.num_bytes for b in self.buckets)
 
 
+class GroupsCancelled(Message):
+    """The trainer will not train on these prompt groups (redundant stragglers): workers
+    abort their samples and skip their queued tasks."""
+
+    group_ids: list[str] = Field(min_length=1)
+
+
 class Progress(Message):
     """The trainer's view of the job, kept in the job's KV bucket for the CLI and operator."""
 
@@ -193,6 +200,7 @@ class Subjects:
         self.tasks = f"rollfleet.{job}.tasks"
         self.trajectories = f"rollfleet.{job}.trajectories"  # .<trainer rank>
         self.weights = f"rollfleet.{job}.weights"
+        self.cancel = f"rollfleet.{job}.cancel"
         self.deadletter = f"rollfleet.{job}.deadletter"
         self.task_stream = f"RF_{token}_TASKS"
         self.trajectory_stream = f"RF_{token}_TRAJECTORIES"

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Response
@@ -93,3 +94,33 @@ def setup_logging(name: str) -> logging.Logger:
         format=f"%(asctime)s {name} %(levelname)s %(message)s",
     )
     return logging.getLogger(name)
+
+
+class IdleMeter:
+    """Share of wall time a service spent idle (the bubble), between two reads.
+
+    meter.set_busy(True) ... meter.set_busy(False); IDLE.set(meter.read())
+    """
+
+    def __init__(self):
+        self._since = time.monotonic()
+        self._busy_seconds = 0.0
+        self._busy_from: float | None = None
+
+    def set_busy(self, busy: bool) -> None:
+        now = time.monotonic()
+        if busy and self._busy_from is None:
+            self._busy_from = now
+        elif not busy and self._busy_from is not None:
+            self._busy_seconds += now - self._busy_from
+            self._busy_from = None
+
+    def read(self) -> float:
+        """The idle share since the previous read (0 when no time has passed)."""
+        now = time.monotonic()
+        busy = self._busy_seconds + (now - self._busy_from if self._busy_from is not None else 0)
+        elapsed = now - self._since
+        self._since, self._busy_seconds = now, 0.0
+        if self._busy_from is not None:
+            self._busy_from = now
+        return max(0.0, 1.0 - busy / elapsed) if elapsed > 0 else 0.0

@@ -62,6 +62,12 @@ def _policy_losses():
     return POLICY_LOSSES
 
 
+def _aggregations():
+    from rollfleet.algorithms import AGGREGATIONS
+
+    return AGGREGATIONS
+
+
 def _rewards():
     from rollfleet.rewards import REWARDS
 
@@ -72,6 +78,7 @@ TaskName = Annotated[str, _registered("task", _tasks)]
 AdvantageName = Annotated[str, _registered("advantage", _advantages)]
 PolicyLossName = Annotated[str, _registered("policy loss", _policy_losses)]
 RewardName = Annotated[str, _registered("reward function", _rewards)]
+AggregationName = Annotated[str, _registered("loss aggregation", _aggregations)]
 
 
 class Strict(BaseModel):
@@ -118,20 +125,68 @@ class TaskSpec(Strict):
 
 class AlgorithmSpec(Strict):
     advantage: AdvantageName = Field("grpo", description="registered advantage estimator")
-    policyLoss: PolicyLossName = Field("ppo_clip", description="registered policy loss")
-    clipEpsilon: float = Field(0.2, gt=0, lt=1)
+    policyLoss: PolicyLossName = Field(
+        "ppo_clip",
+        description="registered policy loss: vanilla_pg, ppo_clip, dual_clip_ppo, tis, topr, cispo, decoupled_ppo, gspo, kimi",
+    )
+    lossAggregation: AggregationName = Field(
+        "token-mean", description="token-mean, seq-mean-token-mean or seq-mean-token-sum"
+    )
+    clipEpsilon: float = Field(0.2, gt=0, lt=1, description="ratio clip: 1 - eps (and 1 + eps)")
+    clipEpsilonHigh: float | None = Field(
+        None,
+        gt=0,
+        description="upper ratio clip 1 + this (asymmetric clipping); default clipEpsilon",
+    )
+    dualClip: float = Field(3.0, gt=1, description="dual_clip_ppo: bound c on negative advantages")
+    importanceCap: float = Field(2.0, gt=0, description="tis: importance weights truncated here")
+    klCoef: float = Field(0.1, ge=0, description="kimi: weight τ of the squared log-ratio")
     learningRate: float = Field(5e-4, gt=0)
     learningRateSchedule: Literal["constant", "linear"] = Field(
         "constant", description="linear decays to 0 at the last step"
     )
     maxGradNorm: float = Field(1.0, gt=0)
 
+    def loss_config(self):
+        from rollfleet.algorithms.losses import LossConfig
+
+        return LossConfig(
+            clip_low=self.clipEpsilon,
+            clip_high=self.clipEpsilonHigh,
+            dual_clip=self.dualClip,
+            is_cap=self.importanceCap,
+            kl_coef=self.klCoef,
+        )
+
 
 class AsyncSpec(Strict):
+    """How rollouts overlap training (ROLL Flash's fine-grained scheduling switches)."""
+
     ratio: int = Field(
         1,
         ge=0,
         description="staleness bound α: samples may be at most α policy versions old; 0 is synchronous",
+    )
+    rewardPerSample: bool = Field(
+        False,
+        description="score each sample as soon as it finishes (queue scheduling); false: a task's samples together",
+    )
+    replicatePrompts: bool = Field(
+        False,
+        description="split a group of n samples into n single-sample tasks spread over workers",
+    )
+    envAsync: bool = Field(
+        True,
+        description="each env session advances on its own; false: a group's sessions take turns in lockstep",
+    )
+    redundantGroups: int = Field(
+        0,
+        ge=0,
+        description="prompt groups started beyond what the batches need; stragglers are cancelled once a later group is trained",
+    )
+    partialRollout: Literal["continue", "reprefill"] = Field(
+        "continue",
+        description="on a weight swap, in-flight samples keep their tokens and versions and continue on the old KV cache, or re-prefill it under the new weights",
     )
 
 

@@ -39,7 +39,7 @@ PROMPTS, GROUP = 4, 4
 ATOL = 5e-4
 
 
-def job_manifest() -> dict:
+def job_manifest(aggregation: str = "token-mean") -> dict:
     return {
         "apiVersion": "rollfleet.io/v1alpha1",
         "kind": "RLJob",
@@ -48,7 +48,11 @@ def job_manifest() -> dict:
             "seed": 0,
             "trainer": {"steps": 2 * STEPS, "promptsPerStep": PROMPTS, "workers": 2},
             "rollout": {"sampling": {"groupSize": GROUP}},
-            "algorithm": {"learningRate": 1e-2, "learningRateSchedule": "linear"},
+            "algorithm": {
+                "learningRate": 1e-2,
+                "learningRateSchedule": "linear",
+                "lossAggregation": aggregation,
+            },
             "checkpoint": {"every": STEPS, "keep": 3},
         },
     }
@@ -162,11 +166,18 @@ def setting(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
     model = create_tiny_model(root / "model", seed=0)
 
-    def config(name: str, steps: int, out: str, resume: bool = False, strategy: str = "ddp"):
+    def config(
+        name: str,
+        steps: int,
+        out: str,
+        resume: bool = False,
+        strategy: str = "ddp",
+        aggregation: str = "token-mean",
+    ):
         run_dir = root / name
         run_dir.mkdir(exist_ok=True)
         return {
-            "job": job_manifest(),
+            "job": job_manifest(aggregation),
             "model": str(model),
             "run_dir": str(run_dir),
             "steps": steps,
@@ -215,6 +226,22 @@ def test_two_workers_take_the_steps_of_one(local_ray, setting, strategy):
         weights(root / f"two-{strategy}" / "k.safetensors"),
         weights(root / "single" / "k.safetensors"),
     )
+
+
+def test_sequence_mean_aggregation_is_also_exact_across_workers(local_ray, setting):
+    """The ranks sum the aggregation's denominator (here: sequences) before dividing."""
+    root, config = setting
+    train(config("seq-single", STEPS, "k.safetensors", aggregation="seq-mean-token-mean"))
+    fit_two_workers(
+        config("seq-two", STEPS, "k.safetensors", aggregation="seq-mean-token-mean"), local_ray
+    )
+    one, two = (
+        weights(root / "seq-single" / "k.safetensors"),
+        weights(root / "seq-two" / "k.safetensors"),
+    )
+    assert_close(two, one)
+    token_mean = weights(root / "single" / "k.safetensors")
+    assert max((one[k] - token_mean[k]).abs().max().item() for k in one) > 10 * ATOL  # not a no-op
 
 
 def test_checkpoint_of_two_workers_resumes_on_one(local_ray, setting):

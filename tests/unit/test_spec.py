@@ -171,6 +171,26 @@ def test_weights_settings_are_checked():
         assert where in message
 
 
+def test_algorithm_names_and_loss_settings():
+    algo = parse_manifest(
+        manifest(
+            algorithm={
+                "advantage": "rloo",
+                "policyLoss": "cispo",
+                "lossAggregation": "seq-mean-token-sum",
+                "clipEpsilonHigh": 0.28,
+                "importanceCap": 5.0,
+            }
+        )
+    ).spec.algorithm
+    config = algo.loss_config()
+    assert (config.clip_low, config.high, config.is_cap, config.dual_clip) == (0.2, 0.28, 5.0, 3.0)
+    message = error_of(manifest(algorithm={"lossAggregation": "mean", "dualClip": 1.0}))
+    assert "spec.algorithm.lossAggregation: unknown loss aggregation 'mean'" in message
+    assert "seq-mean-token-mean" in message  # the allowed names are listed
+    assert "spec.algorithm.dualClip" in message
+
+
 def test_every_bad_field_is_reported_at_once():
     message = error_of(manifest(trainer={"stepz": 1, "steps": 0}, **{"async": {"ratio": -1}}))
     for where in ("spec.trainer.stepz", "spec.trainer.steps", "spec.async.ratio"):

@@ -30,7 +30,7 @@ from rollfleet.bus import Bus
 from rollfleet.models.files import fetch_model_files
 from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import ProtocolError, Task, Trajectory, TrajectoryStatus, WeightVersion
-from rollfleet.service import auth_headers, make_app, serve_in_background
+from rollfleet.service import IdleMeter, auth_headers, make_app, serve_in_background
 from rollfleet.spec import PoolSpec, RLJobSpec
 from rollfleet.weight_transport import WeightsRejected, fetch_version, make_weight_store
 from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
@@ -61,6 +61,11 @@ SWAP_WAIT = Histogram(
     "Time a verified version waited for the pool's rolling-update lease",
     ["pool"],
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+IDLE = Gauge(
+    "rollfleet_rollout_idle_fraction",
+    "Share of the time since the last reading this worker had no task to run",
+    ["pool"],
 )
 ERRORS = Counter(
     "rollfleet_rollout_errors_total", "Tasks that failed and were handed back", ["pool"]
@@ -283,12 +288,15 @@ class RolloutWorker:
         slots = self.pool.maxBatch
         group = self.spec.rollout.sampling.groupSize
         last_queue_check = 0.0
+        idle = IdleMeter()
         while True:
+            idle.set_busy(self.reserved > 0)
             VERSION.labels(self.pool.name).set(self.engine.policy_version)
             SLOTS_BUSY.labels(self.pool.name).set(self.reserved / slots)
             if time.monotonic() - last_queue_check > 2:
                 info = await consumer.consumer_info()
                 QUEUE_DEPTH.labels(self.pool.name).set(info.num_pending)
+                IDLE.labels(self.pool.name).set(idle.read())
                 last_queue_check = time.monotonic()
             room = min(slots - self.reserved, self.engine.free_capacity()) // group
             if room <= 0:

@@ -18,3 +18,33 @@ def grpo(rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True) -
     if not normalize_std or rewards.shape[-1] < 2:  # a group of one has no spread to scale by
         return centered
     return centered / (rewards.std(dim=-1, keepdim=True, unbiased=True).nan_to_num(0.0) + eps)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo(rewards: torch.Tensor) -> torch.Tensor:
+    """Dr.GRPO: reward minus the group mean, not divided by the std (Liu et al., 2025):
+    dividing by the std over-weights groups that are nearly all right or all wrong.
+    Pair it with the seq-mean-token-sum aggregation for the paper's unbiased form."""
+    return rewards - rewards.mean(dim=-1, keepdim=True)
+
+
+@register_advantage("rloo")
+def rloo(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al., 2024): each sample's baseline is the mean
+    reward of the other samples of its group, i.e. n/(n-1) times the centered reward."""
+    n = rewards.shape[-1]
+    if n < 2:
+        return torch.zeros_like(rewards)
+    others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (n - 1)
+    return rewards - others
+
+
+@register_advantage("reinforce++")
+def reinforce_pp(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ with a group baseline (Hu et al., 2025): subtract the group mean, then
+    normalise by the std over the whole batch (all groups of this trainer rank), not per
+    group as GRPO does."""
+    centered = rewards - rewards.mean(dim=-1, keepdim=True)
+    if centered.numel() < 2:
+        return centered
+    return centered / (centered.std(unbiased=True).nan_to_num(0.0) + eps)
