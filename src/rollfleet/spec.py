@@ -320,6 +320,25 @@ class RLJobSpec(Strict):
         default_factory=dict, description="method modules by name, each with its own settings"
     )
 
+    @model_validator(mode="after")
+    def _lockstep_needs_whole_groups(self):
+        if not self.async_.envAsync and self.async_.replicatePrompts:
+            raise ValueError(
+                "async.envAsync: false keeps a group's env sessions in lockstep, which needs "
+                "the group in one task: set replicatePrompts: false (or envAsync: true)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _reprefill_needs_the_torch_engine(self):
+        vllm = [p.name for p in self.rollout.pools if p.engine == "vllm"]
+        if self.async_.partialRollout == "reprefill" and vllm:
+            raise ValueError(
+                f"async.partialRollout: reprefill is done by the torch engine only; pools {vllm} "
+                "use vllm, which continues in-flight requests: set partialRollout: continue"
+            )
+        return self
+
     def reward_functions(self) -> list[tuple[str, float, dict[str, Any]]]:
         """The weighted reward functions, defaulting to the task's own verifier."""
         if self.reward.functions:

@@ -159,6 +159,40 @@ def test_outputs_and_version_sequence(countdown_run):
     assert (run_dir / "model" / "warmup" / "model.safetensors").is_file()
 
 
+SYNC_JOB = {
+    "seed": 0,
+    "task": {"name": "countdown", "heldoutLimit": 20},
+    "model": {"warmup": {"steps": 5, "examples": 64}},
+    # alpha = 0 with every scheduling switch on: one-sample tasks, rewards per sample,
+    # two redundant groups whose stragglers get cancelled, KV re-prefilled on swaps
+    "async": {
+        "ratio": 0,
+        "replicatePrompts": True,
+        "rewardPerSample": True,
+        "redundantGroups": 2,
+        "partialRollout": "reprefill",
+    },
+    "rollout": {
+        "pools": [{"name": "default", "replicas": 2, "maxBatch": 16}],
+        "sampling": {"groupSize": 4},
+    },
+    "trainer": {"steps": 6, "promptsPerStep": 4},
+}
+
+
+def test_alpha_zero_is_synchronous_with_every_scheduling_switch_on(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_run(manifest(tmp_path, "e2e-sync", SYNC_JOB), run_dir)
+    watch(process, run_dir, timeout=240)
+    _, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    recs = records(run_dir)
+    assert [r["version"] for r in recs] == list(range(1, 7))
+    for r in recs:  # every trained token came from the version being trained
+        assert (r["max_staleness"], r["staleness"], r["off_policy_fraction"]) == (0, 0.0, 0.0)
+    assert json.loads((run_dir / "result.json").read_text())["samples"] == 6 * 4 * 4
+
+
 def test_resume_continues_the_version_sequence(countdown_run):
     run_dir = countdown_run["run_dir"]
     job = yaml.safe_load((run_dir / "job.yaml").read_text())

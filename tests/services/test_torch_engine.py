@@ -369,6 +369,35 @@ async def test_load_weights_mid_generation_switches_versions(make_engine, tiny_d
     assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("reprefill", [False, True])
+async def test_partial_rollout_keeps_tokens_and_versions_across_a_swap(
+    make_engine, tiny_dir, tmp_path, reprefill
+):
+    """Tokens from before a swap keep their versions; with reprefill, tokens after it are
+    exactly what the new weights give reading the whole context (the KV cache was
+    recomputed), while continuing on the old KV cache gives something else."""
+    engine_model = load(tiny_dir)
+    other = load(create_tiny_model(tmp_path / "other", seed=1))
+    engine = await make_engine(
+        engine_model, slots=2, max_len=256, eos_token_id=NO_EOS, reprefill_on_swap=reprefill
+    )
+    prompt = [1, 5, 6, 7, 8, 9]
+    seen: list[list[int]] = []
+    final = None
+    async for output in engine.generate(request("r", prompt, max_new_tokens=40)):
+        final = output
+        seen.append(list(output.token_ids))
+        if len(output.token_ids) == 10:
+            await engine.load_weights(7, export_state(other))
+    switch = final.versions.index(7)
+    assert switch >= 10
+    assert final.versions == [0] * switch + [7] * (len(final.versions) - switch)
+    assert final.token_ids[:switch] == seen[switch - 1][:switch]  # earlier tokens kept as they were
+    after = hf_logprobs(other, prompt, final.token_ids)[switch:]
+    matches = torch.allclose(torch.tensor(final.logprobs[switch:]), after, atol=1e-4)
+    assert matches == reprefill
+
+
 async def test_pause_stops_progress_and_resume_continues(make_engine):
     engine = await make_engine(slots=2, max_len=1024, eos_token_id=NO_EOS)
     stream = engine.generate(request("p", [1, 5, 6], max_new_tokens=1000))

@@ -17,6 +17,7 @@ from rollfleet_rollout.worker import RolloutWorker
 
 def engine_factory(pool, spec, seed: int):
     def make(model, tokenizer, version: int):
+        reprefill = spec.async_.partialRollout == "reprefill"
         if pool.engine == "vllm":
             from rollfleet_rollout.vllm_engine import VllmEngine
 
@@ -37,6 +38,7 @@ def engine_factory(pool, spec, seed: int):
             eos_token_id=tokenizer.eos_token_id,
             seed=seed,
             version=version,
+            reprefill_on_swap=reprefill,
         )
 
     return make

@@ -169,8 +169,13 @@ class TorchEngine(Engine):
         eos_token_id: int,
         seed: int = 0,
         version: int = 0,
+        reprefill_on_swap: bool = False,
     ):
         self.model = model.eval()
+        # Partial rollout: after a weight swap, in-flight sequences keep their tokens (and
+        # versions) and either continue on the KV cache the old weights computed, or have it
+        # recomputed under the new weights first (`async.partialRollout: reprefill`).
+        self.reprefill_on_swap = reprefill_on_swap
         self.runner = SlotLlama(model, slots, max_len)
         self.slots, self.max_len, self.eos_token_id = slots, max_len, eos_token_id
         self.policy_version = version
@@ -288,6 +293,8 @@ class TorchEngine(Engine):
                     self._pending_weights = None
                     self.model.load_state_dict(tensors, strict=False)
                     self.policy_version = version
+                    if self.reprefill_on_swap and self._active:
+                        self._reprefill(list(self._active.values()))
                 if self._paused:
                     continue
                 for seq in [s for s in (*self._waiting, *self._active.values()) if s.aborted]:
@@ -308,6 +315,14 @@ class TorchEngine(Engine):
             self.steps += 1
         for seq in [*self._waiting, *self._active.values()]:
             self._finish(seq, "abort")
+
+    def _reprefill(self, seqs: list[_Sequence]):
+        """Recompute the KV cache of every token but the last (the next decode step feeds
+        it), so sequences continue as if the new weights had read their whole context."""
+        self.runner.prefill(
+            [s.slot for s in seqs],
+            [s.request.prompt_ids + s.output.token_ids[:-1] for s in seqs],
+        )
 
     def _prefill(self, admitted: list[_Sequence]):
         logits = self.runner.prefill(

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,14 @@ from prometheus_client import Counter, Gauge, Histogram
 from rollfleet.bus import Bus
 from rollfleet.models.files import fetch_model_files
 from rollfleet.plan import ServiceEnv
-from rollfleet.protocol import ProtocolError, Task, Trajectory, TrajectoryStatus, WeightVersion
+from rollfleet.protocol import (
+    GroupsCancelled,
+    ProtocolError,
+    Task,
+    Trajectory,
+    TrajectoryStatus,
+    WeightVersion,
+)
 from rollfleet.service import IdleMeter, auth_headers, make_app, serve_in_background
 from rollfleet.spec import PoolSpec, RLJobSpec
 from rollfleet.weight_transport import WeightsRejected, fetch_version, make_weight_store
@@ -67,9 +75,38 @@ IDLE = Gauge(
     "Share of the time since the last reading this worker had no task to run",
     ["pool"],
 )
+CANCELLED = Counter(
+    "rollfleet_rollout_samples_cancelled_total",
+    "Samples of groups the trainer cancelled (redundant stragglers), skipped or aborted",
+    ["pool"],
+)
 ERRORS = Counter(
     "rollfleet_rollout_errors_total", "Tasks that failed and were handed back", ["pool"]
 )
+
+
+CANCELLED_REMEMBERED = 10_000  # cancelled group ids kept to skip their queued tasks
+
+
+class TurnGate:
+    """Env lockstep (`async.envAsync: false`): a group's sessions start each turn together,
+    the synchronous baseline of environment-level asynchrony. A session that ends leaves."""
+
+    def __init__(self, sessions: int):
+        self.active = sessions
+        self.arrived: dict[int, int] = {}
+        self.changed = asyncio.Condition()
+
+    async def arrive(self, turn: int) -> None:
+        async with self.changed:
+            self.arrived[turn] = self.arrived.get(turn, 0) + 1
+            self.changed.notify_all()
+            await self.changed.wait_for(lambda: self.arrived[turn] >= self.active)
+
+    async def leave(self) -> None:
+        async with self.changed:
+            self.active -= 1
+            self.changed.notify_all()
 
 
 class RolloutWorker:
@@ -84,6 +121,10 @@ class RolloutWorker:
         self.latest_announced = -1
         self._weights_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        # Redundant rollouts: groups the trainer cancelled (recent ones), and the engine
+        # requests running for each group, to abort them.
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self._requests: dict[str, set[str]] = {}
         self.http = httpx.AsyncClient(timeout=30.0, headers=auth_headers())
         self.weight_store = make_weight_store(spec.weights, bus, env.run_dir)
         self.swap_slots = spec.weights.swap_slots(pool.replicas)
@@ -144,7 +185,7 @@ class RolloutWorker:
         produced = [v for v in versions if v >= 0]
         return bool(produced) and self.latest_announced - min(produced) > self.spec.async_.ratio
 
-    async def _sample(self, task: Task, index: int) -> Trajectory:
+    async def _sample(self, task: Task, index: int, gate: TurnGate | None = None) -> Trajectory:
         tok = self.tokenizer
         prompt_ids = [tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)]
         stop = (
@@ -161,17 +202,34 @@ class RolloutWorker:
                 created.raise_for_status()
                 session = created.json()["session_id"]
             for turn in range(int(task.meta.get("max_turns", 1)) if task.multi_turn else 1):
+                if turn and gate is not None:
+                    await gate.arrive(turn)  # env lockstep: wait for the group's other sessions
                 if self._stale(versions):
                     status = TrajectoryStatus.ABORTED
+                    break
+                if task.group_id in self.cancelled:
+                    status = TrajectoryStatus.ABORTED
+                    CANCELLED.labels(self.pool.name).inc()
                     break
                 context = prompt_ids + response
                 if len(context) + 1 >= self.spec.model.maxLength:
                     status = TrajectoryStatus.TRUNCATED
                     break
-                out = await complete(
-                    self.engine,
-                    GenerationRequest(f"{task.task_id}/{index}/{turn}", context, params),
-                )
+                request_id = f"{task.task_id}/{index}/{turn}"
+                running = self._requests.setdefault(task.group_id, set())
+                running.add(request_id)
+                try:
+                    out = await complete(
+                        self.engine, GenerationRequest(request_id, context, params)
+                    )
+                finally:
+                    running.discard(request_id)
+                    if not running:
+                        self._requests.pop(task.group_id, None)
+                if out.finish_reason == "abort":  # cancelled by the trainer mid-generation
+                    status = TrajectoryStatus.ABORTED
+                    CANCELLED.labels(self.pool.name).inc()
+                    break
                 TOKENS.labels(self.pool.name).inc(len(out.token_ids))
                 response += out.token_ids
                 logprobs += out.logprobs
@@ -200,6 +258,8 @@ class RolloutWorker:
             log.warning("task %s sample %d: env failed: %s", task.task_id, index, e)
             status = TrajectoryStatus.FAILED
         finally:
+            if gate is not None:
+                await gate.leave()
             if session:
                 with contextlib.suppress(httpx.HTTPError):  # else the env's idle timeout closes it
                     await self.http.delete(f"{self.env.env_url}/sessions/{session}")
@@ -246,16 +306,36 @@ class RolloutWorker:
         for t in scored:
             t.status = TrajectoryStatus.FAILED
 
+    async def _publish(self, task: Task, trajectory: Trajectory) -> None:
+        await self.bus.publish(self.bus.subjects.trajectories_for(task.trainer_rank), trajectory)
+        SAMPLES.labels(self.pool.name, trajectory.status.value).inc()
+
+    async def _sample_score_publish(self, task: Task, index: int, gate) -> None:
+        """Queue scheduling: a sample is scored and published as soon as it finishes."""
+        trajectory = await self._sample(task, index, gate)
+        await self._score(task, [trajectory])
+        await self._publish(task, trajectory)
+
     async def handle(self, task: Task, raw) -> None:
         try:
+            if task.group_id in self.cancelled:  # the trainer dropped it while it was queued
+                CANCELLED.labels(self.pool.name).inc(task.samples)
+                await raw.ack()
+                return
             await self.wait_for_version(task.min_version)
-            trajectories = await asyncio.gather(
-                *(self._sample(task, i) for i in range(task.samples))
-            )
-            await self._score(task, trajectories)
-            for t in trajectories:
-                await self.bus.publish(self.bus.subjects.trajectories_for(task.trainer_rank), t)
-                SAMPLES.labels(self.pool.name, t.status.value).inc()
+            lockstep = task.multi_turn and task.samples > 1 and not self.spec.async_.envAsync
+            gate = TurnGate(task.samples) if lockstep else None
+            if self.spec.async_.rewardPerSample:
+                await asyncio.gather(
+                    *(self._sample_score_publish(task, i, gate) for i in range(task.samples))
+                )
+            else:
+                trajectories = await asyncio.gather(
+                    *(self._sample(task, i, gate) for i in range(task.samples))
+                )
+                await self._score(task, trajectories)
+                for t in trajectories:
+                    await self._publish(task, t)
             await raw.ack()
         except Exception:
             log.exception("task %s failed; handing it back", task.task_id)
@@ -264,6 +344,15 @@ class RolloutWorker:
         finally:
             self.reserved -= task.samples
             TASKS_RUNNING.labels(self.pool.name).dec()
+
+    async def on_cancel(self, message: GroupsCancelled) -> None:
+        """Abort the engine requests of cancelled groups; their queued tasks get skipped."""
+        for group_id in message.group_ids:
+            self.cancelled[group_id] = None
+            for request_id in list(self._requests.get(group_id, ())):
+                await self.engine.abort(request_id)  # the sample counts itself as cancelled
+        while len(self.cancelled) > CANCELLED_REMEMBERED:
+            self.cancelled.popitem(last=False)
 
     # --- main loop -------------------------------------------------------------------------
     async def run(self, engine_factory) -> None:
@@ -281,12 +370,14 @@ class RolloutWorker:
         self.engine = engine_factory(model, self.tokenizer, version)
         await self.engine.start()
         await self.bus.on_weights(self.on_weights)
+        await self.bus.on_cancel(self.on_cancel)
         if (latest := await self.bus.latest_weights()) and latest.version > version:
             await self.on_weights(latest)
         consumer = await self.bus.task_consumer()
         log.info("worker %s ready at policy version %d", self.name, version)
         slots = self.pool.maxBatch
-        group = self.spec.rollout.sampling.groupSize
+        # A task is a whole group, or one sample of it with prompt replication.
+        task_size = 1 if self.spec.async_.replicatePrompts else self.spec.rollout.sampling.groupSize
         last_queue_check = 0.0
         idle = IdleMeter()
         while True:
@@ -298,7 +389,7 @@ class RolloutWorker:
                 QUEUE_DEPTH.labels(self.pool.name).set(info.num_pending)
                 IDLE.labels(self.pool.name).set(idle.read())
                 last_queue_check = time.monotonic()
-            room = min(slots - self.reserved, self.engine.free_capacity()) // group
+            room = min(slots - self.reserved, self.engine.free_capacity()) // task_size
             if room <= 0:
                 await asyncio.sleep(0.01)
                 continue

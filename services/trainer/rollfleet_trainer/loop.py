@@ -108,7 +108,9 @@ class Trainer:
         self.alpha = self.spec.async_.ratio
         self.prompts_per_step = self.spec.trainer.promptsPerStep // self.dp.world  # this rank's
         self.group_size = self.spec.rollout.sampling.groupSize
-        self.redundant = self.spec.async_.redundantGroups
+        # The job's redundant groups, shared out over the ranks.
+        redundant, world = self.spec.async_.redundantGroups, self.dp.world
+        self.redundant = redundant // world + (self.dp.rank < redundant % world)
         self.checkpoints = run_dir / "checkpoints"
         self.metrics_file = run_dir / "metrics.jsonl"
         self.state = {
