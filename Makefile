@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean
+.PHONY: run test lint crds clean bench-async
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP) lint  ## unit, service and end-to-end tests
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench-async: $(STAMP)  ## asynchronous vs synchronous training, side by side (~15 min; benchmarks/RESULTS.md)
+	$(BIN)/python benchmarks/async_speedup.py
 
 crds: $(STAMP)  ## regenerate crds/ from src/rollfleet/spec.py
 	$(BIN)/rollfleet crd > crds/rljob.yaml

@@ -76,6 +76,14 @@ async def task_stream_messages(bus: Bus) -> int:
     return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages
 
 
+async def until_tasks_acked(bus: Bus, timeout: float = 10.0) -> None:
+    """The work queue empties once the server has processed the worker's ack (async)."""
+    deadline = time.monotonic() + timeout
+    while await task_stream_messages(bus):
+        assert time.monotonic() < deadline, "timed out waiting for the task stream to empty"
+        await asyncio.sleep(0.02)
+
+
 async def read_tasks(bus: Bus, count: int, timeout: float = 10.0) -> list[Task]:
     """Pull `count` tasks off the task stream (as a worker would) and ack them."""
     consumer = await bus.task_consumer()
@@ -412,7 +420,7 @@ async def test_cancel_aborts_a_generating_group_and_frees_its_slots(nats_server,
         assert worker.engine.free_capacity() == 4
         assert worker._requests == {}
         assert "g0" in worker.cancelled
-        assert await task_stream_messages(trainer) == 0  # the task was acked
+        await until_tasks_acked(trainer)  # the task was acked
         assert await collect_nowait(trainer) == []
     assert sorted((t.group_id, t.sample_index) for t in trajectories) == [("g0", 0), ("g0", 1)]
     assert [t.status for t in trajectories] == [TrajectoryStatus.ABORTED] * 2
@@ -433,7 +441,7 @@ async def test_queued_task_of_a_cancelled_group_is_acked_without_sampling(nats_s
         await trainer.publish(trainer.subjects.tasks, countdown_task(8, 4))
         trajectories = await collect(trainer, 4, timeout=20)
         await wait_until(lambda: worker.reserved == 0, timeout=5, what="reserved slots freed")
-        assert await task_stream_messages(trainer) == 0  # both tasks acked
+        await until_tasks_acked(trainer)  # both tasks acked
         assert await collect_nowait(trainer) == []
         generated = worker.engine.tokens_generated - tokens
     assert sorted((t.group_id, t.sample_index) for t in trajectories) == [
@@ -455,7 +463,7 @@ async def test_reward_per_sample_scores_each_sample_on_its_own(
         await trainer.publish(trainer.subjects.tasks, task)
         trajectories = await collect(trainer, 4, timeout=20)
         await wait_until(lambda: worker.reserved == 0, timeout=5, what="task done")
-        assert await task_stream_messages(trainer) == 0
+        await until_tasks_acked(trainer)
     assert reward_requests() - before == requests
     assert sorted(t.sample_index for t in trajectories) == [0, 1, 2, 3]
     for t in trajectories:
@@ -489,7 +497,7 @@ async def test_replicated_single_sample_tasks_fill_slots_one_by_one(
             await trainer.collect(consumer)
         assert peak <= 2
         await wait_until(lambda: worker.reserved == 0, timeout=5, what="tasks done")
-        assert await task_stream_messages(trainer_bus) == 0
+        await until_tasks_acked(trainer_bus)
     (group,) = trainer.ready
     assert group.id == "g0" and sorted(group.samples) == [0, 1, 2, 3]
     for offset, (t, _raw) in group.samples.items():

@@ -34,11 +34,17 @@ _MAX_RAY_TEMP_DIR = 40
 # and bind its servers (GCS, raylet, workers) there instead of the machine's routable one;
 # with nothing reachable from outside, authentication is off and no token file is written.
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# gloo's connections between the ranks, on loopback too (Linux names it lo). torch's
+# rendezvous store (TCPStore) on rank 0 still listens on every interface: torch offers no
+# bind address for it.
+LOOPBACK_INTERFACE = "lo"
 
 
 def use_local_ray() -> None:
     """Configure a single-machine Ray on loopback; call it before Ray is imported."""
     os.environ.update(LOCAL_RAY_ENV)
+    if Path(f"/sys/class/net/{LOOPBACK_INTERFACE}").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)
 
 
 def _start_local_ray(run_dir: Path, workers: int, gpus: int) -> Path | None:

@@ -199,6 +199,11 @@ class LocalRun:
         return None
 
     async def _supervise(self) -> None:
+        # Ctrl-C sets an event the loop checks, rather than cancelling whatever NATS call is
+        # in flight (a cancellation there can be swallowed, and the run would go on).
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
         bus = await Bus.connect(
             self.nats.url, self.job.metadata.name, name="cli", token=self.nats_token
         )
@@ -210,11 +215,15 @@ class LocalRun:
                     bar = self._show(bar, progress)
                 if progress and progress.phase == "Failed":
                     raise RunFailed(f"trainer reported failure: {progress.message}")
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupted.wait(), 0.5)
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
         finally:
+            loop.remove_signal_handler(signal.SIGINT)
             if bar is not None:
                 bar.close()
-            await bus.close()
+            await asyncio.wait_for(bus.close(), 5)
 
     def _show(self, bar, progress):
         from tqdm import tqdm
