@@ -1,13 +1,13 @@
 """Asynchronous against synchronous training, side by side (ROLL Flash's claim, on this machine).
 
     make bench-async
-    .venv/bin/python benchmarks/async_speedup.py [--steps 30] [--repeats 2] [--seeds 3] [--quality-steps 100]
+    .venv/bin/python benchmarks/async_speedup.py [--steps 30] [--repeats 2] [--seeds 3] [--quality-steps 80]
 
 Part 1, speed: the same job at α = 0, 1, 2, 4 on two workloads, one run after another in
 this invocation (each run the whole local runtime: nats-server, reward, env, 2 rollout
 workers, trainer):
-- rlvr: countdown whose warm-up demonstrations "think" for a Pareto-distributed number of
-  dots before the answer (think_tail 1.2): the model answers with long-tailed lengths;
+- rlvr: countdown whose warm-up demonstrations end with a Pareto-distributed number of
+  dots after the answer (pad_tail 1.2): the model answers with long-tailed lengths;
 - agentic: calculator, a multi-turn tool-use task through the env service, each env step
   20 ms with a Pareto tail (latencyTail 1.5).
 Per run: samples/s (samples trained / RL seconds), median step time, the trainer's idle
@@ -42,7 +42,7 @@ IDLE_LINE = re.compile(r"^rollfleet_rollout_idle_fraction\{[^}]*\} ([0-9.eE+-]+)
 
 WORKLOADS = {
     "rlvr": {
-        "task": {"name": "countdown", "params": {"think_tail": 1.2, "think_max": 40}},
+        "task": {"name": "countdown", "params": {"pad_tail": 1.2, "pad_scale": 2.0, "pad_max": 24}},
         "rollout": {"sampling": {"groupSize": 8, "maxNewTokens": 48}},
         "model": {"warmup": {"steps": 300, "examples": 1024}},
     },
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="RL steps per speed run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--quality-steps", type=int, default=100)
+    parser.add_argument("--quality-steps", type=int, default=80)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rf-async-") as name:
         tmp = Path(name)

@@ -325,17 +325,17 @@ def test_compose_same_function_twice_with_different_params():
     assert parts == {"format": 1.0, "format#2": 0.0}
 
 
-def test_countdown_scratchpad_gives_long_tailed_demonstrations():
+def test_countdown_padding_gives_long_tailed_demonstrations():
     plain = make_task("countdown", {}, 0)
-    padded = make_task("countdown", {"think_tail": 1.2, "think_max": 40}, 0)
+    padded = make_task("countdown", {"pad_tail": 1.2, "pad_max": 40}, 0)
     dots = []
     for i in range(400):
         a, b = plain.example("train", i), padded.example("train", i)
         assert a.prompt == b.prompt and a.meta == b.meta  # the same problems
         text = b.demonstration[0][1]
-        assert text.lstrip(".") == a.demonstration[0][1]
-        dots.append(len(text) - len(text.lstrip(".")))
+        assert text.rstrip(".") == a.demonstration[0][1]
+        dots.append(len(text) - len(text.rstrip(".")))
     dots.sort()
-    assert dots[len(dots) // 2] <= 4  # most answers think briefly ...
-    assert dots[-1] == 40 and dots[int(0.9 * len(dots))] >= 15  # ... a tail thinks long
-    assert verify("....3*5+7", [3, 5, 7], 22) and not verify("....", [3, 5, 7], 22)
+    assert dots[len(dots) // 2] <= 4  # most answers are short ...
+    assert dots[-1] == 40 and dots[int(0.9 * len(dots))] >= 15  # ... a tail runs long
+    assert verify("3*5+7....", [3, 5, 7], 22) and not verify("....", [3, 5, 7], 22)

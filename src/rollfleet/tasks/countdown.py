@@ -4,11 +4,12 @@ Prompt `3 5 7>22:`; any expression that uses each number exactly once and evalua
 target is correct (`3*5+7`), so the reward is a verifier rather than an exact match. The
 held-out split is a slice of the problem space that the train split never generates.
 
-`think_tail` > 0 gives the demonstrations a scratchpad of dots before the expression
-(`.....3*5+7`), its length drawn from a Pareto distribution with that shape (scaled by
-`think_scale`, capped at `think_max`): a model warmed up on them answers with long-tailed
-lengths, the RLVR workload of the asynchrony benchmarks. Leading dots are ignored when
-verifying.
+`pad_tail` > 0 ends the demonstrations with a run of dots after the expression
+(`3*5+7.....`), its length drawn from a Pareto distribution with that shape (scaled by
+`pad_scale`, capped at `pad_max`): a model warmed up on them answers with long-tailed
+lengths, the RLVR workload of the asynchrony benchmarks. Dots around the expression are
+ignored when verifying. (Dots before the answer, a "scratchpad", were tried first: after
+40 of them the tiny model had lost the prompt and solved nothing.)
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def eval_expression(expr: str) -> int:
 
 def verify(response: str, numbers: list[int], target: int) -> bool:
     """True if `response` uses exactly `numbers` (each once) and evaluates to `target`."""
-    expr = response.strip().lstrip(".")
+    expr = response.strip().strip(".")
     try:
         value = eval_expression(expr)
     except ValueError:
@@ -107,15 +108,15 @@ class Countdown(Task):
         max_target: int = 99,
         heldout_size: int = 500,
         heldout_percent: int = 10,
-        think_tail: float = 0.0,
-        think_scale: float = 4.0,
-        think_max: int = 40,
+        pad_tail: float = 0.0,
+        pad_scale: float = 4.0,
+        pad_max: int = 40,
     ):
         if numbers < 2:
             raise ValueError("task.params.numbers must be at least 2")
-        if think_tail < 0 or think_max < 0:
-            raise ValueError("task.params.think_tail and think_max must not be negative")
-        self.think_tail, self.think_scale, self.think_max = think_tail, think_scale, think_max
+        if pad_tail < 0 or pad_max < 0:
+            raise ValueError("task.params.pad_tail and pad_max must not be negative")
+        self.pad_tail, self.pad_scale, self.pad_max = pad_tail, pad_scale, pad_max
         if not 0 < heldout_percent < 100:
             raise ValueError("task.params.heldout_percent must be between 1 and 99")
         self.seed, self.numbers, self.max_number, self.max_target = (
@@ -145,10 +146,10 @@ class Countdown(Task):
             prompt=prompt,
             answer=str(target),
             meta={"numbers": shown, "target": target},
-            demonstration=(("model", "." * self._scratchpad(rng) + expr),),
+            demonstration=(("model", expr + "." * self._padding(rng)),),
         )
 
-    def _scratchpad(self, rng: random.Random) -> int:
-        if not self.think_tail:
+    def _padding(self, rng: random.Random) -> int:
+        if not self.pad_tail:
             return 0
-        return min(self.think_max, int(self.think_scale * (rng.paretovariate(self.think_tail) - 1)))
+        return min(self.pad_max, int(self.pad_scale * (rng.paretovariate(self.pad_tail) - 1)))
