@@ -19,26 +19,15 @@ from rollfleet.bus import Bus
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.warmup import warmup_sft
 from rollfleet.models.weights import export_state
-from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import Task, Trajectory, TrajectoryStatus
 from rollfleet.spec import RLJobSpec
 from rollfleet.tasks import make_task
-from rollfleet.weight_transport import NatsWeightStore, publish_version
 from rollfleet_env.app import create_app as create_env_app
 from rollfleet_reward.app import create_app as create_reward_app
-from rollfleet_rollout.__main__ import engine_factory
-from rollfleet_rollout.worker import RolloutWorker
-from tests.conftest import NATS_TOKEN, serving
+from tests.conftest import serving
+from tests.services import worker_harness as harness
 
 JOB = "worker-job"
-BUCKET_BYTES = 1 << 20  # the tiny model (~4 MB) goes out in several buckets
-
-
-async def publish_weights(trainer: Bus, version: int, model) -> None:
-    """The trainer's part: store the version's buckets in the object store, then announce it."""
-    await publish_version(
-        trainer, NatsWeightStore(trainer), version, version, export_state(model), BUCKET_BYTES
-    )
 
 
 @pytest.fixture(scope="module")
@@ -87,36 +76,17 @@ async def running_worker(
     nats_server, calculator_model, spec: RLJobSpec, reward_url: str, env_url: str
 ):
     folder, model = calculator_model
-    trainer = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
-    await trainer.ensure_streams()
-    for path in folder.iterdir():
-        if path.suffix == ".json":
-            await trainer.put_file(path.name, path.read_bytes())
-    await publish_weights(trainer, 0, model)
-    env = ServiceEnv(
-        job_file="",
-        nats_url=nats_server.url,
+    async with harness.running_worker(
+        nats_server,
+        JOB,
+        folder,
+        export_state(model),
+        spec,
         reward_url=reward_url,
         env_url=env_url,
-        run_dir="",
-        http_port=0,
-    )
-    worker_bus = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
-    pool = spec.rollout.pools[0]
-    worker = RolloutWorker(spec, pool, env, worker_bus, "p-0")
-    worker.reward_attempts, worker.reward_backoff_s = 2, 0.01
-    job = asyncio.create_task(worker.run(engine_factory(pool, spec, seed=0)))
-    try:
+        reward_attempts=2,
+    ) as (trainer, _):
         yield trainer
-    finally:
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
-        if worker.engine:
-            await worker.engine.stop()
-        await worker.http.aclose()
-        await worker_bus.close()
-        await trainer.close()
 
 
 async def collect(bus: Bus, count: int, timeout: float = 60, rank: int = 0) -> list[Trajectory]:
@@ -206,7 +176,7 @@ async def test_worker_waits_for_the_task_min_version_and_tags_tokens(
         await trainer.publish(trainer.subjects.tasks, task)
         await asyncio.sleep(1.0)
         early = await collect_nowait(trainer)
-        await publish_weights(trainer, 3, model)
+        await harness.publish_weights(trainer, 3, export_state(model))
         trajectories = await collect(trainer, 2)
     assert early == []  # nothing was generated with version 0 for a task that needs 3
     for t in trajectories:

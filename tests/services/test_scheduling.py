@@ -25,23 +25,22 @@ import time
 import pytest
 import torch
 import transformers
-from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from rollfleet.bus import Bus
 from rollfleet.models.tiny import create_tiny_model
-from rollfleet.plan import ServiceEnv
+from rollfleet.models.weights import export_state
 from rollfleet.protocol import GroupsCancelled, Task, Trajectory, TrajectoryStatus
 from rollfleet.spec import RLJobSpec, parse_manifest
 from rollfleet.tasks import make_task
 from rollfleet_reward.app import create_app as create_reward_app
-from rollfleet_rollout.__main__ import engine_factory
-from rollfleet_rollout.worker import RolloutWorker, TurnGate
+from rollfleet_rollout.worker import TurnGate
 from rollfleet_trainer.loop import Group, Trainer
 from rollfleet_trainer.parallel import DataParallel
 from tests.conftest import NATS_TOKEN, serving
-from tests.services.test_rollout_worker import collect, collect_nowait, publish_weights
+from tests.services import worker_harness as harness
+from tests.services.test_rollout_worker import collect, collect_nowait
 
 JOB = "sched-job"
 POOL = "p"
@@ -350,50 +349,11 @@ async def running_worker(nats_server, tiny_model, spec: RLJobSpec):
     """A real worker (TorchEngine) and a real reward service; yields (trainer bus, worker)
     once the worker is listening for tasks and cancels."""
     folder, model = tiny_model
-    trainer = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
-    await trainer.ensure_streams()
-    for path in folder.iterdir():
-        if path.suffix == ".json":
-            await trainer.put_file(path.name, path.read_bytes())
-    await publish_weights(trainer, 0, model)
     with serving(create_reward_app(spec.reward_functions())) as reward_url:
-        env = ServiceEnv(
-            job_file="",
-            nats_url=nats_server.url,
-            reward_url=reward_url,
-            env_url="http://127.0.0.1:9",  # single-turn tasks never call the env
-            run_dir="",
-            http_port=0,
-        )
-        worker_bus = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
-        pool = spec.rollout.pools[0]
-        worker = RolloutWorker(spec, pool, env, worker_bus, f"{POOL}-0")
-        job = asyncio.create_task(worker.run(engine_factory(pool, spec, seed=0)))
-        try:
-            # The worker subscribes to cancels, then creates the task consumer on the same
-            # connection: once the consumer exists, the server routes cancels to the worker.
-            deadline = time.monotonic() + 30
-            while True:
-                assert not job.done(), job.exception()
-                assert time.monotonic() < deadline, "the worker did not start"
-                with contextlib.suppress(NotFoundError):
-                    await trainer.js.consumer_info(trainer.subjects.task_stream, "rollout")
-                    break
-                await asyncio.sleep(0.02)
+        async with harness.running_worker(
+            nats_server, JOB, folder, export_state(model), spec, reward_url=reward_url
+        ) as (trainer, worker):
             yield trainer, worker
-        finally:
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
-            leftovers = list(worker._tasks)
-            for leftover in leftovers:
-                leftover.cancel()
-            await asyncio.gather(*leftovers, return_exceptions=True)
-            if worker.engine:
-                await worker.engine.stop()
-            await worker.http.aclose()
-            await worker_bus.close()
-            await trainer.close()
 
 
 async def test_cancel_aborts_a_generating_group_and_frees_its_slots(nats_server, tiny_model):

@@ -6,7 +6,6 @@ version is bad; and the swap leases that keep a pool from pausing all at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from pathlib import Path
@@ -19,10 +18,8 @@ from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
 from rollfleet.bus import Bus
-from rollfleet.models.files import publish_model_files
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.weights import export_state
-from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import WeightVersion
 from rollfleet.spec import RLJobSpec, WeightsSpec
 from rollfleet.weight_transport import (
@@ -34,9 +31,8 @@ from rollfleet.weight_transport import (
     pack_buckets,
     publish_version,
 )
-from rollfleet_rollout.__main__ import engine_factory
-from rollfleet_rollout.worker import RolloutWorker
 from tests.conftest import NATS_TOKEN
+from tests.services import worker_harness as harness
 
 JOB = "weights-job"
 BUCKET_BYTES = 20_000  # the test tensors below (16 KB each, and two small) make 5 buckets
@@ -281,7 +277,7 @@ async def test_worker_rejects_a_corrupt_version_and_loads_the_next_good_one(nats
     folder = create_tiny_model(tmp_path / "model", seed=0)
     model = AutoModelForCausalLM.from_pretrained(folder)
     v0 = export_state(model)
-    bucket_bytes = 1 << 20  # the ~4 MB tiny model in several buckets
+    bucket_bytes = harness.BUCKET_BYTES  # the ~4 MB tiny model in several buckets
     spec = RLJobSpec.model_validate(
         {
             "task": {"name": "calculator"},
@@ -289,29 +285,12 @@ async def test_worker_rejects_a_corrupt_version_and_loads_the_next_good_one(nats
             "model": {"maxLength": 64},
         }
     )
-    trainer = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
-    await trainer.ensure_streams()
-    store = NatsWeightStore(trainer)
-    await publish_model_files(trainer, folder)
-    await publish_version(trainer, store, 0, 0, v0, bucket_bytes)
-
-    nowhere = "http://127.0.0.1:9"  # no tasks are sent: reward and env are never asked
-    env = ServiceEnv("", nats_server.url, nowhere, nowhere, str(tmp_path / "run"), 0)
-    worker_bus = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
-    pool = spec.rollout.pools[0]
-    worker = RolloutWorker(spec, pool, env, worker_bus, f"{POOL}-0")
-    job = asyncio.create_task(worker.run(engine_factory(pool, spec, seed=0)))
-    try:
-
-        async def ready() -> bool:
-            # the task consumer is made after the weights subscription: then it listens
-            assert not job.done(), job.exception()
-            with contextlib.suppress(Exception):
-                await trainer.js.consumer_info(trainer.subjects.task_stream, "rollout")
-                return True
-            return False
-
-        await poll(ready, 30, "the worker to start")
+    run_dir = str(tmp_path / "run")
+    async with harness.running_worker(nats_server, JOB, folder, v0, spec, run_dir=run_dir) as (
+        trainer,
+        worker,
+    ):
+        store = NatsWeightStore(trainer)
         assert worker.engine.policy_version == 0
         before = rejections()
 
@@ -361,15 +340,6 @@ async def test_worker_rejects_a_corrupt_version_and_loads_the_next_good_one(nats
             return False
 
         await poll(released, 5, "the swap lease to be released")
-    finally:
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
-        if worker.engine:
-            await worker.engine.stop()
-        await worker.http.aclose()
-        await worker_bus.close()
-        await trainer.close()
 
 
 # --- rolling updates: swap leases ----------------------------------------------------------
