@@ -66,6 +66,10 @@ def train(config: dict) -> None:
     run_dir = Path(config["run_dir"])
     trainer = Trainer(parse_manifest(config["job"]), None, run_dir, dp)
     model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
+    if dp.rank > 0:  # as in a run, other ranks start from other weights: rank 0's must win
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
     trainer.set_model(model, AutoTokenizer.from_pretrained(config["model"]))
     if config["resume"]:
         assert trainer.load_latest_checkpoint(), "expected a checkpoint to resume from"

@@ -293,8 +293,7 @@ class Trainer:
         else:
             self.eval_model = model
             model.to(self.device)
-            self.dp.broadcast_parameters(model)
-            self.train_model = self.dp.wrap(model)
+            self.train_model = self.dp.wrap(model)  # DDP gives every rank rank 0's weights
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.spec.algorithm.learningRate, weight_decay=0.0
         )

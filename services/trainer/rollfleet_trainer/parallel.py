@@ -48,14 +48,9 @@ class DataParallel:
     def sharded(self) -> bool:
         return self.world > 1 and self.strategy == "fsdp"
 
-    def broadcast_parameters(self, model: torch.nn.Module) -> None:
-        """Give every rank rank 0's parameters and buffers (before wrapping with DDP)."""
-        if self.world > 1:
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
-
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to run forward/backward on; `model` stays the plain module."""
+        """The module to run forward/backward on; `model` stays the plain module. DDP copies
+        rank 0's parameters and buffers to every rank as it wraps."""
         if self.world == 1:
             return model
         if self.strategy == "fsdp":
