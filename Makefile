@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async
+.PHONY: run test lint crds clean bench-async images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,34 @@ bench-async: $(STAMP)  ## asynchronous vs synchronous training, side by side (~1
 	$(BIN)/python benchmarks/async_speedup.py
 
 crds: $(STAMP)  ## regenerate crds/ from src/rollfleet/spec.py
-	$(BIN)/rollfleet crd > crds/rljob.yaml
+	$(BIN)/rollfleet crd | tee charts/rollfleet/crds/rljob.yaml > crds/rljob.yaml
+
+# Container images, one per deployable: NAME:DOCKERFILE, each Dockerfile in its deployable's
+# folder, the build context the repository root (.dockerignore keeps the context small).
+# Needs a Docker engine, which the dev machine lacks: `make images` stops at `docker info`.
+# tests/unit/test_dockerfiles.py reads this list and checks every Dockerfile on it.
+#   make images REGISTRY=registry.example.com/rl TAG=dev
+#   make images BUILD_ARGS="--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+DOCKER     ?= docker
+REGISTRY   ?= ghcr.io/rollfleet
+TAG        ?= 0.1.0
+BUILD_ARGS ?=
+IMAGES     := operator:operator/Dockerfile \
+              rollout:services/rollout/Dockerfile \
+              rollout-vllm:services/rollout/Dockerfile.vllm \
+              trainer:services/trainer/Dockerfile \
+              reward:services/reward/Dockerfile \
+              env:services/env/Dockerfile
+images:  ## build every image (needs a Docker engine)
+	@$(DOCKER) info >/dev/null || { echo "make images: no Docker engine reachable ($(DOCKER) info failed above)" >&2; exit 1; }
+	@for entry in $(IMAGES); do \
+	  name=$${entry%%:*}; file=$${entry#*:}; \
+	  echo "==> $(REGISTRY)/$$name:$(TAG) ($$file)"; \
+	  $(DOCKER) build $(BUILD_ARGS) -f $$file -t $(REGISTRY)/$$name:$(TAG) . || exit 1; \
+	done
+
+dashboards-check: $(STAMP)  ## every dashboard panel's query returns data from a real Prometheus
+	$(BIN)/python scripts/dashboards_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -11,6 +11,7 @@ environment variables in `ServiceEnv`, so the two runtimes differ only in addres
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -49,7 +50,7 @@ class ServiceEnv:
     job_file: str
     nats_url: str
     reward_url: str
-    env_url: str
+    env_url: str  # one URL, or one per env replica separated by commas (sessions are stateful)
     run_dir: str
     http_port: int
     http_host: str = "127.0.0.1"  # 0.0.0.0 in a pod
@@ -68,6 +69,11 @@ class ServiceEnv:
             "ROLLFLEET_POOL": self.pool,
             "ROLLFLEET_REPLICA": str(self.replica),
         }
+
+    def env_replica_url(self, key: str) -> str:
+        """The env replica that holds the session for `key` (the same one every time)."""
+        urls = [u.strip() for u in self.env_url.split(",") if u.strip()]
+        return urls[zlib.crc32(key.encode()) % len(urls)]
 
     @classmethod
     def from_environ(cls) -> ServiceEnv:

@@ -194,11 +194,11 @@ class RolloutWorker:
         params = SamplingParams(self.max_new_tokens, self.temperature, self.top_p, stop)
         response, logprobs, versions, mask = [], [], [], []
         status, final_text, session = TrajectoryStatus.COMPLETED, "", None
+        # A session lives on one env replica: every request of this sample goes there.
+        env_url = self.env.env_replica_url(f"{task.task_id}/{index}")
         try:
             if task.multi_turn:
-                created = await self.http.post(
-                    f"{self.env.env_url}/sessions", json={"meta": task.meta}
-                )
+                created = await self.http.post(f"{env_url}/sessions", json={"meta": task.meta})
                 created.raise_for_status()
                 session = created.json()["session_id"]
             for turn in range(int(task.meta.get("max_turns", 1)) if task.multi_turn else 1):
@@ -241,7 +241,7 @@ class RolloutWorker:
                 if not task.multi_turn or out.token_ids[-1] == tok.eos_token_id:
                     break
                 stepped = await self.http.post(
-                    f"{self.env.env_url}/sessions/{session}/step", json={"action": final_text}
+                    f"{env_url}/sessions/{session}/step", json={"action": final_text}
                 )
                 stepped.raise_for_status()
                 result = stepped.json()
@@ -262,7 +262,7 @@ class RolloutWorker:
                 await gate.leave()
             if session:
                 with contextlib.suppress(httpx.HTTPError):  # else the env's idle timeout closes it
-                    await self.http.delete(f"{self.env.env_url}/sessions/{session}")
+                    await self.http.delete(f"{env_url}/sessions/{session}")
         return Trajectory(
             task_id=task.task_id,
             group_id=task.group_id,

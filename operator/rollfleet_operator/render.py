@@ -1,0 +1,482 @@
+"""RLJob -> Kubernetes manifests: the children the operator keeps in the cluster.
+
+A pure function of the job, the operator's settings and what the cluster serves, so the
+same job always renders the same objects (the operator's reconciliation is idempotent
+because of this) and tests can check every object without a cluster:
+
+    children = render(job, namespace="team-a", config=OperatorConfig(), knative=True)
+
+The components come from `rollfleet.plan`, as in the local runtime:
+
+| component            | objects                                                       |
+|----------------------|---------------------------------------------------------------|
+| job config           | ConfigMap `<job>-config` (the resolved manifest), Secret `<job>-tokens` |
+| rollout pool         | Deployment `<job>-rollout-<pool>`, placement from the GPU class |
+| trainer, 1 worker    | StatefulSet `<job>-trainer` + headless Service, checkpoints on its PVC |
+| trainer, N workers   | KubeRay RayJob `<job>-trainer` + PVC `<job>-checkpoints`      |
+| reward               | Knative Service `<job>-reward`, else Deployment + Service     |
+| env sandboxes        | StatefulSet `<job>-env` + headless Service + NetworkPolicy denying egress |
+
+Every pod runs non-root with a restricted security context and no service-account token
+(the services talk to NATS and each other, never to the Kubernetes API).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import yaml
+
+from rollfleet.bus import NATS_TOKEN_ENV
+from rollfleet.plan import Component, Endpoints, plan
+from rollfleet.service import TOKEN_ENV
+from rollfleet.spec import RLJob
+from rollfleet_operator.config import OperatorConfig
+
+HTTP_PORT = 8080
+RUN_DIR = "/var/lib/rollfleet"  # checkpoints and metrics: the trainer's PVC
+JOB_DIR = "/etc/rollfleet"  # the ConfigMap with the resolved manifest
+UID = 10001  # the images' user
+
+SERVICE_TOKEN_KEY = "service-token"
+NATS_TOKEN_KEY = "nats-token"
+
+
+class RenderError(ValueError):
+    """The job cannot run in this cluster as configured; names the field and the fix."""
+
+
+def names(job: str) -> dict[str, str]:
+    return {
+        "config": f"{job}-config",
+        "tokens": f"{job}-tokens",
+        "trainer": f"{job}-trainer",
+        "checkpoints": f"{job}-checkpoints",
+        "reward": f"{job}-reward",
+        "env": f"{job}-env",
+        "env-egress": f"{job}-env-deny-egress",
+    }
+
+
+def labels(job: str, component: str, pool: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "rollfleet",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "rollfleet",
+        "app.kubernetes.io/managed-by": "rollfleet-operator",
+        "rollfleet.io/job": job,
+    }
+    if pool:
+        out["rollfleet.io/pool"] = pool
+    return out
+
+
+def selector(job: str, component: str, pool: str | None = None) -> dict[str, str]:
+    out = {"rollfleet.io/job": job, "app.kubernetes.io/component": component}
+    if pool:
+        out["rollfleet.io/pool"] = pool
+    return out
+
+
+def _meta(name: str, namespace: str, job: str, component: str, pool: str | None = None) -> dict:
+    return {"name": name, "namespace": namespace, "labels": labels(job, component, pool)}
+
+
+# --- pods -----------------------------------------------------------------------------------
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": UID,
+    "runAsGroup": UID,
+    "fsGroup": UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": UID,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _env(component: Component, job: str) -> list[dict[str, Any]]:
+    tokens = names(job)["tokens"]
+    env = [{"name": k, "value": v} for k, v in sorted(component.env.items())]
+    env += [
+        {"name": "HOME", "value": "/tmp"},  # caches (HF, torch) on the writable emptyDir
+        {
+            "name": TOKEN_ENV,
+            "valueFrom": {"secretKeyRef": {"name": tokens, "key": SERVICE_TOKEN_KEY}},
+        },
+        {
+            "name": NATS_TOKEN_ENV,
+            "valueFrom": {
+                "secretKeyRef": {"name": tokens, "key": NATS_TOKEN_KEY, "optional": True}
+            },
+        },
+    ]
+    return env
+
+
+def _resources(component: Component, gpu_resource: str = "nvidia.com/gpu") -> dict:
+    amounts = {
+        (gpu_resource if key == "nvidia.com/gpu" else key): value
+        for key, value in component.resources.items()
+    }
+    requests = {k: v for k, v in amounts.items() if k in ("cpu", "memory")}
+    return {"requests": requests, "limits": amounts}  # GPUs go in limits; memory capped
+
+
+def _container(
+    component: Component, image: str, config: OperatorConfig, job: str, gpu_resource: str
+) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}}
+    return {
+        "name": component.role,
+        "image": image,
+        "imagePullPolicy": config.images.pullPolicy,
+        "command": component.command(),
+        "ports": [{"name": "http", "containerPort": HTTP_PORT}],
+        "env": _env(component, job),
+        "resources": _resources(component, gpu_resource),
+        "readinessProbe": {**probe, "periodSeconds": 5},
+        "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 6},
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [
+            {"name": "job", "mountPath": JOB_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _pod(job: str, containers: list[dict], extra_volumes: list[dict] = ()) -> dict[str, Any]:
+    return {
+        "automountServiceAccountToken": False,
+        "securityContext": POD_SECURITY,
+        "containers": containers,
+        "volumes": [
+            {"name": "job", "configMap": {"name": names(job)["config"]}},
+            {"name": "tmp", "emptyDir": {}},
+            *extra_volumes,
+        ],
+    }
+
+
+# --- children -------------------------------------------------------------------------------
+def _job_config(rljob: RLJob, namespace: str) -> dict[str, Any]:
+    job = rljob.metadata.name
+    resolved = rljob.model_dump(mode="json", by_alias=True, exclude={"status"})
+    resolved["metadata"] = {"name": job, "namespace": namespace}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(names(job)["config"], namespace, job, "config"),
+        "data": {"job.yaml": yaml.safe_dump(resolved, sort_keys=False)},
+    }
+
+
+def token_secret(job: str, namespace: str, nats_token: str | None) -> dict[str, Any]:
+    """The job's service token (fresh each call: the operator creates it once, never patches)."""
+    data = {SERVICE_TOKEN_KEY: secrets.token_urlsafe(32)}
+    if nats_token:
+        data[NATS_TOKEN_KEY] = nats_token
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(names(job)["tokens"], namespace, job, "config"),
+        "type": "Opaque",
+        "stringData": data,
+    }
+
+
+def _placement(pool_name: str, gpu_class: str | None, config: OperatorConfig, index: int):
+    if not gpu_class:
+        return {}, "nvidia.com/gpu"
+    if gpu_class not in config.gpuClasses:
+        known = sorted(config.gpuClasses) or ["none configured"]
+        raise RenderError(
+            f"spec.rollout.pools[{index}].gpuClass: {gpu_class!r} (pool {pool_name}) is not a GPU "
+            f"class of this cluster; use one of {known}, or add it to the chart's gpuClasses"
+        )
+    cls = config.gpuClasses[gpu_class]
+    placement = {
+        key: value
+        for key, value in (
+            ("nodeSelector", cls.nodeSelector),
+            ("tolerations", cls.tolerations),
+            ("affinity", cls.affinity),
+        )
+        if value
+    }
+    return placement, cls.resourceName
+
+
+def _rollout(rljob, component, index, namespace, config, stopped) -> dict[str, Any]:
+    job = rljob.metadata.name
+    pool = rljob.spec.rollout.pools[index]
+    placement, gpu_resource = _placement(pool.name, pool.gpuClass, config, index)
+    image = config.images.rolloutVllm if pool.engine == "vllm" else config.images.rollout
+    pod_labels = labels(job, "rollout", pool.name)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(f"{job}-{component.name}", namespace, job, "rollout", pool.name),
+        "spec": {
+            "replicas": 0 if stopped else component.replicas,
+            "selector": {"matchLabels": selector(job, "rollout", pool.name)},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    **_pod(job, [_container(component, image, config, job, gpu_resource)]),
+                    **placement,
+                },
+            },
+        },
+    }
+
+
+def _headless_service(name, namespace, job, component) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, namespace, job, component),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector(job, component),
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def _checkpoint_mount() -> dict[str, str]:
+    return {"name": "checkpoints", "mountPath": RUN_DIR}
+
+
+def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any]]:
+    job, spec = rljob.metadata.name, rljob.spec
+    name = names(job)["trainer"]
+    container = _container(component, config.images.trainer, config, job, "nvidia.com/gpu")
+    container["volumeMounts"].append(_checkpoint_mount())
+    storage = {"requests": {"storage": config.trainer.checkpointStorage}}
+    claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": storage}
+    if config.trainer.storageClassName:
+        claim_spec["storageClassName"] = config.trainer.storageClassName
+    if spec.trainer.workers == 1:
+        return [
+            _headless_service(name, namespace, job, "trainer"),
+            {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": _meta(name, namespace, job, "trainer"),
+                "spec": {
+                    "replicas": 0 if stopped else 1,
+                    "serviceName": name,
+                    "selector": {"matchLabels": selector(job, "trainer")},
+                    "template": {
+                        "metadata": {"labels": labels(job, "trainer")},
+                        "spec": _pod(job, [container]),
+                    },
+                    "volumeClaimTemplates": [
+                        {"metadata": {"name": "checkpoints"}, "spec": claim_spec}
+                    ],
+                },
+            },
+        ]
+    # Several workers: KubeRay runs the same entrypoint as the driver on the head; Ray Train
+    # places one rank per worker pod. Every pod mounts the checkpoint volume (rank 0 writes,
+    # wherever Ray placed it), so it must be ReadWriteMany.
+    claim_spec["accessModes"] = ["ReadWriteMany"]
+    checkpoints = names(job)["checkpoints"]
+    volume = {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoints}}
+    ray_container = {**container, "name": "ray", "command": None}
+    ray_container = {k: v for k, v in ray_container.items() if v is not None}
+    ray_container["ports"] = [
+        {"name": "http", "containerPort": HTTP_PORT},
+        {"name": "gcs", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+    ]
+    for probe in ("readinessProbe", "livenessProbe"):  # KubeRay probes Ray itself
+        ray_container.pop(probe)
+    driver = {"cpu": "1", "memory": "2Gi"}
+    head = {**ray_container, "resources": {"requests": driver, "limits": driver}}
+    pod_labels = labels(job, "trainer")
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": _meta(checkpoints, namespace, job, "trainer"),
+            "spec": claim_spec,
+        },
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayJob",
+            "metadata": _meta(name, namespace, job, "trainer"),
+            "spec": {
+                "entrypoint": " ".join(component.command()),
+                "suspend": stopped,
+                "shutdownAfterJobFinishes": True,
+                "ttlSecondsAfterFinished": 3600,
+                "rayClusterSpec": {
+                    "rayVersion": config.trainer.rayVersion,
+                    "headGroupSpec": {
+                        # The head runs the driver only; ranks go to the workers.
+                        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                        "template": {
+                            "metadata": {"labels": pod_labels},
+                            "spec": _pod(job, [head], [volume]),
+                        },
+                    },
+                    "workerGroupSpecs": [
+                        {
+                            "groupName": "trainer",
+                            "replicas": spec.trainer.workers,
+                            "minReplicas": spec.trainer.workers,
+                            "maxReplicas": spec.trainer.workers,
+                            "rayStartParams": {},
+                            "template": {
+                                "metadata": {"labels": pod_labels},
+                                "spec": _pod(job, [ray_container], [volume]),
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    ]
+
+
+def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[str, Any]]:
+    job = rljob.metadata.name
+    name = names(job)["reward"]
+    container = _container(component, config.images.reward, config, job, "nvidia.com/gpu")
+    pod_labels = labels(job, "reward")
+    if knative:
+        # Knative names the serving port itself and probes it; it scales the revision on
+        # in-flight requests per pod (the concurrency target), down to zero when idle.
+        container["ports"] = [{"name": "http1", "containerPort": HTTP_PORT}]
+        for probe in ("readinessProbe", "livenessProbe"):
+            container[probe] = {"httpGet": {"path": "/healthz"}}
+        max_scale = max(config.reward.maxScale, component.replicas)
+        return [
+            {
+                "apiVersion": "serving.knative.dev/v1",
+                "kind": "Service",
+                "metadata": _meta(name, namespace, job, "reward"),
+                "spec": {
+                    "template": {
+                        "metadata": {
+                            "labels": pod_labels,
+                            "annotations": {
+                                "autoscaling.knative.dev/metric": "concurrency",
+                                "autoscaling.knative.dev/target": str(
+                                    config.reward.targetConcurrency
+                                ),
+                                "autoscaling.knative.dev/min-scale": "0",
+                                "autoscaling.knative.dev/max-scale": str(max_scale),
+                                # Scale to zero now on suspend; else start with spec replicas.
+                                "autoscaling.knative.dev/initial-scale": str(
+                                    0 if stopped else component.replicas
+                                ),
+                            },
+                        },
+                        "spec": _pod(job, [container]),
+                    }
+                },
+            }
+        ]
+    service = _headless_service(name, namespace, job, "reward")
+    service["spec"].pop("clusterIP")  # a normal ClusterIP service, port 80 as Knative's
+    service["spec"]["ports"] = [{"name": "http", "port": 80, "targetPort": "http"}]
+    return [
+        service,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(name, namespace, job, "reward"),
+            "spec": {
+                "replicas": 0 if stopped else component.replicas,
+                "selector": {"matchLabels": selector(job, "reward")},
+                "template": {"metadata": {"labels": pod_labels}, "spec": _pod(job, [container])},
+            },
+        },
+    ]
+
+
+def _env_sandboxes(rljob, component, namespace, config, stopped) -> list[dict[str, Any]]:
+    job = rljob.metadata.name
+    name = names(job)["env"]
+    container = _container(component, config.images.env, config, job, "nvidia.com/gpu")
+    return [
+        _headless_service(name, namespace, job, "env"),
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": _meta(name, namespace, job, "env"),
+            "spec": {
+                "replicas": 0 if stopped else component.replicas,
+                "serviceName": name,
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": selector(job, "env")},
+                "template": {
+                    "metadata": {"labels": labels(job, "env")},
+                    "spec": _pod(job, [container]),
+                },
+            },
+        },
+        {
+            # Sandboxes run model-written actions: they may answer, never call out.
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(names(job)["env-egress"], namespace, job, "env"),
+            "spec": {
+                "podSelector": {"matchLabels": selector(job, "env")},
+                "policyTypes": ["Egress"],
+                "egress": [],
+            },
+        },
+    ]
+
+
+def endpoints(rljob: RLJob, namespace: str, config: OperatorConfig) -> Endpoints:
+    job = rljob.metadata.name
+    env = names(job)["env"]
+    domain = f"{namespace}.svc.cluster.local"
+    env_urls = [
+        f"http://{env}-{i}.{env}.{domain}:{HTTP_PORT}" for i in range(rljob.spec.env.replicas)
+    ]
+    return Endpoints(
+        nats_url=config.nats.url,
+        reward_url=f"http://{names(job)['reward']}.{domain}",
+        env_url=",".join(env_urls),
+        run_dir=RUN_DIR,
+        job_file=f"{JOB_DIR}/job.yaml",
+    )
+
+
+def render(
+    rljob: RLJob,
+    namespace: str,
+    config: OperatorConfig,
+    knative: bool,
+    stopped: bool = False,
+) -> list[dict[str, Any]]:
+    """Every child of the job but its Secret (see `token_secret`); `stopped` scales to zero."""
+    stopped = stopped or rljob.spec.suspend
+    children = [_job_config(rljob, namespace)]
+    pool_index = {f"rollout-{p.name}": i for i, p in enumerate(rljob.spec.rollout.pools)}
+    for component in plan(rljob, endpoints(rljob, namespace, config)):
+        # Pods listen on every interface; the local runtime keeps loopback.
+        component.env["ROLLFLEET_HTTP_HOST"] = "0.0.0.0"
+        if component.role == "rollout":
+            index = pool_index[component.name]
+            children.append(_rollout(rljob, component, index, namespace, config, stopped))
+        elif component.role == "trainer":
+            children += _trainer(rljob, component, namespace, config, stopped)
+        elif component.role == "reward":
+            children += _reward(rljob, component, namespace, config, knative, stopped)
+        else:
+            children += _env_sandboxes(rljob, component, namespace, config, stopped)
+    return children
