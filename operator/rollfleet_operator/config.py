@@ -16,7 +16,7 @@ default, so the operator also starts without the file (tests build `OperatorConf
       H20:
         nodeSelector: {rollfleet.io/node-profile: bandwidth-optimised}
         tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
-    reward: {knative: auto, maxScale: 10, targetConcurrency: 16}
+    reward: {knative: auto}                             # auto | always | never
     trainer: {checkpointStorage: 20Gi, storageClassName: null, rayVersion: "2.60.0"}
 """
 
@@ -60,9 +60,9 @@ class GpuClass(_Strict):
 
 
 class RewardConfig(_Strict):
-    knative: Literal["auto", "always", "never"] = "auto"  # auto: use it when the API is served
-    maxScale: int = Field(10, ge=1)
-    targetConcurrency: int = Field(16, ge=1)
+    # auto: a Knative Service when the cluster serves the API. Its scale bounds and
+    # concurrency target are the job's own (spec.reward.maxScale, targetConcurrency).
+    knative: Literal["auto", "always", "never"] = "auto"
 
 
 class TrainerConfig(_Strict):

@@ -359,7 +359,8 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
         container["ports"] = [{"name": "http1", "containerPort": HTTP_PORT}]
         for probe in ("readinessProbe", "livenessProbe"):
             container[probe] = {"httpGet": {"path": "/healthz"}}
-        max_scale = max(config.reward.maxScale, component.replicas)
+        reward = rljob.spec.reward
+        max_scale = max(reward.maxScale, reward.replicas)
         return [
             {
                 "apiVersion": "serving.knative.dev/v1",
@@ -371,9 +372,7 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
                             "labels": pod_labels,
                             "annotations": {
                                 "autoscaling.knative.dev/metric": "concurrency",
-                                "autoscaling.knative.dev/target": str(
-                                    config.reward.targetConcurrency
-                                ),
+                                "autoscaling.knative.dev/target": str(reward.targetConcurrency),
                                 "autoscaling.knative.dev/min-scale": "0",
                                 "autoscaling.knative.dev/max-scale": str(max_scale),
                                 # Scale to zero now on suspend; else start with spec replicas.

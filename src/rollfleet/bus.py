@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 DEAD_LETTERS = Counter(
     "rollfleet_dead_letters_total", "Messages moved to the dead-letter subject", ["subject"]
 )
+for _kind in ("tasks", "trajectories", "weights", "cancel"):  # exported as 0 from the start
+    DEAD_LETTERS.labels(subject=_kind)
 
 TASK_ACK_WAIT_S = 120.0
 NATS_TOKEN_ENV = "ROLLFLEET_NATS_TOKEN"

@@ -4,20 +4,30 @@ The models are the one source of truth; this module turns their JSON Schema (dra
 with $refs) into the structural OpenAPI v3.0 schema the Kubernetes API server wants:
 refs inlined, `X | None` as `nullable`, exclusive bounds as booleans, open maps as
 `x-kubernetes-preserve-unknown-fields`, titles and defaults dropped (the operator applies
-defaults through pydantic). Regenerate the checked-in file after changing spec.py:
+defaults through pydantic). A model's `__cel__` rules (spec.Cel, beside the validators they
+mirror) become `x-kubernetes-validations` on its schema, each `{self.field}` written out
+with the field's pydantic default for when the manifest leaves it out. Regenerate the
+checked-in files after changing spec.py:
 
-    rollfleet crd > crds/rljob.yaml      # or: make crds
+    make crds      # rollfleet crd | tee charts/rollfleet/crds/rljob.yaml > crds/rljob.yaml
 
 tests/unit/test_crd.py fails while crds/rljob.yaml is stale.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import typing
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import GenerateJsonSchema
 
-from rollfleet.spec import API_VERSION, KIND, RLJobSpec, RLJobStatus
+from rollfleet.spec import API_VERSION, KIND, Cel, RLJobSpec, RLJobStatus
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "rljobs"
@@ -52,6 +62,124 @@ PRINTER_COLUMNS = [
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.heldoutAccuracy", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
+
+
+_CEL = "x-kubernetes-validations"
+_RULE_KEYS = ("rule", "message", "fieldPath", "reason")
+# `{self.a.b}` or `{p.b}` in a Cel rule: a field path, expanded with its default.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*(?:\.\w+)+)\}")
+# `self.a.pools.all(p, ...)`: a list macro; `p` stands for an item of `self.a.pools`.
+_MACRO = re.compile(
+    r"\b([A-Za-z_]\w*(?:\.\w+)+)\.(?:all|exists|exists_one|filter|map)\(\s*(\w+)\s*,"
+)
+
+
+def _field(model: type[BaseModel], alias: str) -> tuple[str, FieldInfo]:
+    """A field of `model` by its alias (the name in the manifest): (attribute name, info)."""
+    for name, info in model.model_fields.items():
+        if (info.alias or name) == alias:
+            return name, info
+    raise ValueError(f"CEL rule names {model.__name__}.{alias}, which is no field there")
+
+
+def _is_nullable(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)  # `X | None`
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, itself or as the items of a list."""
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _cel_literal(value: Any, annotation: Any) -> str:
+    """A default as a CEL literal of the field's CEL type (a float field's 300 is 300.0)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if annotation is float and isinstance(value, int | float) and math.isfinite(value):
+        return repr(float(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a CEL string literal too; "" reads better in YAML than ''
+    raise ValueError(f"default {value!r} has no CEL literal: guard the field with has() instead")
+
+
+def _walk(path: str, scopes: dict[str, type[BaseModel]]) -> list[FieldInfo]:
+    """The fields along `self.a.b` (or `p.b`, p a macro variable), outermost first."""
+    root, *aliases = path.split(".")
+    if root not in scopes:
+        raise ValueError(f"CEL rule: {root!r} in {path!r} is neither self nor a macro variable")
+    model: type[BaseModel] | None = scopes[root]
+    fields = []
+    for alias in aliases:
+        if model is None:
+            raise ValueError(f"CEL rule: {path!r} goes below a non-model field")
+        fields.append(_field(model, alias)[1])
+        model = _model_in(fields[-1].annotation)
+    return fields
+
+
+def _with_default(path: str, scopes: dict[str, type[BaseModel]]) -> str:
+    """`self.a.b` as CEL that reads the field, or its pydantic default where it is absent.
+
+    Which default depends on where the path stops: with `self.a` absent it is the default
+    of `a`, its `b`; with `self.a` there but `self.a.b` absent, the default of a's `b`.
+    """
+    fields = _walk(path, scopes)
+    if _is_nullable(fields[-1].annotation):
+        raise ValueError(f"CEL placeholder {{{path}}}: a nullable field needs a hand-written guard")
+    prefixes = path.split(".")
+    guards: list[tuple[str, str]] = []  # (has() argument, the literal used when it is absent)
+    for i, info in enumerate(fields):
+        value = info.get_default(call_default_factory=True)
+        for alias in prefixes[i + 2 :]:
+            if not isinstance(value, BaseModel):
+                raise ValueError(f"CEL placeholder {{{path}}}: no default for {alias!r}")
+            value = getattr(value, _field(type(value), alias)[0])
+        literal = _cel_literal(value, fields[-1].annotation)
+        guards.append((".".join(prefixes[: i + 2]), literal))
+    # Neighbouring guards with the same fallback share one ternary.
+    expr = path
+    while guards:
+        literal = guards[-1][1]
+        run: list[str] = []
+        while guards and guards[-1][1] == literal:
+            run.insert(0, guards.pop()[0])
+        expr = f"({' && '.join(f'has({p})' for p in run)} ? {expr} : {literal})"
+    return expr
+
+
+def render_rule(model: type[BaseModel], cel: Cel) -> dict:
+    """One Cel of `model` as an x-kubernetes-validations entry, its placeholders expanded."""
+    scopes: dict[str, type[BaseModel]] = {"self": model}
+    for receiver, var in _MACRO.findall(cel.rule):
+        items = _model_in(_walk(receiver, scopes)[-1].annotation)
+        if items is None:
+            raise ValueError(f"CEL rule: {receiver!r} is not a list of objects")
+        scopes[var] = items
+    rule = _PLACEHOLDER.sub(lambda m: _with_default(m.group(1), scopes), cel.rule)
+    out = {"rule": rule, "message": cel.message}
+    if cel.field_path is not None:
+        _walk("self" + cel.field_path, {"self": model})  # refuses a path that is no field
+        out["fieldPath"] = cel.field_path
+    out["reason"] = cel.reason
+    return out
+
+
+class _WithCel(GenerateJsonSchema):
+    """pydantic's JSON Schema, each model's `__cel__` rules added to its own schema."""
+
+    def model_schema(self, schema):
+        out = super().model_schema(schema)
+        model = schema["cls"]
+        rules = getattr(model, "__cel__", ())
+        if rules:
+            out[_CEL] = [render_rule(model, cel) for cel in rules]
+        return out
 
 
 def _inline(node: dict, defs: dict, seen: tuple[str, ...]) -> tuple[dict, tuple[str, ...]]:
@@ -109,6 +237,9 @@ def _convert(node: dict, defs: dict, seen: tuple[str, ...] = ()) -> dict:
             # 2020-12 puts the bound in the keyword; OpenAPI v3.0 wants it beside a boolean.
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True
+        elif key == _CEL:
+            # pydantic sorted each rule's keys; the rule first reads better.
+            out[key] = [{k: rule[k] for k in _RULE_KEYS if k in rule} for rule in value]
         elif key == "properties":
             out[key] = {name: _convert(sub, defs, seen) for name, sub in value.items()}
         elif key == "items":
@@ -126,7 +257,7 @@ def _convert(node: dict, defs: dict, seen: tuple[str, ...] = ()) -> dict:
 
 def model_schema(model: type) -> dict:
     """A pydantic model's validation schema (by alias) as a structural OpenAPI v3.0 schema."""
-    schema = model.model_json_schema(by_alias=True, mode="validation")
+    schema = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithCel)
     return _convert(schema, schema.get("$defs", {}))
 
 

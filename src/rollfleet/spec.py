@@ -15,7 +15,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -81,6 +81,28 @@ RewardName = Annotated[str, _registered("reward function", _rewards)]
 AggregationName = Annotated[str, _registered("loss aggregation", _aggregations)]
 
 
+class Cel(NamedTuple):
+    """A CEL rule the CRD carries for a cross-field check that a validator beside it makes.
+
+    A model lists its rules in `__cel__`; crd.py puts them on that model's schema as
+    `x-kubernetes-validations`, so the API server refuses the manifest before the operator
+    reads it, and `self` is the object the model describes. The CRD sets no defaults, so a
+    field the manifest leaves out is absent there: write `{self.a.b}` (or `{p.b}` for the
+    variable of a list macro such as `self.items.all(p, ...)`) and crd.py expands it to the
+    field's value or, where absent, its pydantic default, e.g.
+    `(has(self.workers) ? self.workers : 1)`. A bare `self.a` has no default: guard it with
+    `has(self.a)`. tests/unit/test_crd.py checks every rule against these validators.
+    """
+
+    rule: str
+    message: str
+    field_path: str | None = None
+    "the field the API server blames, relative to `self` (e.g. `.workers`)"
+    reason: Literal[
+        "FieldValueInvalid", "FieldValueForbidden", "FieldValueDuplicate", "FieldValueRequired"
+    ] = "FieldValueInvalid"
+
+
 class Strict(BaseModel):
     """Unknown fields are errors: a typo must not silently fall back to a default."""
 
@@ -107,6 +129,14 @@ class ModelSpec(Strict):
     heads: int = Field(4, ge=1, description="builtin model: attention heads")
     maxLength: int = Field(64, ge=8, description="longest sequence (prompt + response), tokens")
     warmup: WarmupSpec = WarmupSpec()
+
+    __cel__ = (
+        Cel(
+            "{self.hidden} % {self.heads} == 0",
+            "model.heads must divide model.hidden",
+            field_path=".heads",
+        ),
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -207,9 +237,23 @@ class PoolSpec(Strict):
     maxBatch: int = Field(64, ge=1, description="sequences decoded together (engine slots)")
 
 
+MAX_POOLS = 16  # bounds the cost of the CRD's CEL rules that iterate over the pools
+
+
 class RolloutSpec(Strict):
-    pools: list[PoolSpec] = Field(default_factory=lambda: [PoolSpec()], min_length=1)
+    pools: list[PoolSpec] = Field(
+        default_factory=lambda: [PoolSpec()], min_length=1, max_length=MAX_POOLS
+    )
     sampling: SamplingSpec = SamplingSpec()
+
+    __cel__ = (
+        Cel(
+            "!has(self.pools) || self.pools.all(p, self.pools.exists_one(q, {q.name} == {p.name}))",
+            "pool names must be unique",
+            field_path=".pools",
+            reason="FieldValueDuplicate",
+        ),
+    )
 
     @field_validator("pools")
     @classmethod
@@ -236,6 +280,14 @@ class TrainerSpec(Strict):
     )
     evalEvery: int = Field(
         0, ge=0, description="held-out evaluation every N steps; 0 = only at start and end"
+    )
+
+    __cel__ = (
+        Cel(
+            "{self.promptsPerStep} % {self.workers} == 0",
+            "promptsPerStep must be a multiple of workers: each trainer worker trains an equal share",
+            field_path=".promptsPerStep",
+        ),
     )
 
     @model_validator(mode="after")
@@ -318,6 +370,24 @@ class RLJobSpec(Strict):
     suspend: bool = False
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method modules by name, each with its own settings"
+    )
+
+    __cel__ = (
+        Cel(  # _lockstep_needs_whole_groups
+            "{self.async.envAsync} || !{self.async.replicatePrompts}",
+            "async.envAsync: false keeps a group's env sessions in lockstep, which needs the "
+            "group in one task: set replicatePrompts: false (or envAsync: true)",
+            field_path=".async.replicatePrompts",
+            reason="FieldValueForbidden",
+        ),
+        Cel(  # _reprefill_needs_the_torch_engine (the default pool uses torch)
+            '{self.async.partialRollout} != "reprefill" || !has(self.rollout) || '
+            '!has(self.rollout.pools) || self.rollout.pools.all(p, {p.engine} != "vllm")',
+            "async.partialRollout: reprefill is done by the torch engine only, and vllm pools "
+            "continue in-flight requests: set partialRollout: continue",
+            field_path=".async.partialRollout",
+            reason="FieldValueForbidden",
+        ),
     )
 
     @model_validator(mode="after")

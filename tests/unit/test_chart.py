@@ -302,7 +302,6 @@ def test_operator_deployment():
     probe = container["livenessProbe"]
     assert probe["httpGet"] == {"path": "/healthz", "port": 8080}
     assert container["resources"]["requests"] and container["resources"]["limits"]
-    # selector labels are a subset of the pod's labels, and the pod is one the PodMonitor scrapes
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
     assert labels["app.kubernetes.io/part-of"] == "rollfleet"
@@ -459,7 +458,12 @@ def test_podmonitor():
     assert monitor["metadata"]["name"] == RELEASE
     assert monitor["metadata"]["namespace"] == NAMESPACE
     spec = monitor["spec"]
-    assert spec["selector"] == {"matchLabels": {"app.kubernetes.io/part-of": "rollfleet"}}
+    assert spec["selector"] == {
+        "matchLabels": {
+            "app.kubernetes.io/part-of": "rollfleet",
+            "app.kubernetes.io/managed-by": "rollfleet-operator",
+        }
+    }
     assert spec["namespaceSelector"] == {"any": True}  # job pods run in the jobs' namespaces
     (endpoint,) = spec["podMetricsEndpoints"]  # required by the PodMonitor CRD
     assert endpoint["port"] == "http"
@@ -467,10 +471,24 @@ def test_podmonitor():
     for key in ("interval", "scrapeTimeout"):
         assert re.fullmatch(r"(\d+(ms|s|m|h))+", endpoint[key])
     assert set(spec) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "podTargetLabels"}
-    # it selects the operator pod, whose port "http" serves /metrics
-    pod = operator_deployment("monitoring-on")["spec"]["template"]
-    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    assert "http" in [p["name"] for p in pod["spec"]["containers"][0]["ports"]]
+    # it selects every pod the operator renders for a job (each serves /metrics on "http"),
+    # not the operator's own pod (kopf serves /healthz only)
+    from rollfleet.spec import load_manifest
+    from rollfleet_operator.config import OperatorConfig
+    from rollfleet_operator.render import render
+
+    job = load_manifest("examples/countdown.yaml")
+    pods = [
+        c["spec"]["template"]
+        for c in render(job, "ns", OperatorConfig(), knative=False)
+        if c["kind"] in ("Deployment", "StatefulSet")
+    ]
+    assert len(pods) == 4
+    for pod in pods:
+        assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        assert "http" in [p["name"] for p in pod["spec"]["containers"][0]["ports"]]
+    operator_pod = operator_deployment("monitoring-on")["spec"]["template"]
+    assert not spec["selector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
 
 
 # --- values and their schema ----------------------------------------------------------

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import random
 from pathlib import Path
 from typing import Literal
 
+import cel
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
-from rollfleet.crd import build_crd, model_schema, render_crd
-from rollfleet.spec import RLJobSpec
+from rollfleet.crd import build_crd, model_schema, render_crd, render_rule
+from rollfleet.spec import (
+    MAX_POOLS,
+    Cel,
+    ModelSpec,
+    RLJobSpec,
+    RolloutSpec,
+    TrainerSpec,
+)
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "rljob.yaml"
 PRESERVE = "x-kubernetes-preserve-unknown-fields"
@@ -143,3 +153,339 @@ def test_unions_are_refused():
 
     with pytest.raises(ValueError, match="union"):
         model_schema(Either)
+
+
+# --- CEL rules (x-kubernetes-validations) ----------------------------------------------
+#
+# The API server runs each rule on the object its schema node describes (`self`), without
+# defaults (the CRD sets none). These tests run the generated rules with a real CEL engine
+# (common-expression-language; like the API server it errors on a missing field, so an
+# unguarded rule fails here) against what the pydantic validators accept.
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+CEL = "x-kubernetes-validations"
+# Where each rule sits (a path below .spec) and the field it blames: one per validator.
+RULES = {
+    ("model", ".heads"): "must divide model.hidden",
+    ("rollout", ".pools"): "pool names must be unique",
+    ("trainer", ".promptsPerStep"): "must be a multiple of workers",
+    ("", ".async.replicatePrompts"): "set replicatePrompts: false",
+    ("", ".async.partialRollout"): "set partialRollout: continue",
+}
+
+
+def spec_rules(spec_schema: dict):
+    """(location, rule) for every CEL rule in the spec schema; location: a path below .spec."""
+    for path, node in walk(spec_schema):
+        for rule in node.get(CEL, ()):
+            yield path.lstrip("."), rule
+
+
+def objects_at(obj: dict, location: str):
+    """The objects a rule at `location` runs on (none where the manifest leaves it out)."""
+    parts = [p for p in location.replace("[]", ".[]").split(".") if p]
+    found = [obj]
+    for part in parts:
+        if part == "[]":
+            found = [item for seq in found for item in seq]
+        else:
+            found = [o[part] for o in found if isinstance(o, dict) and part in o]
+    return found
+
+
+@functools.cache
+def program(rule: str):
+    return cel.compile(rule)
+
+
+def holds(rule: str, obj: dict) -> bool:
+    verdict = program(rule).execute({"self": obj})
+    assert isinstance(verdict, bool), f"{rule} gave {verdict!r}"
+    return verdict
+
+
+def failing(spec_schema: dict, spec: dict) -> set[tuple[str, str]]:
+    """The (location, fieldPath) of every rule the API server would refuse `spec` by."""
+    return {
+        (location, rule["fieldPath"])
+        for location, rule in spec_rules(spec_schema)
+        for obj in objects_at(spec, location)
+        if not holds(rule["rule"], obj)
+    }
+
+
+def pydantic_errors(spec: dict) -> list[str]:
+    try:
+        RLJobSpec.model_validate(spec)
+    except ValidationError as e:
+        return [err["msg"] for err in e.errors()]
+    return []
+
+
+def test_one_rule_per_cross_field_validator(spec):
+    assert {(loc, rule["fieldPath"]) for loc, rule in spec_rules(spec)} == RULES.keys()
+    models = [ModelSpec, RolloutSpec, TrainerSpec, RLJobSpec]
+    validators = {
+        m.__name__: len(m.__pydantic_decorators__.model_validators)
+        + len(m.__pydantic_decorators__.field_validators)
+        for m in models
+    }
+    assert validators == {m.__name__: len(m.__cel__) for m in models}
+
+
+def test_rules_are_well_formed(spec):
+    for location, rule in spec_rules(spec):
+        assert list(rule) == ["rule", "message", "fieldPath", "reason"], location
+        assert "\n" not in rule["message"] and "{" not in rule["rule"], rule
+        assert rule["reason"] in {"FieldValueInvalid", "FieldValueForbidden", "FieldValueDuplicate"}
+        # The API server wants fieldPath to name a field of the schema the rule is on.
+        node = functools.reduce(
+            lambda n, part: n["properties"][part],
+            [p for p in location.split(".") if p],
+            spec,
+        )
+        functools.reduce(
+            lambda n, part: n["properties"][part], rule["fieldPath"][1:].split("."), node
+        )
+
+
+def test_lists_iterated_by_rules_are_bounded(spec):
+    """CEL cost estimation needs maxItems on every list a rule iterates over."""
+    iterated = spec["properties"]["rollout"]["properties"]["pools"]
+    assert iterated["maxItems"] == MAX_POOLS
+    for _, rule in spec_rules(spec):
+        if ".all(" in rule["rule"] or ".exists" in rule["rule"]:
+            assert "pools" in rule["rule"], "a new iterated list: give it a maxItems and test it"
+
+
+def test_defaults_written_into_rules(spec):
+    """An absent field reads as its pydantic default, taken from spec.py, not by hand."""
+    (trainer,) = spec["properties"]["trainer"][CEL]
+    default = TrainerSpec()
+    assert trainer["rule"] == (
+        f"(has(self.promptsPerStep) ? self.promptsPerStep : {default.promptsPerStep}) % "
+        f"(has(self.workers) ? self.workers : {default.workers}) == 0"
+    )
+
+
+@pytest.mark.parametrize("location", sorted({loc for loc, _ in RULES}))
+def test_an_empty_object_passes(spec, location):
+    """Every default is valid, so a section with no fields set passes its rules."""
+    for loc, rule in spec_rules(spec):
+        if loc == location:
+            assert holds(rule["rule"], {}), rule["rule"]
+
+
+REFUSED = [
+    ({"trainer": {"promptsPerStep": 10, "workers": 4}}, ("trainer", ".promptsPerStep")),
+    ({"trainer": {"workers": 3}}, ("trainer", ".promptsPerStep")),  # default promptsPerStep 16
+    ({"model": {"heads": 3}}, ("model", ".heads")),  # default hidden 128
+    ({"model": {"hidden": 130}}, ("model", ".heads")),  # default heads 4
+    ({"model": {"hidden": 100, "heads": 8}}, ("model", ".heads")),
+    ({"rollout": {"pools": [{"name": "a"}, {"name": "a"}]}}, ("rollout", ".pools")),
+    ({"rollout": {"pools": [{}, {"name": "default"}]}}, ("rollout", ".pools")),
+    ({"rollout": {"pools": [{}, {"engine": "vllm"}]}}, ("rollout", ".pools")),
+    (
+        {"async": {"envAsync": False, "replicatePrompts": True}},
+        ("", ".async.replicatePrompts"),
+    ),
+    (
+        {"async": {"partialRollout": "reprefill"}, "rollout": {"pools": [{"engine": "vllm"}]}},
+        ("", ".async.partialRollout"),
+    ),
+    (
+        {
+            "async": {"partialRollout": "reprefill"},
+            "rollout": {"pools": [{"name": "a"}, {"name": "b", "engine": "vllm"}]},
+        },
+        ("", ".async.partialRollout"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("manifest_spec", "rule"), REFUSED)
+def test_rule_refuses_what_pydantic_refuses(spec, manifest_spec, rule):
+    errors = pydantic_errors(manifest_spec)
+    assert len(errors) == 1 and RULES[rule] in errors[0], errors
+    assert failing(spec, manifest_spec) == {rule}
+
+
+ACCEPTED = [
+    {"trainer": {"promptsPerStep": 15}},  # default workers 1
+    {"trainer": {"promptsPerStep": 12, "workers": 3}},
+    {"model": {"hidden": 96, "heads": 3}},
+    {"rollout": {"pools": [{}, {"name": "b"}]}},
+    {"async": {"envAsync": False}},
+    {"async": {"replicatePrompts": True}},
+    {"async": {"partialRollout": "reprefill"}},  # the default pool uses torch
+    {"async": {"partialRollout": "reprefill"}, "rollout": {}},
+    {"async": {"partialRollout": "reprefill"}, "rollout": {"pools": [{"engine": "torch"}]}},
+    {"async": {}, "rollout": {"pools": [{"engine": "vllm"}]}},
+]
+
+
+@pytest.mark.parametrize("manifest_spec", ACCEPTED)
+def test_rules_accept_what_pydantic_accepts(spec, manifest_spec):
+    assert pydantic_errors(manifest_spec) == []
+    assert failing(spec, manifest_spec) == set()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_every_rule(spec, path):
+    manifests = [m for m in yaml.safe_load_all(path.read_text()) if m and m.get("kind") == "RLJob"]
+    assert manifests, path
+    for manifest in manifests:
+        assert failing(spec, manifest.get("spec", {})) == set(), path
+
+
+def _maybe(rng: random.Random, fields: dict) -> dict:
+    """Each field set or left out; a value of `...` is always left out."""
+    return {k: rng.choice(v) for k, v in fields.items() if rng.random() < 0.6}
+
+
+def random_spec(rng: random.Random) -> dict:
+    sections = {
+        "trainer": lambda: _maybe(rng, {"promptsPerStep": range(1, 25), "workers": range(1, 6)}),
+        "model": lambda: _maybe(
+            rng, {"hidden": [8, 12, 96, 100, 128, 130], "heads": [1, 2, 3, 4, 5, 8]}
+        ),
+        "rollout": lambda: _maybe(
+            rng,
+            {
+                "pools": [
+                    [
+                        _maybe(rng, {"name": ["default", "a", "b"], "engine": ["torch", "vllm"]})
+                        for _ in range(rng.randint(1, 4))
+                    ]
+                ]
+            },
+        ),
+        "async": lambda: _maybe(
+            rng,
+            {
+                "envAsync": [True, False],
+                "replicatePrompts": [True, False],
+                "partialRollout": ["continue", "reprefill"],
+                "ratio": [0, 1, 2],
+            },
+        ),
+    }
+    return {name: make() for name, make in sections.items() if rng.random() < 0.7}
+
+
+def _pick(section: dict | None, *keys: str) -> dict:
+    return {k: v for k, v in (section or {}).items() if k in keys}
+
+
+def project(rule: tuple[str, str], s: dict) -> dict | None:
+    """What the validator behind `rule` reads of spec `s`, the rest left out (None: nothing).
+
+    Sections stay absent where `s` leaves them out; pools keep their count (and, where the
+    check is not about names, get unique ones).
+    """
+    pools = s.get("rollout", {}).get("pools")
+    match rule:
+        case ("trainer", _) if "trainer" in s:
+            return {"trainer": _pick(s["trainer"], "promptsPerStep", "workers")}
+        case ("model", _) if "model" in s:
+            return {"model": _pick(s["model"], "hidden", "heads")}
+        case ("rollout", _) if "rollout" in s:
+            return {
+                "rollout": {} if pools is None else {"pools": [_pick(p, "name") for p in pools]}
+            }
+        case ("", ".async.replicatePrompts"):
+            return (
+                {"async": _pick(s["async"], "envAsync", "replicatePrompts")} if "async" in s else {}
+            )
+        case ("", ".async.partialRollout"):
+            alone = {"async": _pick(s["async"], "partialRollout")} if "async" in s else {}
+            if "rollout" in s:
+                alone["rollout"] = {}
+                if pools is not None:
+                    alone["rollout"]["pools"] = [
+                        {"name": f"p{i}", **_pick(p, "engine")} for i, p in enumerate(pools)
+                    ]
+            return alone
+    return None
+
+
+def test_cel_and_pydantic_agree_on_generated_specs(spec):
+    rng = random.Random(4)
+    verdicts = {rule: set() for rule in RULES}
+    for _ in range(600):
+        manifest_spec = random_spec(rng)
+        refused = failing(spec, manifest_spec)
+        errors = pydantic_errors(manifest_spec)
+        # Accepted by pydantic exactly when no rule refuses; each pydantic error has its rule
+        # (pydantic stops at the first failing validator of a model, CEL runs them all).
+        assert (errors == []) == (refused == set()), (manifest_spec, errors, refused)
+        for message in errors:
+            assert any(RULES[rule] in message for rule in refused), (manifest_spec, message)
+        # Each check alone, on just the fields it reads.
+        for rule in RULES:
+            alone = project(rule, manifest_spec)
+            if alone is None:
+                continue
+            ok = pydantic_errors(alone) == []
+            assert ok == (rule not in failing(spec, alone)), (rule, alone)
+            assert ok == (rule not in refused), (rule, manifest_spec)
+            verdicts[rule].add(ok)
+    assert all(v == {True, False} for v in verdicts.values()), verdicts
+
+
+# --- how crd.py writes a Cel out ------------------------------------------------------
+
+
+class _Inner(BaseModel):
+    x: int = 1
+    rate: float = 2
+    name: str = 'say "hi"'
+    maybe: int | None = 3
+    items: list[int] = Field(default_factory=list)
+
+
+class _Outer(BaseModel):
+    inner: _Inner = _Inner(x=5)
+    same: _Inner = _Inner()
+    many: list[_Inner] = Field(default_factory=list, max_length=4)
+
+
+@pytest.mark.parametrize(
+    ("template", "expanded"),
+    [
+        # Absent `inner` means _Outer's default (x=5); absent `inner.x`, _Inner's (1).
+        (
+            "{self.inner.x} > 0",
+            "(has(self.inner) ? (has(self.inner.x) ? self.inner.x : 1) : 5) > 0",
+        ),
+        ("{self.same.x} > 0", "(has(self.same) && has(self.same.x) ? self.same.x : 1) > 0"),
+        (
+            "{self.same.rate} > 0.0",
+            "(has(self.same) && has(self.same.rate) ? self.same.rate : 2.0) > 0.0",
+        ),
+        (
+            '{self.same.name} != ""',
+            '(has(self.same) && has(self.same.name) ? self.same.name : "say \\"hi\\"") != ""',
+        ),
+        ("self.many.all(i, {i.x} > 0)", "self.many.all(i, (has(i.x) ? i.x : 1) > 0)"),
+    ],
+)
+def test_placeholders_expand_to_the_pydantic_default(template, expanded):
+    assert render_rule(_Outer, Cel(template, "m"))["rule"] == expanded
+    assert holds(expanded, {"many": [{}, {"x": 2}]})
+
+
+@pytest.mark.parametrize(
+    ("template", "field_path", "problem"),
+    [
+        ("{self.nope} > 0", None, "no field"),
+        ("{self.same.maybe} > 0", None, "nullable"),
+        ("size({self.same.items}) > 0", None, "no CEL literal"),
+        ("{j.x} > 0", None, "neither self nor a macro variable"),
+        ("self.same.x.all(i, true)", None, "not a list of objects"),
+        ("true", ".nope", "no field"),
+    ],
+)
+def test_bad_rules_are_refused(template, field_path, problem):
+    with pytest.raises(ValueError, match=problem):
+        render_rule(_Outer, Cel(template, "m", field_path=field_path))

@@ -61,6 +61,8 @@ def create_app(functions: list[tuple[str, float, dict[str, Any]]]):
     if unknown:
         raise ValueError(f"unknown reward functions {unknown}; registered: {sorted(REWARDS)}")
     app = make_app("reward", health=lambda: {"functions": [f[0] for f in functions]})
+    label = "+".join(f[0] for f in functions)
+    ERRORS.labels(function=label)  # exported as 0 from the start, not only after an error
 
     @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(require_token)])
     def score(request: ScoreRequest) -> ScoreResponse:
@@ -71,7 +73,7 @@ def create_app(functions: list[tuple[str, float, dict[str, Any]]]):
                 total, parts = compose(functions, item.response, item.answer, item.meta)
                 results.append(ScoredItem(reward=total, parts=parts))
             except Exception as e:  # a bad item must not fail its whole batch
-                ERRORS.labels(function="+".join(f[0] for f in functions)).inc()
+                ERRORS.labels(function=label).inc()
                 results.append(ScoredItem(reward=0.0, parts={}, error=f"{type(e).__name__}: {e}"))
             REWARD.observe(results[-1].reward)
         SCORED.inc(len(results))

@@ -8,6 +8,7 @@ the leader wrote result.json to the run directory).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from rollfleet.bus import Bus, nats_token
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import make_app, serve_in_background, setup_logging
 from rollfleet.spec import load_manifest
+from rollfleet_trainer.backlog import watch_backlog
 from rollfleet_trainer.loop import Trainer
 from rollfleet_trainer.parallel import DataParallel
 
@@ -40,10 +42,11 @@ async def run_trainer(strategy: str = "ddp") -> None:
         env.nats_url, job.metadata.name, name=f"trainer-{dp.rank}", token=nats_token()
     )
     trainer = Trainer(job, bus, run_dir, dp)
-    http = None
+    http = backlog = None
     if dp.is_leader:  # one /metrics for the job: the leader's gauges are batch-wide
         app = make_app("trainer", health=lambda: {"step": trainer.state["step"]})
         http = await serve_in_background(app, env.http_port, env.http_host)
+        backlog = asyncio.create_task(watch_backlog(bus, dp.world))
     try:
         await trainer.run()
     except Exception as e:
@@ -52,6 +55,10 @@ async def run_trainer(strategy: str = "ddp") -> None:
             await trainer.progress("Failed", message=f"{type(e).__name__}: {e}")
         raise
     finally:
+        if backlog is not None:
+            backlog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await backlog
         await bus.close()
         if http is not None:
             await http.stop()

@@ -7,6 +7,7 @@ Children start in dependency order (nats-server, reward, env, trainer, rollout w
 each with its own log file under `<run dir>/logs/`. The supervisor fails the run with the
 last log lines of any child that exits early, and stops every child on success, error
 and Ctrl-C. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG).
+Once every child is started, `<run dir>/services.json` gives each one's role and URL.
 """
 
 from __future__ import annotations
@@ -162,6 +163,19 @@ class LocalRun:
                 self.children.append(child)
                 if component.role in SINGLE_LOCAL:
                     self._wait_healthy(child)
+        self._write_services()
+
+    def _write_services(self) -> None:
+        """`<run dir>/services.json`: each child's role and base URL (/healthz, /metrics), for
+        tools outside the run such as a Prometheus scrape config (scripts/dashboards_check.py)."""
+        services = {
+            c.name: {"role": c.role, "url": f"http://127.0.0.1:{c.http_port}"}
+            for c in self.children
+        }
+        path = self.run_dir / "services.json"
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(services, indent=2) + "\n")
+        partial.replace(path)  # readers never see half a file
 
     def stop(self, timeout: float = 10.0) -> None:
         """End every child: SIGTERM, then SIGKILL for any still alive after `timeout`."""

@@ -1,0 +1,179 @@
+"""Every child the operator renders is a valid object of its kind, placed and secured as
+the job and the cluster's GPU classes say.
+
+Built-in kinds go through kubernetes-validate in strict mode (unknown fields are errors)
+for Kubernetes 1.30 and 1.37; the Knative Service and the RayJob through their published
+CRD schemas (tests/operator/data, see its README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+
+from rollfleet.spec import load_manifest, parse_manifest
+from rollfleet_operator.config import OperatorConfig
+from rollfleet_operator.render import RenderError, names, render, token_secret
+from tests.operator.schemas import validate_custom_resource
+
+EXAMPLES = sorted(Path("examples").glob("*.yaml"))
+CUSTOM = {"ray.io/v1", "serving.knative.dev/v1"}
+GPU_CLASSES = {
+    "H800": {"nodeSelector": {"rollfleet.io/node-profile": "compute-optimised"}},
+    "H20": {
+        "nodeSelector": {"rollfleet.io/node-profile": "bandwidth-optimised"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+}
+CONFIG = OperatorConfig.model_validate({"gpuClasses": GPU_CLASSES})
+
+
+def pod_specs(child: dict) -> list[dict]:
+    """Every pod template's spec inside a child."""
+    spec = child.get("spec", {})
+    if child["kind"] == "RayJob":
+        cluster = spec["rayClusterSpec"]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        return [g["template"]["spec"] for g in groups]
+    if "template" in spec:
+        return [spec["template"]["spec"]]
+    return []
+
+
+def by_name(children: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("knative", [True, False], ids=["knative", "no-knative"])
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "stopped"])
+def test_every_child_validates(path, knative, stopped):
+    job = load_manifest(path)
+    children = render(job, "team-a", CONFIG, knative=knative, stopped=stopped)
+    children.append(token_secret(job.metadata.name, "team-a", "nats-token"))
+    for child in children:
+        if child["apiVersion"] in CUSTOM:
+            validate_custom_resource(child)
+            continue
+        for version in ("1.30", "1.37"):
+            try:
+                kubernetes_validate.validate(child, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                where = ".".join(str(p) for p in e.path)
+                pytest.fail(
+                    f"{child['kind']} {child['metadata']['name']} ({version}): {where}: {e.message}"
+                )
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_pods_run_restricted(path):
+    job = load_manifest(path)
+    for child in render(job, "team-a", CONFIG, knative=False):
+        for pod in pod_specs(child):
+            assert pod["automountServiceAccountToken"] is False
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for container in pod["containers"]:
+                ctx = container["securityContext"]
+                assert ctx["allowPrivilegeEscalation"] is False
+                assert ctx["readOnlyRootFilesystem"] is True
+                assert ctx["capabilities"] == {"drop": ["ALL"]}
+                secret_env = {e["name"] for e in container["env"] if "valueFrom" in e}
+                assert {"ROLLFLEET_SERVICE_TOKEN", "ROLLFLEET_NATS_TOKEN"} <= secret_env
+
+
+def test_gpu_pools_are_placed_by_their_class():
+    job = load_manifest("examples/countdown-gpu-pools.yaml")
+    children = by_name(render(job, "team-a", CONFIG, knative=True))
+    compute = children["Deployment", "countdown-gpu-pools-rollout-compute"]
+    bandwidth = children["Deployment", "countdown-gpu-pools-rollout-bandwidth"]
+    assert compute["spec"]["replicas"] == 2 and bandwidth["spec"]["replicas"] == 4
+    compute_pod = compute["spec"]["template"]["spec"]
+    bandwidth_pod = bandwidth["spec"]["template"]["spec"]
+    assert compute_pod["nodeSelector"] == {"rollfleet.io/node-profile": "compute-optimised"}
+    assert "tolerations" not in compute_pod
+    assert bandwidth_pod["nodeSelector"] == {"rollfleet.io/node-profile": "bandwidth-optimised"}
+    assert bandwidth_pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    for pod in (compute_pod, bandwidth_pod):
+        container = pod["containers"][0]
+        assert container["image"] == CONFIG.images.rolloutVllm
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["ROLLFLEET_POOL"] in ("compute", "bandwidth")
+    # Two trainer workers: a RayJob whose worker group has one GPU per worker.
+    rayjob = children["RayJob", "countdown-gpu-pools-trainer"]
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert rayjob["spec"]["entrypoint"] == "python -m rollfleet_trainer"
+    # The reward service's autoscaling comes from the job's reward section.
+    reward = children["Service", "countdown-gpu-pools-reward"]
+    annotations = reward["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["autoscaling.knative.dev/min-scale"] == "0"
+    assert annotations["autoscaling.knative.dev/max-scale"] == str(job.spec.reward.maxScale)
+    assert annotations["autoscaling.knative.dev/target"] == str(job.spec.reward.targetConcurrency)
+
+
+def test_a_gpu_class_the_cluster_lacks_names_the_field():
+    job = load_manifest("examples/countdown-gpu-pools.yaml")
+    with pytest.raises(
+        RenderError, match=r"spec\.rollout\.pools\[1\]\.gpuClass: 'H20'.*\['H800'\]"
+    ):
+        render(job, "ns", OperatorConfig.model_validate({"gpuClasses": {"H800": {}}}), knative=True)
+
+
+def test_stopped_scales_everything_to_zero():
+    job = load_manifest("examples/countdown-gpu-pools.yaml")
+    for knative in (True, False):
+        for child in render(job, "ns", CONFIG, knative=knative, stopped=True):
+            if child["kind"] in ("Deployment", "StatefulSet"):
+                assert child["spec"]["replicas"] == 0, child["metadata"]["name"]
+            if child["kind"] == "RayJob":
+                assert child["spec"]["suspend"] is True
+            if child["apiVersion"] == "serving.knative.dev/v1":
+                annotations = child["spec"]["template"]["metadata"]["annotations"]
+                assert annotations["autoscaling.knative.dev/initial-scale"] == "0"
+    suspended = parse_manifest(
+        {
+            **load_manifest("examples/countdown.yaml").model_dump(by_alias=True),
+            "spec": {"suspend": True},
+        }
+    )
+    deployments = [
+        c for c in render(suspended, "ns", CONFIG, knative=False) if c["kind"] == "Deployment"
+    ]
+    assert deployments and all(d["spec"]["replicas"] == 0 for d in deployments)
+
+
+def test_env_sessions_address_every_replica_and_deny_egress():
+    job = parse_manifest(
+        {
+            "apiVersion": "rollfleet.io/v1alpha1",
+            "kind": "RLJob",
+            "metadata": {"name": "calc"},
+            "spec": {"task": {"name": "calculator"}, "env": {"replicas": 3}},
+        }
+    )
+    children = by_name(render(job, "ns", CONFIG, knative=True))
+    rollout = children["Deployment", "calc-rollout-default"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in rollout["containers"][0]["env"]}
+    urls = env["ROLLFLEET_ENV_URL"].split(",")
+    assert urls == [f"http://calc-env-{i}.calc-env.ns.svc.cluster.local:8080" for i in range(3)]
+    assert children["Service", "calc-env"]["spec"]["clusterIP"] == "None"
+    policy = children["NetworkPolicy", names("calc")["env-egress"]]["spec"]
+    assert policy["policyTypes"] == ["Egress"] and policy["egress"] == []
+    assert policy["podSelector"]["matchLabels"] == {
+        "rollfleet.io/job": "calc",
+        "app.kubernetes.io/component": "env",
+    }
+
+
+def test_rendering_is_deterministic_but_tokens_are_not():
+    job = load_manifest("examples/countdown.yaml")
+    assert render(job, "ns", CONFIG, knative=True) == render(job, "ns", CONFIG, knative=True)
+    first, second = (token_secret("countdown", "ns", None) for _ in range(2))
+    assert first["stringData"]["service-token"] != second["stringData"]["service-token"]
+    assert "nats-token" not in first["stringData"]
