@@ -25,7 +25,7 @@ import yaml
 from rollfleet.bus import Bus, nats_token
 from rollfleet.crd import GROUP, PLURAL, VERSION
 from rollfleet.protocol import Progress
-from rollfleet.spec import API_VERSION, KIND, ManifestError, RLJob, parse_manifest
+from rollfleet.spec import API_VERSION, KIND, ManifestError, RLJob, bus_name, parse_manifest
 from rollfleet_operator import render as rendering
 from rollfleet_operator.config import OperatorConfig, load_config
 from rollfleet_operator.kube import Kube
@@ -127,6 +127,7 @@ async def _use_knative(kube: Kube, config: OperatorConfig) -> bool:
 
 @contextlib.asynccontextmanager
 async def _bus(memo: kopf.Memo, job: str):
+    """A connection to the job's streams; `job` is its bus name (RLJob.bus_name)."""
     bus = await Bus.connect(
         memo.config.nats.url, job, name="rollfleet-operator", token=memo.nats_token
     )
@@ -143,7 +144,7 @@ async def _observe(
     job = rljob.metadata.name
     obs = Observation(generation=0, suspended=rljob.spec.suspend)
     try:
-        async with _bus(memo, job) as bus:
+        async with _bus(memo, rljob.bus_name) as bus:
             obs.progress = await bus.get_progress()
     except ConnectionError as e:
         obs.degraded.append(f"NATS: {e}")
@@ -198,7 +199,7 @@ async def reconcile(body, spec, meta, status, name, namespace, patch, memo, logg
             _write_status(patch, Observation(generation, invalid=str(e)), status)
             return
         try:
-            async with _bus(memo, name) as bus:
+            async with _bus(memo, rljob.bus_name) as bus:
                 await bus.ensure_streams()
         except ConnectionError as e:
             raise kopf.TemporaryError(f"NATS unavailable: {e}", delay=10) from e
@@ -243,9 +244,9 @@ async def refresh(body, spec, meta, status, name, namespace, patch, memo, logger
 
 
 @kopf.on.delete(*RESOURCE)
-async def finalize(name, memo, logger, **_) -> None:
+async def finalize(name, namespace, memo, logger, **_) -> None:
     try:
-        async with _bus(memo, name) as bus:
+        async with _bus(memo, bus_name(name, namespace)) as bus:
             await bus.delete_streams()
     except ConnectionError as e:
         raise kopf.TemporaryError(

@@ -196,7 +196,7 @@ class Subjects:
 
     def __init__(self, job: str):
         self.job = job
-        token = job.replace("-", "_")
+        token = job.replace("-", "_").replace(".", "__")  # stream names take no dots
         self.tasks = f"rollfleet.{job}.tasks"
         self.trajectories = f"rollfleet.{job}.trajectories"  # .<trainer rank>
         self.weights = f"rollfleet.{job}.weights"

@@ -458,6 +458,16 @@ class RLJob(Strict):
     spec: RLJobSpec = RLJobSpec()
     status: RLJobStatus | None = None
 
+    @property
+    def bus_name(self) -> str:
+        return bus_name(self.metadata.name, self.metadata.namespace)
+
+
+def bus_name(name: str, namespace: str | None) -> str:
+    """A job's name on the bus: namespaced in a cluster, where two namespaces may each run
+    a job of the same name on one NATS."""
+    return f"{namespace}.{name}" if namespace else name
+
 
 class ManifestError(ValueError):
     """A manifest that does not validate; the message names every bad field."""

@@ -215,6 +215,16 @@ def test_oldest_version_none_without_model_tokens():
     assert traj.oldest_version() is None
 
 
+def test_namespaced_jobs_get_their_own_streams():
+    from rollfleet.spec import bus_name
+
+    a, b = Subjects(bus_name("run", "team-a")), Subjects(bus_name("run", "team-b"))
+    assert a.tasks == "rollfleet.team-a.run.tasks"
+    assert a.task_stream == "RF_team_a__run_TASKS" != b.task_stream
+    assert "." not in a.weight_bucket and a.weight_bucket != b.weight_bucket
+    assert Subjects(bus_name("run", None)).tasks == "rollfleet.run.tasks"  # local runs
+
+
 def test_subjects_for_job():
     s = Subjects("my-job")
     assert s.job == "my-job"

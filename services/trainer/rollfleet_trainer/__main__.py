@@ -39,7 +39,7 @@ async def run_trainer(strategy: str = "ddp") -> None:
     run_dir = Path(env.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     bus = await Bus.connect(
-        env.nats_url, job.metadata.name, name=f"trainer-{dp.rank}", token=nats_token()
+        env.nats_url, job.bus_name, name=f"trainer-{dp.rank}", token=nats_token()
     )
     trainer = Trainer(job, bus, run_dir, dp)
     http = backlog = None

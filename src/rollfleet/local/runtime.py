@@ -218,9 +218,7 @@ class LocalRun:
         loop = asyncio.get_running_loop()
         interrupted = asyncio.Event()
         loop.add_signal_handler(signal.SIGINT, interrupted.set)
-        bus = await Bus.connect(
-            self.nats.url, self.job.metadata.name, name="cli", token=self.nats_token
-        )
+        bus = await Bus.connect(self.nats.url, self.job.bus_name, name="cli", token=self.nats_token)
         bar = None
         try:
             while self._check_children() is None:
