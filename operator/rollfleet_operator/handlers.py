@@ -226,10 +226,11 @@ async def refresh(body, spec, meta, status, name, namespace, patch, memo, logger
         rljob = _parse(name, namespace, dict(spec))
     except ManifestError:
         return  # reconcile has written why
-    if status.get("conditions") and any(
-        c.get("reason") == "SpecChangeRefused" for c in status["conditions"]
+    if any(
+        c.get("reason") in ("SpecChangeRefused", "InvalidSpec")
+        for c in status.get("conditions", [])
     ):
-        return  # reconcile keeps this status until the spec is fixed
+        return  # reconcile wrote why; it writes again once the spec is fixed
     async with Kube.connect(memo.settings) as kube:
         obs = await _observe(kube, rljob, namespace, memo, logger)
         progress: Progress | None = obs.progress

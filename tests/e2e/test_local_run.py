@@ -135,7 +135,10 @@ def test_run_finishes_with_a_result_line(countdown_run):
 def test_reward_rises(countdown_run):
     """Held-out reward (greedy answers the verifier accepts) rises; sampled batch reward too."""
     result = json.loads((countdown_run["run_dir"] / "result.json").read_text())
-    assert result["heldout_after"] >= result["heldout_before"] + 0.04, result
+    # Runs are not repeatable (which worker draws which task varies): after these 80 steps
+    # the gain was +0.036 to +0.059 in runs seen here; without learning it stays within
+    # ~0.01 of the start (evaluation is sampled).
+    assert result["heldout_after"] >= result["heldout_before"] + 0.025, result
     rewards = [r["mean_reward"] for r in records(countdown_run["run_dir"])]
     assert len(rewards) == STEPS
     assert mean(rewards[-15:]) > mean(rewards[:15]), rewards
