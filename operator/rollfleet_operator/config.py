@@ -66,6 +66,7 @@ class RewardConfig(_Strict):
 
 
 class TrainerConfig(_Strict):
+    ray: bool = True  # KubeRay is installed: trainers with several workers run as RayJobs
     checkpointStorage: str = "20Gi"
     storageClassName: str | None = None
     rayVersion: str = "2.60.0"

@@ -285,6 +285,12 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
                 },
             },
         ]
+    if not config.trainer.ray:
+        raise RenderError(
+            f"spec.trainer.workers: {spec.trainer.workers} workers run as a KubeRay RayJob, and "
+            "this installation has KubeRay off (chart value ray.enabled=false): set workers: 1, "
+            "or install KubeRay and set ray.enabled=true"
+        )
     # Several workers: KubeRay runs the same entrypoint as the driver on the head; Ray Train
     # places one rank per worker pod. Every pod mounts the checkpoint volume (rank 0 writes,
     # wherever Ray placed it), so it must be ReadWriteMany.

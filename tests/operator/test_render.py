@@ -125,6 +125,13 @@ def test_a_gpu_class_the_cluster_lacks_names_the_field():
         render(job, "ns", OperatorConfig.model_validate({"gpuClasses": {"H800": {}}}), knative=True)
 
 
+def test_several_workers_without_kuberay_names_the_field():
+    job = load_manifest("examples/countdown-2-trainers.yaml")
+    config = OperatorConfig.model_validate({"trainer": {"ray": False}})
+    with pytest.raises(RenderError, match=r"spec\.trainer\.workers: 2 workers .*ray\.enabled"):
+        render(job, "ns", config, knative=True)
+
+
 def test_stopped_scales_everything_to_zero():
     job = load_manifest("examples/countdown-gpu-pools.yaml")
     for knative in (True, False):

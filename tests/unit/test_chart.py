@@ -375,10 +375,12 @@ def test_operator_config_defaults():
     assert h20.nodeSelector == {"rollfleet.io/node-profile": "bandwidth-optimised"}
     assert h800.tolerations == h20.tolerations == [toleration]
     assert config.trainer.rayVersion == "2.60.0"
+    assert config.trainer.ray is True
 
 
 def test_operator_config_follows_values():
     assert operator_config("knative-absent").reward.knative == "never"
+    assert operator_config("ray-off").trainer.ray is False  # jobs needing Ray: InvalidSpec
     assert operator_config("nats-off").nats.url == EXTERNAL_NATS
     minimal = operator_config("minimal")
     assert minimal.images.trainer == "registry.example.com/ml/trainer:1.2.3"
