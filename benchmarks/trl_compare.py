@@ -1,0 +1,431 @@
+"""rollfleet against TRL's GRPOTrainer: the same model, task, prompts and samples on this CPU.
+
+    make bench-trl
+    .venv/bin/python benchmarks/trl_compare.py [--steps 250] [--alphas 1,0] [--quick]
+
+Needs the `bench` extra (`pip install -c constraints.txt -e '.[bench]'`, which `make
+bench-trl` does): TRL is a benchmark-only dependency.
+
+The job is examples/countdown.yaml (the default job) with `--steps` RL steps; both sides get:
+- the same start model: the builtin tiny Llama after the default job's warm-up SFT, made
+  once here with the trainer's own `prepare_policy` and saved as a Hugging Face folder;
+  rollfleet reads it through `model.path`, TRL loads the same folder (AutoModelForCausalLM,
+  and the tokenizer from its tokenizer.json);
+- the same prompts in the same order: countdown train examples 0, 1, 2, ... (rollfleet's
+  dataset cursor; TRL's dataset unshuffled), token for token the ids rollfleet's workers
+  feed the engine (`<bos>` + prompt, checked for every prompt);
+- the same reward: the countdown verifier of `rollfleet.rewards`, wrapped as a TRL reward
+  function;
+- the same algorithm: 32 prompts x 8 samples (256) per optimizer step, at most 12 new
+  tokens, temperature 1, top-p 1, GRPO advantages, PPO clip 0.2, one update per batch,
+  token-mean loss (TRL's "dapo": normalised by the batch's completion tokens), no KL term,
+  AdamW (weight decay 0) with the job's learning rate and linear decay to 0, gradient
+  norm clipped at 1.
+
+rollfleet runs as `rollfleet run` (the whole local runtime: nats-server, reward service, two
+rollout workers, trainer) at each α of `--alphas`; TRL runs in this process with
+`use_cpu=True`, no vLLM, float32, no gradient checkpointing, on all of torch's threads.
+Samples/s counts RL steps only (not start-up, warm-up or evaluation): rollfleet's
+`samples / rl_seconds` (result.json; its metrics.jsonl gives the step times), TRL's from the
+start of its training loop to the end of its last step (a TrainerCallback). Held-out
+accuracy comes from one function for all (`rollfleet.evaluation.heldout_accuracy`, as the
+trainer calls it, on one thread): avg@4 at temperature 1 and greedy on the 500 held-out
+prompts; rollfleet's from its result.json, TRL's on its final model here. The start model
+is evaluated here too and must match the before-accuracy of every rollfleet run.
+
+Ends with `vs-trl samples_per_s=<ratio>x heldout rollfleet=<a> trl=<b>`: rollfleet's samples/s
+at the first α of `--alphas` over TRL's, and both held-out avg@4 after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "services" / "trainer")]
+
+JOB = ROOT / "examples" / "countdown.yaml"
+ROLLFLEET = Path(sys.executable).parent / "rollfleet"
+
+
+def manifest(name: str, args, overrides: dict | None = None) -> dict:
+    """examples/countdown.yaml with this benchmark's steps (and a smaller job with --quick)."""
+    data = yaml.safe_load(JOB.read_text())
+    data["metadata"]["name"] = name
+    spec = data["spec"]
+    spec["trainer"].update({"steps": args.steps, "evalEvery": 0})
+    spec["checkpoint"] = {"every": 100_000}  # the last step's checkpoint only
+    if args.quick:
+        spec["model"]["warmup"]["steps"] = 20
+        spec["task"]["heldoutLimit"] = 40
+    for key, value in (overrides or {}).items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return data
+
+
+def job_spec(data: dict):
+    from rollfleet.spec import parse_manifest
+
+    return parse_manifest(data).spec
+
+
+@contextlib.contextmanager
+def single_thread():
+    """The trainer's set-up (ROLLFLEET_TORCH_THREADS=1) for warm-up and evaluation."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def warm_up(args, folder: Path) -> Path:
+    """The default job's warm-up SFT, once, by the trainer's own code: an HF model folder."""
+    from rollfleet_trainer.model import prepare_policy
+
+    with single_thread():
+        _, _, model_folder = prepare_policy(job_spec(manifest("warmup", args)), folder)
+    return model_folder
+
+
+def evaluate(model, tokenizer, spec) -> dict[str, float]:
+    """Held-out avg@k and greedy accuracy exactly as the trainer's `Trainer.evaluate`."""
+    from rollfleet.evaluation import heldout_accuracy
+    from rollfleet.tasks import make_task
+
+    task = make_task(spec.task.name, spec.task.params, spec.seed)
+    common = dict(
+        verifier=spec.verifier(),
+        max_new_tokens=spec.rollout.sampling.maxNewTokens,
+        limit=spec.task.heldoutLimit,
+    )
+    with single_thread():
+        sampled = heldout_accuracy(
+            model,
+            tokenizer,
+            task,
+            **common,
+            temperature=spec.rollout.sampling.temperature,
+            samples=spec.trainer.evalSamples,
+            seed=spec.seed,
+        )
+        greedy = heldout_accuracy(model, tokenizer, task, **common)
+    return {"accuracy": sampled, "greedy": greedy}
+
+
+def load(folder: Path):
+    from rollfleet_trainer.model import load_folder
+
+    model, tokenizer = load_folder(folder)
+    return model.eval(), tokenizer
+
+
+# --- rollfleet ---------------------------------------------------------------------------------
+def run_rollfleet(args, model_folder: Path, alpha: int, tmp: Path) -> dict:
+    """`rollfleet run` on the job at α; samples/s and held-out accuracy from its outputs."""
+    name = f"bench-trl-a{alpha}"
+    data = manifest(
+        name,
+        args,
+        {"model": {"path": str(model_folder), "warmup": {"steps": 0}}, "async": {"ratio": alpha}},
+    )
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    run_dir = tmp / name
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(ROLLFLEET), "run", str(path), "--run-dir", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.monotonic() - started
+    if done.returncode:
+        sys.exit(f"rollfleet run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads((run_dir / "result.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [0.0] + [r["time"] for r in records]  # the loop starts at 0 s
+    sizes = [r["samples"] for r in records]
+    per_step = [
+        (s1 - s0) / (t1 - t0)
+        for (t0, t1), (s0, s1) in zip(
+            itertools.pairwise(times), itertools.pairwise([0, *sizes]), strict=True
+        )
+    ]
+    return {
+        "name": f"rollfleet α={alpha}",
+        "samples": result["samples"],
+        "rl_seconds": result["rl_seconds"],
+        "samples_per_s": result["samples"] / result["rl_seconds"],
+        "step_samples_per_s": statistics.median(per_step),
+        "before": result["heldout_before"],
+        "greedy_before": result["heldout_greedy_before"],
+        "after": result["heldout_after"],
+        "greedy_after": result["heldout_greedy_after"],
+        "rewards": [r["mean_reward"] for r in records],
+        "response_tokens": sum(r["response_tokens"] for r in records) / result["samples"],
+        "wall": wall,
+    }
+
+
+# --- TRL ---------------------------------------------------------------------------------------
+def countdown_reward(completions, numbers, target, **_) -> list[float]:
+    """TRL reward function: rollfleet's countdown verifier on each decoded completion."""
+    from rollfleet.rewards import REWARDS
+
+    return [
+        REWARDS["countdown"](text, str(t), {"numbers": list(n), "target": int(t)})
+        for text, n, t in zip(completions, numbers, target, strict=True)
+    ]
+
+
+def trl_dataset(spec, tokenizer, prompts: int):
+    """Train examples 0..prompts-1, in rollfleet's cursor order; each prompt's token ids as TRL
+    tokenizes it must be those rollfleet's workers feed their engine."""
+    from datasets import Dataset
+
+    from rollfleet.tasks import make_task
+
+    task = make_task(spec.task.name, spec.task.params, spec.seed)
+    rows = []
+    for index in range(prompts):
+        example = task.example("train", index)
+        text = tokenizer.bos_token + example.prompt
+        worker_ids = [
+            tokenizer.bos_token_id,
+            *tokenizer.encode(example.prompt, add_special_tokens=False),
+        ]
+        trl_ids = tokenizer(text=[text])["input_ids"][0]
+        if trl_ids != worker_ids:
+            raise AssertionError(f"prompt {index}: TRL ids {trl_ids} != rollfleet ids {worker_ids}")
+        rows.append({"prompt": text, **example.meta})
+    return Dataset.from_list(rows)
+
+
+def trl_config(spec, out: Path, steps: int):
+    from trl import GRPOConfig
+
+    algo, sampling = spec.algorithm, spec.rollout.sampling
+    assert algo.advantage == "grpo" and algo.policyLoss == "ppo_clip", algo
+    assert algo.lossAggregation == "token-mean" and algo.clipEpsilonHigh is None, algo
+    return GRPOConfig(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        use_vllm=False,
+        activation_checkpointing=False,  # TRL turns it on by default (as gradient_checkpointing)
+        gradient_checkpointing=False,
+        seed=spec.seed,
+        max_steps=steps,
+        per_device_train_batch_size=spec.trainer.promptsPerStep * sampling.groupSize,
+        gradient_accumulation_steps=1,
+        num_generations=sampling.groupSize,
+        max_completion_length=sampling.maxNewTokens,
+        temperature=sampling.temperature,
+        top_p=sampling.topP,
+        top_k=0,
+        shuffle_dataset=False,
+        learning_rate=algo.learningRate,
+        lr_scheduler_type=algo.learningRateSchedule,  # "linear" (to 0) or "constant"
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=algo.maxGradNorm,
+        beta=0.0,  # rollfleet's ppo_clip has no KL term
+        epsilon=algo.clipEpsilon,
+        num_iterations=1,
+        loss_type="dapo",  # token-mean over the whole batch
+        scale_rewards="group",  # GRPO: (r - group mean) / group std
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def make_clock():
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        """Times TRL's training loop: its start, and the end of every optimizer step."""
+
+        def __init__(self):
+            self.start, self.ends, self.rewards, self.lengths = None, [], [], []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                self.rewards.append(logs["reward"])
+                self.lengths.append(logs["completions/mean_length"])
+
+    return Clock()
+
+
+def run_trl(args, model_folder: Path, spec, tmp: Path) -> tuple[dict, object, object]:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import GRPOTrainer
+
+    started = time.monotonic()
+    model, tokenizer = load(model_folder)
+    dataset = trl_dataset(spec, tokenizer, args.steps * spec.trainer.promptsPerStep)
+    clock = make_clock()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=countdown_reward,
+        args=trl_config(spec, tmp / "trl", args.steps),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    for quiet in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(quiet)
+    assert not trainer.args.activation_checkpointing and not trainer.args.bf16
+    trainer.train()
+    times = [clock.start, *clock.ends]
+    batch = spec.trainer.promptsPerStep * spec.rollout.sampling.groupSize
+    samples = batch * len(clock.ends)
+    rl_seconds = clock.ends[-1] - clock.start
+    trained = trainer.model.eval()
+    return (
+        {
+            "name": "TRL GRPOTrainer",
+            "samples": samples,
+            "rl_seconds": rl_seconds,
+            "samples_per_s": samples / rl_seconds,
+            "step_samples_per_s": statistics.median(
+                batch / (b - a) for a, b in itertools.pairwise(times)
+            ),
+            "rewards": clock.rewards,
+            "response_tokens": statistics.mean(clock.lengths),
+            "wall": time.monotonic() - started,
+        },
+        trained,
+        tokenizer,
+    )
+
+
+# --- report ------------------------------------------------------------------------------------
+def reward_curve(rewards: list[float], points: int = 4) -> str:
+    """Mean batch reward over each quarter of the run's steps."""
+    size = -(-len(rewards) // points)  # ceil: at most `points` chunks
+    chunks = [rewards[i : i + size] for i in range(0, len(rewards), size)]
+    return " / ".join(f"{statistics.mean(c):.3f}" for c in chunks)
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"{os.cpu_count()} cores ({cpu}), no GPU"
+
+
+def report(runs: list[dict], start: dict) -> None:
+    print(
+        "\n| set-up | samples | RL s | samples/s | median step samples/s"
+        " | response tokens | held-out avg@4 before → after | greedy before → after | wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(
+            f"| {r['name']} | {r['samples']} | {r['rl_seconds']:.1f} | {r['samples_per_s']:.1f}"
+            f" | {r['step_samples_per_s']:.1f} | {r['response_tokens']:.2f}"
+            f" | {start['accuracy']:.3f} → {r['after']:.3f}"
+            f" | {start['greedy']:.3f} → {r['greedy_after']:.3f} | {r['wall']:.0f} |"
+        )
+    print("\nbatch reward by quarter of the run:")
+    for r in runs:
+        print(f"  {r['name']:18s} {reward_curve(r['rewards'])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=250, help="RL steps (x 256 samples) per run")
+    parser.add_argument(
+        "--alphas", default="1,0", help="rollfleet's α values; the first is the headline"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 3 steps, 20 warm-up steps, 40 prompts"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 3)
+    alphas = [int(a) for a in args.alphas.split(",")]
+    import torch
+    import transformers
+    import trl
+
+    transformers.utils.logging.disable_progress_bar()
+    # TRL 1.16 still reads transformers' deprecated checkpointing names; nothing to act on.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+
+    print(
+        f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads for"
+        f" TRL), transformers {transformers.__version__}, trl {trl.__version__}",
+        flush=True,
+    )
+    spec = job_spec(manifest("bench-trl", args))
+    batch = spec.trainer.promptsPerStep * spec.rollout.sampling.groupSize
+    print(f"job: {JOB.relative_to(ROOT)}, {args.steps} steps x {batch} samples", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rf-trl-") as name:
+        tmp = Path(name)
+        print("warm-up SFT (once, shared) ...", flush=True)
+        folder = warm_up(args, tmp / "warmup")
+        start = evaluate(*load(folder), spec)
+        print(
+            f"  start model: held-out avg@4 {start['accuracy']:.3f}, greedy {start['greedy']:.3f}"
+        )
+        runs = []
+        for alpha in alphas:
+            print(f"rollfleet run, α={alpha} ...", flush=True)
+            run = run_rollfleet(args, folder, alpha, tmp)
+            if (run["before"], run["greedy_before"]) != (start["accuracy"], start["greedy"]):
+                raise AssertionError(f"{run['name']} started elsewhere: {run} vs {start}")
+            print(f"  {run['samples_per_s']:.1f} samples/s, held-out after {run['after']:.3f}")
+            runs.append(run)
+        print("TRL GRPOTrainer ...", flush=True)
+        trl_run, model, tokenizer = run_trl(args, folder, spec, tmp)
+        after = evaluate(model, tokenizer, spec)
+        trl_run.update(after=after["accuracy"], greedy_after=after["greedy"])
+        print(f"  {trl_run['samples_per_s']:.1f} samples/s, held-out after {trl_run['after']:.3f}")
+        runs.append(trl_run)
+    report(runs, start)
+    head = runs[0]
+    ratio = head["samples_per_s"] / trl_run["samples_per_s"]
+    met = ratio >= 3 and head["after"] >= trl_run["after"]
+    print(
+        f"\ntarget (3x TRL's samples/s at equal or better held-out accuracy): "
+        f"{'met' if met else 'not met'}"
+    )
+    print(
+        f"vs-trl samples_per_s={ratio:.2f}x heldout rollfleet={head['after']:.3f} trl={trl_run['after']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
