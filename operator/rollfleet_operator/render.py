@@ -238,16 +238,19 @@ def _rollout(rljob, component, index, namespace, config, stopped) -> dict[str, A
     }
 
 
-def _headless_service(name, namespace, job, component) -> dict[str, Any]:
+def _service(name, namespace, job, component, headless: bool = True) -> dict[str, Any]:
+    """A headless Service (stable pod names for StatefulSets) or a ClusterIP one on port 80."""
+    spec: dict[str, Any] = {"selector": selector(job, component)}
+    if headless:
+        spec["clusterIP"] = "None"
+        spec["ports"] = [{"name": "http", "port": HTTP_PORT, "targetPort": "http"}]
+    else:
+        spec["ports"] = [{"name": "http", "port": 80, "targetPort": "http"}]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(name, namespace, job, component),
-        "spec": {
-            "clusterIP": "None",
-            "selector": selector(job, component),
-            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http"}],
-        },
+        "spec": spec,
     }
 
 
@@ -266,7 +269,7 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
         claim_spec["storageClassName"] = config.trainer.storageClassName
     if spec.trainer.workers == 1:
         return [
-            _headless_service(name, namespace, job, "trainer"),
+            _service(name, namespace, job, "trainer"),
             {
                 "apiVersion": "apps/v1",
                 "kind": "StatefulSet",
@@ -392,11 +395,8 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
                 },
             }
         ]
-    service = _headless_service(name, namespace, job, "reward")
-    service["spec"].pop("clusterIP")  # a normal ClusterIP service, port 80 as Knative's
-    service["spec"]["ports"] = [{"name": "http", "port": 80, "targetPort": "http"}]
     return [
-        service,
+        _service(name, namespace, job, "reward", headless=False),  # port 80, as Knative's
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -415,7 +415,7 @@ def _env_sandboxes(rljob, component, namespace, config, stopped) -> list[dict[st
     name = names(job)["env"]
     container = _container(component, config.images.env, config, job, "nvidia.com/gpu")
     return [
-        _headless_service(name, namespace, job, "env"),
+        _service(name, namespace, job, "env"),
         {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
@@ -458,6 +458,7 @@ def endpoints(rljob: RLJob, namespace: str, config: OperatorConfig) -> Endpoints
         env_url=",".join(env_urls),
         run_dir=RUN_DIR,
         job_file=f"{JOB_DIR}/job.yaml",
+        http_host="0.0.0.0",
     )
 
 
@@ -473,8 +474,6 @@ def render(
     children = [_job_config(rljob, namespace)]
     pool_index = {f"rollout-{p.name}": i for i, p in enumerate(rljob.spec.rollout.pools)}
     for component in plan(rljob, endpoints(rljob, namespace, config)):
-        # Pods listen on every interface; the local runtime keeps loopback.
-        component.env["ROLLFLEET_HTTP_HOST"] = "0.0.0.0"
         if component.role == "rollout":
             index = pool_index[component.name]
             children.append(_rollout(rljob, component, index, namespace, config, stopped))

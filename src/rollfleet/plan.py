@@ -27,6 +27,7 @@ class Endpoints:
     env_url: str
     run_dir: str  # the trainer's checkpoints and metrics (a PVC in a cluster)
     job_file: str  # the resolved manifest (a ConfigMap in a cluster)
+    http_host: str = "127.0.0.1"  # where services listen: every interface in a pod
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
         env_url=endpoints.env_url,
         run_dir=endpoints.run_dir,
         http_port=8080,
+        http_host=endpoints.http_host,
     )
     components = [
         Component(

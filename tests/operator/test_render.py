@@ -82,6 +82,8 @@ def test_pods_run_restricted(path):
                 assert ctx["capabilities"] == {"drop": ["ALL"]}
                 secret_env = {e["name"] for e in container["env"] if "valueFrom" in e}
                 assert {"ROLLFLEET_SERVICE_TOKEN", "ROLLFLEET_NATS_TOKEN"} <= secret_env
+                plain_env = {e["name"]: e.get("value") for e in container["env"]}
+                assert plain_env["ROLLFLEET_HTTP_HOST"] == "0.0.0.0"  # reachable in the pod
 
 
 def test_gpu_pools_are_placed_by_their_class():
