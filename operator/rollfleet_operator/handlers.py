@@ -15,6 +15,7 @@ Run it with `python -m rollfleet_operator` (see __main__.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from typing import Any
@@ -101,7 +102,7 @@ IN_PLACE = "pool replicas, reward.replicas, env.replicas and suspend"
 
 def _refused_change(applied: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     """Why `wanted` cannot replace the running `applied` spec in place, or None."""
-    comparable = yaml.safe_load(yaml.safe_dump(applied))  # a deep copy
+    comparable = copy.deepcopy(applied)
     pools, wanted_pools = comparable["rollout"]["pools"], wanted["rollout"]["pools"]
     if [p["name"] for p in pools] == [p["name"] for p in wanted_pools]:
         for pool, new in zip(pools, wanted_pools, strict=True):
