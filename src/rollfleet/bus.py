@@ -67,6 +67,13 @@ def nats_token() -> str | None:
     return os.environ.get(NATS_TOKEN_ENV) or None
 
 
+TASK_CONSUMER = "rollout"  # one durable consumer shared by every rollout worker
+
+
+def trajectory_consumer_name(rank: int) -> str:
+    return f"trainer-{rank}"
+
+
 class Bus:
     def __init__(self, nc, job: str):
         self.nc = nc
@@ -176,7 +183,7 @@ class Bus:
     async def task_consumer(self):
         return await self.js.pull_subscribe(
             self.subjects.tasks,
-            durable="rollout",
+            durable=TASK_CONSUMER,
             stream=self.subjects.task_stream,
             config=api.ConsumerConfig(ack_wait=TASK_ACK_WAIT_S, max_ack_pending=-1),
         )
@@ -185,10 +192,25 @@ class Bus:
         """The durable consumer of one trainer rank: the trajectories of the tasks it issued."""
         return await self.js.pull_subscribe(
             self.subjects.trajectories_for(rank),
-            durable=f"trainer-{rank}",
+            durable=trajectory_consumer_name(rank),
             stream=self.subjects.trajectory_stream,
             config=api.ConsumerConfig(ack_wait=TRAJECTORY_ACK_WAIT_S, max_ack_pending=-1),
         )
+
+    async def pending(self, ranks: int = 1) -> dict[str, int]:
+        """Messages waiting per stream: tasks no worker has pulled, trajectories no trainer
+        rank has pulled, dead letters stored. A stream or consumer not made yet is left out."""
+        js, s = self.js, self.subjects
+        pending: dict[str, int] = {}
+        with contextlib.suppress(NotFoundError):
+            pending["tasks"] = (await js.consumer_info(s.task_stream, TASK_CONSUMER)).num_pending
+        for rank in range(ranks):
+            with contextlib.suppress(NotFoundError):
+                info = await js.consumer_info(s.trajectory_stream, trajectory_consumer_name(rank))
+                pending["trajectories"] = pending.get("trajectories", 0) + info.num_pending
+        with contextlib.suppress(NotFoundError):
+            pending["deadletter"] = (await js.stream_info(s.deadletter_stream)).state.messages
+        return pending
 
     async def fetch(
         self, subscription, cls: type[M], batch: int, timeout: float

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from rollfleet.bus import Bus
-from rollfleet_trainer.backlog import read_backlog, watch_backlog
+from rollfleet_trainer.backlog import watch_backlog
 
 TOKEN = "test-token-3f9a"  # the nats_server fixture's token (tests/conftest.py)
 
@@ -26,9 +26,9 @@ def gauge(stream: str) -> float | None:
 
 
 async def test_backlog_counts_what_waits_in_each_stream(bus):
-    assert await read_backlog(bus) == {}  # no streams yet: nothing to read, no error
+    assert await bus.pending() == {}  # no streams yet: nothing to read, no error
     await bus.ensure_streams()
-    assert await read_backlog(bus) == {"deadletter": 0}  # no consumers yet
+    assert await bus.pending() == {"deadletter": 0}  # no consumers yet
     s = bus.subjects
     tasks = await bus.task_consumer()
     await bus.trajectory_consumer(0)
@@ -38,8 +38,8 @@ async def test_backlog_counts_what_waits_in_each_stream(bus):
     for rank in (0, 0, 1):
         await bus.js.publish(s.trajectories_for(rank), b"trajectory")
     await bus.dead_letter(s.tasks, b"not msgpack", "test")
-    assert await read_backlog(bus, ranks=2) == {"tasks": 3, "trajectories": 3, "deadletter": 1}
-    assert (await read_backlog(bus, ranks=1))["trajectories"] == 2  # rank 0's consumer only
+    assert await bus.pending(ranks=2) == {"tasks": 3, "trajectories": 3, "deadletter": 1}
+    assert (await bus.pending(ranks=1))["trajectories"] == 2  # rank 0's consumer only
 
     (pulled,) = await tasks.fetch(1, timeout=5)
     await pulled.ack()
