@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,16 @@ lint: $(STAMP)
 bench-async: $(STAMP)  ## asynchronous vs synchronous training, side by side (~15 min; benchmarks/RESULTS.md)
 	$(BIN)/python benchmarks/async_speedup.py
 
+bench-credit: $(STAMP)  ## attention-based credit against GRPO and random credit, 3 seeds (~35 min; benchmarks/RESULTS.md)
+	$(BIN)/python benchmarks/attention_credit.py
+
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-bench-trl: $(BENCH_STAMP)  ## rollfleet against TRL's GRPOTrainer on the same job (~10 min; benchmarks/RESULTS.md)
+bench-trl: $(BENCH_STAMP)  ## rollfleet against TRL's GRPOTrainer on the same job, 3 seeds per side (~35 min; benchmarks/RESULTS.md)
 	$(BIN)/python benchmarks/trl_compare.py
 
 crds: $(STAMP)  ## regenerate crds/ from src/rollfleet/spec.py

@@ -27,15 +27,14 @@ import itertools
 import json
 import re
 import statistics
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
+import harness
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "services" / "trainer")]
+ROOT = harness.ROOT
 
 ALPHAS = (0, 1, 2, 4)
 IDLE_LINE = re.compile(r"^rollfleet_rollout_idle_fraction\{[^}]*\} ([0-9.eE+-]+)$", re.M)
@@ -70,12 +69,7 @@ def manifest(name: str, workload: str, spec: dict) -> dict:
 
 def warm_up(workload: str, folder: Path) -> Path:
     """The workload's warmed-up policy, made once and shared by its runs (model.path)."""
-    from rollfleet.spec import parse_manifest
-    from rollfleet_trainer.model import prepare_policy
-
-    job = parse_manifest(manifest(f"warmup-{workload}", workload, {}))
-    _, _, model_folder = prepare_policy(job.spec, folder)
-    return model_folder
+    return harness.warm_up(manifest(f"warmup-{workload}", workload, {}), folder)
 
 
 class IdleSampler(threading.Thread):

@@ -1,7 +1,7 @@
 """rollfleet against TRL's GRPOTrainer: the same model, task, prompts and samples on this CPU.
 
     make bench-trl
-    .venv/bin/python benchmarks/trl_compare.py [--steps 250] [--alphas 1,0] [--quick]
+    .venv/bin/python benchmarks/trl_compare.py [--steps 250] [--alphas 1,0] [--seeds 3] [--quick]
 
 Needs the `bench` extra (`pip install -c constraints.txt -e '.[bench]'`, which `make
 bench-trl` does): TRL is a benchmark-only dependency.
@@ -33,76 +33,45 @@ trainer calls it, on one thread): avg@4 at temperature 1 and greedy on the 500 h
 prompts; rollfleet's from its result.json, TRL's on its final model here. The start model
 is evaluated here too and must match the before-accuracy of every rollfleet run.
 
+Each side runs `--seeds` times (sampling seeds 0, 1, ...: rollfleet's
+rollout.sampling.seed, TRL's seed) from the same warm-up, prompts and held-out split.
+
 Ends with `vs-trl samples_per_s=<ratio>x heldout rollfleet=<a> trl=<b>`: rollfleet's samples/s
-at the first α of `--alphas` over TRL's, and both held-out avg@4 after training.
+at the first α of `--alphas` over TRL's, and both held-out avg@4 after training, means
+over the seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "services" / "trainer")]
+from harness import ROOT, example, machine, merged, run_job, single_thread, warm_up
 
 JOB = ROOT / "examples" / "countdown.yaml"
-ROLLFLEET = Path(sys.executable).parent / "rollfleet"
 
 
 def manifest(name: str, args, overrides: dict | None = None) -> dict:
     """examples/countdown.yaml with this benchmark's steps (and a smaller job with --quick)."""
-    data = yaml.safe_load(JOB.read_text())
-    data["metadata"]["name"] = name
-    spec = data["spec"]
-    spec["trainer"].update({"steps": args.steps, "evalEvery": 0})
-    spec["checkpoint"] = {"every": 100_000}  # the last step's checkpoint only
+    data = merged(
+        example(JOB.name),
+        {"trainer": {"steps": args.steps, "evalEvery": 0}, "checkpoint": {"every": 100_000}},
+        name=name,
+    )
     if args.quick:
-        spec["model"]["warmup"]["steps"] = 20
-        spec["task"]["heldoutLimit"] = 40
-    for key, value in (overrides or {}).items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return data
+        data = merged(data, {"model": {"warmup": {"steps": 20}}, "task": {"heldoutLimit": 40}})
+    return merged(data, overrides or {})
 
 
 def job_spec(data: dict):
     from rollfleet.spec import parse_manifest
 
     return parse_manifest(data).spec
-
-
-@contextlib.contextmanager
-def single_thread():
-    """The trainer's set-up (ROLLFLEET_TORCH_THREADS=1) for warm-up and evaluation."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def warm_up(args, folder: Path) -> Path:
-    """The default job's warm-up SFT, once, by the trainer's own code: an HF model folder."""
-    from rollfleet_trainer.model import prepare_policy
-
-    with single_thread():
-        _, _, model_folder = prepare_policy(job_spec(manifest("warmup", args)), folder)
-    return model_folder
 
 
 def evaluate(model, tokenizer, spec) -> dict[str, float]:
@@ -138,28 +107,21 @@ def load(folder: Path):
 
 
 # --- rollfleet ---------------------------------------------------------------------------------
-def run_rollfleet(args, model_folder: Path, alpha: int, tmp: Path) -> dict:
+def run_rollfleet(args, model_folder: Path, alpha: int, seed: int, tmp: Path) -> dict:
     """`rollfleet run` on the job at α; samples/s and held-out accuracy from its outputs."""
-    name = f"bench-trl-a{alpha}"
+    name = f"bench-trl-a{alpha}-s{seed}"
+    sampling = example(JOB.name)["spec"]["rollout"]["sampling"]
     data = manifest(
         name,
         args,
-        {"model": {"path": str(model_folder), "warmup": {"steps": 0}}, "async": {"ratio": alpha}},
+        {
+            "model": {"path": str(model_folder), "warmup": {"steps": 0}},
+            "async": {"ratio": alpha},
+            "rollout": {"sampling": {**sampling, "seed": seed}},
+        },
     )
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    run_dir = tmp / name
-    started = time.monotonic()
-    done = subprocess.run(
-        [str(ROLLFLEET), "run", str(path), "--run-dir", str(run_dir), "--quiet"],
-        capture_output=True,
-        text=True,
-    )
-    wall = time.monotonic() - started
-    if done.returncode:
-        sys.exit(f"rollfleet run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads((run_dir / "result.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run = run_job(data, tmp / name)
+    result, records, wall = run["result"], run["records"], run["wall"]
     times = [0.0] + [r["time"] for r in records]  # the loop starts at 0 s
     sizes = [r["samples"] for r in records]
     per_step = [
@@ -169,7 +131,8 @@ def run_rollfleet(args, model_folder: Path, alpha: int, tmp: Path) -> dict:
         )
     ]
     return {
-        "name": f"rollfleet α={alpha}",
+        "name": f"rollfleet α={alpha} seed {seed}",
+        "alpha": alpha,
         "samples": result["samples"],
         "rl_seconds": result["rl_seconds"],
         "samples_per_s": result["samples"] / result["rl_seconds"],
@@ -218,7 +181,7 @@ def trl_dataset(spec, tokenizer, prompts: int):
     return Dataset.from_list(rows)
 
 
-def trl_config(spec, out: Path, steps: int):
+def trl_config(spec, out: Path, steps: int, seed: int):
     from trl import GRPOConfig
 
     algo, sampling = spec.algorithm, spec.rollout.sampling
@@ -231,7 +194,7 @@ def trl_config(spec, out: Path, steps: int):
         use_vllm=False,
         activation_checkpointing=False,  # TRL turns it on by default (as gradient_checkpointing)
         gradient_checkpointing=False,
-        seed=spec.seed,
+        seed=seed,
         max_steps=steps,
         per_device_train_batch_size=spec.trainer.promptsPerStep * sampling.groupSize,
         gradient_accumulation_steps=1,
@@ -282,7 +245,7 @@ def make_clock():
     return Clock()
 
 
-def run_trl(args, model_folder: Path, spec, tmp: Path) -> tuple[dict, object, object]:
+def run_trl(args, model_folder: Path, spec, seed: int, tmp: Path) -> tuple[dict, object, object]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
 
@@ -293,7 +256,7 @@ def run_trl(args, model_folder: Path, spec, tmp: Path) -> tuple[dict, object, ob
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=countdown_reward,
-        args=trl_config(spec, tmp / "trl", args.steps),
+        args=trl_config(spec, tmp / f"trl-{seed}", args.steps, seed),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[clock],
@@ -309,7 +272,7 @@ def run_trl(args, model_folder: Path, spec, tmp: Path) -> tuple[dict, object, ob
     trained = trainer.model.eval()
     return (
         {
-            "name": "TRL GRPOTrainer",
+            "name": f"TRL GRPOTrainer seed {seed}",
             "samples": samples,
             "rl_seconds": rl_seconds,
             "samples_per_s": samples / rl_seconds,
@@ -331,18 +294,6 @@ def reward_curve(rewards: list[float], points: int = 4) -> str:
     size = -(-len(rewards) // points)  # ceil: at most `points` chunks
     chunks = [rewards[i : i + size] for i in range(0, len(rewards), size)]
     return " / ".join(f"{statistics.mean(c):.3f}" for c in chunks)
-
-
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"{os.cpu_count()} cores ({cpu}), no GPU"
 
 
 def report(runs: list[dict], start: dict) -> None:
@@ -370,12 +321,16 @@ def main() -> None:
         "--alphas", default="1,0", help="rollfleet's α values; the first is the headline"
     )
     parser.add_argument(
+        "--seeds", type=int, default=3, help="sampling seeds per side (same warm-up and prompts)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: 3 steps, 20 warm-up steps, 40 prompts"
     )
     args = parser.parse_args()
     if args.quick:
         args.steps = min(args.steps, 3)
     alphas = [int(a) for a in args.alphas.split(",")]
+    seeds = range(args.seeds)
     import torch
     import transformers
     import trl
@@ -391,40 +346,59 @@ def main() -> None:
     )
     spec = job_spec(manifest("bench-trl", args))
     batch = spec.trainer.promptsPerStep * spec.rollout.sampling.groupSize
-    print(f"job: {JOB.relative_to(ROOT)}, {args.steps} steps x {batch} samples", flush=True)
+    print(
+        f"job: {JOB.relative_to(ROOT)}, {args.steps} steps x {batch} samples, seeds {list(seeds)}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="rf-trl-") as name:
         tmp = Path(name)
         print("warm-up SFT (once, shared) ...", flush=True)
-        folder = warm_up(args, tmp / "warmup")
+        folder = warm_up(manifest("warmup", args), tmp / "warmup")
         start = evaluate(*load(folder), spec)
         print(
             f"  start model: held-out avg@4 {start['accuracy']:.3f}, greedy {start['greedy']:.3f}"
         )
         runs = []
-        for alpha in alphas:
-            print(f"rollfleet run, α={alpha} ...", flush=True)
-            run = run_rollfleet(args, folder, alpha, tmp)
-            if (run["before"], run["greedy_before"]) != (start["accuracy"], start["greedy"]):
-                raise AssertionError(f"{run['name']} started elsewhere: {run} vs {start}")
-            print(f"  {run['samples_per_s']:.1f} samples/s, held-out after {run['after']:.3f}")
-            runs.append(run)
-        print("TRL GRPOTrainer ...", flush=True)
-        trl_run, model, tokenizer = run_trl(args, folder, spec, tmp)
-        after = evaluate(model, tokenizer, spec)
-        trl_run.update(after=after["accuracy"], greedy_after=after["greedy"])
-        print(f"  {trl_run['samples_per_s']:.1f} samples/s, held-out after {trl_run['after']:.3f}")
-        runs.append(trl_run)
+        for seed in seeds:
+            for alpha in alphas:
+                print(f"rollfleet run, α={alpha}, seed {seed} ...", flush=True)
+                run = run_rollfleet(args, folder, alpha, seed, tmp)
+                if (run["before"], run["greedy_before"]) != (start["accuracy"], start["greedy"]):
+                    raise AssertionError(f"{run['name']} started elsewhere: {run} vs {start}")
+                print(f"  {run['samples_per_s']:.1f} samples/s, held-out after {run['after']:.3f}")
+                runs.append(run)
+            print(f"TRL GRPOTrainer, seed {seed} ...", flush=True)
+            trl_run, model, tokenizer = run_trl(args, folder, spec, seed, tmp)
+            after = evaluate(model, tokenizer, spec)
+            trl_run.update(after=after["accuracy"], greedy_after=after["greedy"], alpha=None)
+            print(
+                f"  {trl_run['samples_per_s']:.1f} samples/s, held-out after {trl_run['after']:.3f}"
+            )
+            runs.append(trl_run)
     report(runs, start)
-    head = runs[0]
-    ratio = head["samples_per_s"] / trl_run["samples_per_s"]
-    met = ratio >= 3 and head["after"] >= trl_run["after"]
+    sides = {f"rollfleet α={a}": [r for r in runs if r["alpha"] == a] for a in alphas}
+    sides["TRL"] = [r for r in runs if r["alpha"] is None]
+    print("\n| side | held-out avg@4 per seed | mean | greedy mean | samples/s mean |")
+    print("|---|---|---|---|---|")
+    for side, side_runs in sides.items():
+        print(
+            f"| {side} | {' / '.join(format(r['after'], '.3f') for r in side_runs)}"
+            f" | {statistics.mean(r['after'] for r in side_runs):.3f}"
+            f" | {statistics.mean(r['greedy_after'] for r in side_runs):.3f}"
+            f" | {statistics.mean(r['samples_per_s'] for r in side_runs):.1f} |"
+        )
+    head, trl_runs = sides[f"rollfleet α={alphas[0]}"], sides["TRL"]
+    ratio = statistics.mean(r["samples_per_s"] for r in head) / statistics.mean(
+        r["samples_per_s"] for r in trl_runs
+    )
+    ours = statistics.mean(r["after"] for r in head)
+    theirs = statistics.mean(r["after"] for r in trl_runs)
+    met = ratio >= 3 and ours >= theirs
     print(
         f"\ntarget (3x TRL's samples/s at equal or better held-out accuracy): "
         f"{'met' if met else 'not met'}"
     )
-    print(
-        f"vs-trl samples_per_s={ratio:.2f}x heldout rollfleet={head['after']:.3f} trl={trl_run['after']:.3f}"
-    )
+    print(f"vs-trl samples_per_s={ratio:.2f}x heldout rollfleet={ours:.3f} trl={theirs:.3f}")
 
 
 if __name__ == "__main__":

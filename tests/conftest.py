@@ -1,6 +1,6 @@
 """Shared test helpers.
 
-`serve_app` runs a real ASGI app under a real uvicorn server on a free 127.0.0.1 port in a
+`tiny_model_dir` is the builtin tiny model, made once per session. `serve_app` runs a real ASGI app under a real uvicorn server on a free 127.0.0.1 port in a
 background thread and hands back an httpx client pointed at it; the server stops when the
 test ends. The service token variable is cleared first, so a test that wants
 authentication sets it itself (the services read it at request time).
@@ -31,6 +31,14 @@ def nats_server(tmp_path):
     server = EmbeddedNats(store_dir=tmp_path / "nats", auth_token=NATS_TOKEN).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The builtin tiny Llama (seed 0, default size) as a Hugging Face folder."""
+    from rollfleet.models.tiny import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @contextmanager

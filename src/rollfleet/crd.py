@@ -226,6 +226,7 @@ def _convert(node: dict, defs: dict, seen: tuple[str, ...] = ()) -> dict:
     """One JSON Schema node (and everything below it) as a structural OpenAPI v3.0 node."""
     node, seen = _inline(node, defs, seen)
     node, nullable = _strip_null(node)
+    node, seen = _inline(node, defs, seen)  # `Model | None`: the model behind the null
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _KEPT:

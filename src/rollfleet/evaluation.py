@@ -2,16 +2,24 @@
 
 Two readings: `temperature=0` is greedy decoding (one answer per prompt); with a
 temperature and `samples=k` it is avg@k, the mean over k sampled answers per prompt, i.e.
-the expected reward of the sampling policy that RL trains. Runs in the trainer's process with Hugging Face `generate`, independently of the rollout
-engines, so it also cross-checks them. Multi-turn tasks play their episodes against the
-task's own env logic (the same code the env service runs).
+the expected reward of the sampling policy that RL trains. Runs in the trainer's process
+with Hugging Face `generate`, independently of the rollout engines, so it also
+cross-checks them; but each answer is an episode of the same runner and stages as the
+workers' (rollfleet.episodes, rollfleet.methods: build_request, the episode runner,
+reward_input), so it scores what the workers sample. Multi-turn tasks play against the
+task's own env logic (the code the env service runs).
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
-from rollfleet.rewards import REWARDS
+from rollfleet.episodes import EPISODES, EpisodeRequest, Generated, Limits
+from rollfleet.methods import Stages
+from rollfleet.protocol import RolloutTask
+from rollfleet.rewards import reward_item, score
 from rollfleet.tasks import Task
 
 
@@ -23,6 +31,7 @@ def _generate(
     max_new_tokens: int,
     stop_ids: list[int],
     temperature: float,
+    top_p: float = 1.0,
 ):
     width = max(len(p) for p in prompts)
     # Left padding so that every prompt ends where generation starts.
@@ -38,7 +47,7 @@ def _generate(
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids,
         **(
-            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
             if temperature > 0
             else {"do_sample": False}
         ),
@@ -51,6 +60,117 @@ def _generate(
     return results
 
 
+class BatchedGenerate:
+    """The episodes' `generate` for a whole chunk of concurrent episodes: it waits until
+    every live episode has asked for its next turn, then runs them as one batched HF
+    generate, in the order they asked (so a seed gives the same answers)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        live: int,
+        max_new_tokens: int,
+        max_length: int,
+        stop_ids: list[int],
+        temperature: float,
+        top_p: float,
+    ):
+        self.model, self.tokenizer, self.live = model, tokenizer, live
+        self.max_new_tokens, self.max_length, self.stop_ids = max_new_tokens, max_length, stop_ids
+        self.temperature, self.top_p = temperature, top_p
+        self.pending: list[tuple[list[int], asyncio.Future]] = []
+
+    async def __call__(self, context: list[int], request: EpisodeRequest, turn: int) -> Generated:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((context, future))
+        self._flush_when_all_asked()
+        return await future
+
+    def episode_ended(self) -> None:
+        self.live -= 1
+        self._flush_when_all_asked()
+
+    def _flush_when_all_asked(self) -> None:
+        if not self.pending or len(self.pending) < self.live:
+            return
+        batch, self.pending = self.pending, []
+        outputs = _generate(
+            self.model,
+            self.tokenizer,
+            [context for context, _ in batch],
+            self.max_new_tokens,
+            self.stop_ids,
+            self.temperature,
+            self.top_p,
+        )
+        for (context, future), tokens in zip(batch, outputs, strict=True):
+            room = self.max_length - len(context)  # as the engines: the context is the limit
+            tokens = tokens[:room]
+            stopped = bool(tokens) and tokens[-1] in self.stop_ids
+            future.set_result(
+                Generated(
+                    tokens, [0.0] * len(tokens), [0] * len(tokens), "stop" if stopped else "length"
+                )
+            )
+
+
+class LocalEnvSession:
+    """The task's own env logic in-process (what the env service runs), as an EnvSession."""
+
+    def __init__(self, task: Task, meta: dict):
+        self.task, self.meta, self.turn = task, meta, 0
+
+    async def step(self, action: str) -> tuple[str, bool, dict]:
+        observation, done = self.task.env_step(self.meta, self.turn, action)
+        self.turn += 1
+        return observation, done, {}
+
+
+async def _score_one(
+    index: int, example, task, tokenizer, verifier, stages, generate, max_length
+) -> float:
+    """One held-out answer as the workers would sample it, scored by the verifier."""
+    message = RolloutTask(
+        task_id=f"heldout-{index}",
+        group_id=f"heldout-{index}",
+        index=index,
+        prompt=example.prompt,
+        answer=example.answer,
+        meta=example.meta,
+        samples=1,
+        group_size=1,
+        multi_turn=task.multi_turn,
+        min_version=0,
+    )
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode(example.prompt, add_special_tokens=False)]
+    request = stages.build_request(message, EpisodeRequest(prompt))
+    try:
+        episode = await EPISODES[stages.episode](
+            request,
+            generate=generate,
+            env=LocalEnvSession(task, example.meta) if task.multi_turn else None,
+            limits=Limits(
+                int(example.meta.get("max_turns", 1)), max_length, tokenizer.eos_token_id
+            ),
+            decode=tokenizer.decode,
+            encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+        )
+    finally:
+        generate.episode_ended()
+    return score(verifier, stages.reward_input(message, episode, reward_item(message, episode)))
+
+
+async def _score_chunk(chunk, task, tokenizer, verifier, stages, generate, max_length):
+    return await asyncio.gather(
+        *(
+            _score_one(i, ex, task, tokenizer, verifier, stages, generate, max_length)
+            for i, ex in chunk
+        )
+    )
+
+
 def heldout_accuracy(
     model,
     tokenizer,
@@ -60,50 +180,41 @@ def heldout_accuracy(
     max_new_tokens: int,
     limit: int | None = None,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     samples: int = 1,
     seed: int = 0,
     batch_size: int = 256,
+    stages: Stages | None = None,
+    max_length: int | None = None,
 ) -> float:
     """Share of held-out answers (`samples` per prompt) that the reward function `verifier` scores 1."""
     model.eval()
     torch.manual_seed(seed)  # the same sampled answers for the same weights
     count = task.size("heldout") or 0
     count = min(count, limit) if limit else count
-    examples = [task.example("heldout", i) for i in range(count) for _ in range(samples)]
-    count = len(examples)
+    examples = [(i, task.example("heldout", i)) for i in range(count) for _ in range(samples)]
     stop_ids = [
         tokenizer.eos_token_id,
         *(tokenizer.convert_tokens_to_ids(t) for t in task.turn_stop),
     ]
+    stages = stages or Stages([])
+    limits_length = max_length or model.config.max_position_embeddings
     correct = 0
-    for start in range(0, count, batch_size):
+    for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        contexts = [
-            [tokenizer.bos_token_id, *tokenizer.encode(ex.prompt, add_special_tokens=False)]
-            for ex in chunk
-        ]
-        final = [""] * len(chunk)
-        live = list(range(len(chunk)))
-        turn = 0
-        while live:
-            outputs = _generate(
-                model, tokenizer, [contexts[i] for i in live], max_new_tokens, stop_ids, temperature
-            )
-            still = []
-            for i, tokens in zip(live, outputs, strict=True):
-                text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
-                final[i] = text
-                contexts[i] = contexts[i] + tokens
-                ended = not tokens or tokens[-1] == tokenizer.eos_token_id or not task.multi_turn
-                if not ended:
-                    observation, ended = task.env_step(chunk[i].meta, turn, text)
-                    contexts[i] += tokenizer.encode(observation, add_special_tokens=False)
-                if (
-                    not ended
-                    and len(contexts[i]) + max_new_tokens < model.config.max_position_embeddings
-                ):
-                    still.append(i)
-            live, turn = still, turn + 1
-        for ex, response in zip(chunk, final, strict=True):
-            correct += REWARDS[verifier](response, ex.answer, ex.meta) >= 1.0
-    return correct / max(count, 1)
+        generate = BatchedGenerate(
+            model,
+            tokenizer,
+            live=len(chunk),
+            max_new_tokens=max_new_tokens,
+            max_length=limits_length,
+            stop_ids=stop_ids,
+            temperature=temperature,
+            top_p=top_p,
+        )
+
+        scores = asyncio.run(
+            _score_chunk(chunk, task, tokenizer, verifier, stages, generate, limits_length)
+        )
+        correct += sum(value >= 1.0 for value in scores)
+    return correct / max(len(examples), 1)

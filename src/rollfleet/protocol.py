@@ -4,7 +4,7 @@ Every message is a pydantic model serialised as msgpack (never pickle) and carri
 schema version `v`. Consumers call `decode`, which raises `ProtocolError` for anything
 that does not validate; the bus then moves the raw bytes to the dead-letter subject.
 
-    data = encode(Task(...));  task = decode(Task, data)
+    data = encode(RolloutTask(...));  task = decode(RolloutTask, data)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal, Self, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 2  # 2: weights announced as a manifest of buckets
+SCHEMA_VERSION = 3  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights
 
 
 class ProtocolError(ValueError):
@@ -28,7 +28,7 @@ class Message(BaseModel):
     v: int = SCHEMA_VERSION
 
 
-class Task(Message):
+class RolloutTask(Message):
     """One prompt for the rollout pools: sample `samples` responses for it."""
 
     task_id: str
@@ -49,7 +49,8 @@ class Task(Message):
 class TrajectoryStatus(enum.StrEnum):
     COMPLETED = "completed"  # the model ended with end-of-sequence (or the episode ended)
     TRUNCATED = "truncated"  # hit the token limit
-    ABORTED = "aborted"  # cancelled: too stale, or redundant
+    STALE = "stale"  # aborted by the worker: its oldest token fell more than α versions behind
+    ABORTED = "aborted"  # cancelled by the trainer (a redundant straggler)
     FAILED = "failed"  # the env or the reward service failed for this sample
 
 
@@ -59,7 +60,10 @@ class Trajectory(Message):
     `response_ids` holds every token after the prompt: the model's and, in multi-turn
     episodes, the env's observations. `loss_mask` is 1 on the model's tokens and 0 on
     the env's; `token_versions` is the policy version that produced each model token
-    (-1 on env tokens); `token_weights` optionally rescales tokens (credit assignment).
+    (-1 on env tokens). `advantage_weights` optionally scales each token's advantage
+    (credit assignment); it is kept apart from the mask, so it never enters the loss
+    aggregation's denominator. `metadata` carries what a method module records per sample
+    (e.g. the conditioning it sampled under), as plain JSON.
     """
 
     task_id: str
@@ -73,7 +77,7 @@ class Trajectory(Message):
     behaviour_logprobs: list[float]
     token_versions: list[int]
     loss_mask: list[float]
-    token_weights: list[float] | None = None
+    advantage_weights: list[float] | None = None
     reward: float = 0.0
     reward_parts: dict[str, float] = Field(default_factory=dict)
     response_text: str = ""
@@ -88,9 +92,9 @@ class Trajectory(Message):
                 raise ValueError(
                     f"{name} has {len(getattr(self, name))} entries for {n} response tokens"
                 )
-        if self.token_weights is not None and len(self.token_weights) != n:
+        if self.advantage_weights is not None and len(self.advantage_weights) != n:
             raise ValueError(
-                f"token_weights has {len(self.token_weights)} entries for {n} response tokens"
+                f"advantage_weights has {len(self.advantage_weights)} entries for {n} response tokens"
             )
         if self.sample_index >= self.group_size:
             raise ValueError(f"sample_index {self.sample_index} >= group_size {self.group_size}")

@@ -1,13 +1,19 @@
 """Reward functions registered by name, and their weighted composition.
 
-Each function maps (response, answer, meta, **params) to a float. The reward service
-serves them over HTTP; the trainer uses the same functions for held-out evaluation.
+Each function maps (response, answer, meta, **params) to a float. A function that also
+wants more of the episode declares it as a keyword: `response_tokens` (tokens the model
+generated) or `turns` (the transcript, each turn a {role, text, tokens, info} map), and
+gets it from the scored item. The reward service serves them over HTTP; the trainer uses
+the same functions for held-out evaluation.
 
-    total, parts = compose([("countdown", 1.0, {})], "3*5+7", "22", {"numbers": [3, 5, 7], "target": 22})
+    item = {"response": "3*5+7", "answer": "22", "meta": {"numbers": [3, 5, 7], "target": 22}}
+    total, parts = compose([("countdown", 1.0, {})], item)
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -61,19 +67,49 @@ def format_reward(
     return float(re.fullmatch(pattern, response.strip()) is not None)
 
 
+EPISODE_FIELDS = ("response_tokens", "turns")  # what a function may ask of the episode
+
+
+@functools.cache
+def _episode_fields(name: str) -> tuple[str, ...]:
+    wanted = inspect.signature(REWARDS[name]).parameters
+    return tuple(f for f in EPISODE_FIELDS if f in wanted)
+
+
+def reward_item(task, episode) -> dict[str, Any]:
+    """What the reward service scores for one episode by default: the last model turn's
+    text, the reference answer and the task's meta, the model's token count and the
+    transcript. (`task` is a RolloutTask, `episode` a rollfleet.episodes.Episode.)"""
+    return {
+        "response": episode.final_text,
+        "answer": task.answer,
+        "meta": task.meta,
+        "response_tokens": episode.response_tokens,
+        "turns": [
+            {"role": t.role, "text": t.text, "tokens": t.tokens, "info": t.info}
+            for t in episode.turns
+        ],
+    }
+
+
+def score(name: str, item: dict[str, Any], params: dict[str, Any] | None = None) -> float:
+    """One reward function on one item (a reward_item-shaped dict)."""
+    extra = {f: item[f] for f in _episode_fields(name) if item.get(f) is not None}
+    return REWARDS[name](
+        item["response"], item["answer"], item.get("meta", {}), **(params or {}), **extra
+    )
+
+
 def compose(
-    functions: list[tuple[str, float, dict[str, Any]]],
-    response: str,
-    answer: str,
-    meta: dict[str, Any],
+    functions: list[tuple[str, float, dict[str, Any]]], item: dict[str, Any]
 ) -> tuple[float, dict[str, float]]:
-    """Weighted sum of reward functions; returns (total, {name: unweighted value}).
+    """Weighted sum of reward functions on one item; returns (total, {name: unweighted value}).
 
     A function listed twice (with other params) is reported as `name`, `name#2`, ...
     """
     total, parts = 0.0, {}
     for name, weight, params in functions:
-        value = REWARDS[name](response, answer, meta, **params)
+        value = score(name, item, params)
         total += weight * value
         key, n = name, 1
         while key in parts:

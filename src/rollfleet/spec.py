@@ -15,7 +15,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,9 +24,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+
+from rollfleet.cel import Cel
+from rollfleet.methods import METHODS, MethodParams
 
 API_VERSION = "rollfleet.io/v1alpha1"
 KIND = "RLJob"
@@ -79,28 +83,6 @@ AdvantageName = Annotated[str, _registered("advantage", _advantages)]
 PolicyLossName = Annotated[str, _registered("policy loss", _policy_losses)]
 RewardName = Annotated[str, _registered("reward function", _rewards)]
 AggregationName = Annotated[str, _registered("loss aggregation", _aggregations)]
-
-
-class Cel(NamedTuple):
-    """A CEL rule the CRD carries for a cross-field check that a validator beside it makes.
-
-    A model lists its rules in `__cel__`; crd.py puts them on that model's schema as
-    `x-kubernetes-validations`, so the API server refuses the manifest before the operator
-    reads it, and `self` is the object the model describes. The CRD sets no defaults, so a
-    field the manifest leaves out is absent there: write `{self.a.b}` (or `{p.b}` for the
-    variable of a list macro such as `self.items.all(p, ...)`) and crd.py expands it to the
-    field's value or, where absent, its pydantic default, e.g.
-    `(has(self.workers) ? self.workers : 1)`. A bare `self.a` has no default: guard it with
-    `has(self.a)`. tests/unit/test_crd.py checks every rule against these validators.
-    """
-
-    rule: str
-    message: str
-    field_path: str | None = None
-    "the field the API server blames, relative to `self` (e.g. `.workers`)"
-    reason: Literal[
-        "FieldValueInvalid", "FieldValueForbidden", "FieldValueDuplicate", "FieldValueRequired"
-    ] = "FieldValueInvalid"
 
 
 class Strict(BaseModel):
@@ -159,6 +141,11 @@ class AlgorithmSpec(Strict):
         "ppo_clip",
         description="registered policy loss: vanilla_pg, ppo_clip, dual_clip_ppo, tis, topr, cispo, decoupled_ppo, gspo, kimi",
     )
+    advantageEpsilon: float = Field(
+        1e-4,
+        ge=0,
+        description="added to the std that grpo and reinforce++ divide by (TRL's GRPOTrainer uses 1e-4)",
+    )
     lossAggregation: AggregationName = Field(
         "token-mean", description="token-mean, seq-mean-token-mean or seq-mean-token-sum"
     )
@@ -176,6 +163,14 @@ class AlgorithmSpec(Strict):
         "constant", description="linear decays to 0 at the last step"
     )
     maxGradNorm: float = Field(1.0, gt=0)
+    miniBatches: int = Field(
+        1,
+        ge=1,
+        description="optimizer updates per epoch over a batch, each on an equal share of its prompt groups",
+    )
+    epochs: int = Field(
+        1, ge=1, description="passes over each batch (the PPO inner loop); one version per batch"
+    )
 
     def loss_config(self):
         from rollfleet.algorithms.losses import LossConfig
@@ -225,6 +220,11 @@ class SamplingSpec(Strict):
     temperature: float = Field(1.0, ge=0)
     topP: float = Field(1.0, gt=0, le=1)
     maxNewTokens: int = Field(12, ge=1, description="tokens per model turn")
+    seed: int | None = Field(
+        None,
+        description="seed of the rollout engines' sampling (and of methods' random draws); "
+        "default spec.seed. Vary it alone to repeat a run from the same task and warm-up",
+    )
 
 
 class PoolSpec(Strict):
@@ -355,6 +355,20 @@ class CheckpointSpec(Strict):
     keep: int = Field(2, ge=1, description="checkpoints kept on disk")
 
 
+def _methods_spec() -> type[BaseModel]:
+    """`spec.methods`: one optional field per registered method, typed by its parameters."""
+    fields: dict[str, Any] = {
+        name: (info.params | None, Field(None, description=info.summary))
+        for name, info in sorted(METHODS.items())
+    }
+    return create_model(
+        "MethodsSpec", __base__=Strict, __doc__="Method modules switched on, by name.", **fields
+    )
+
+
+MethodsSpec = _methods_spec()
+
+
 class RLJobSpec(Strict):
     seed: int = 0
     model: ModelSpec = ModelSpec()
@@ -368,11 +382,19 @@ class RLJobSpec(Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     weights: WeightsSpec = WeightsSpec()
     suspend: bool = False
-    methods: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="method modules by name, each with its own settings"
+    methods: MethodsSpec = Field(
+        default_factory=MethodsSpec,
+        description="method modules switched on, each with its own parameters (README: Method modules)",
     )
 
     __cel__ = (
+        Cel(  # _mini_batches_divide_each_share (TrainerSpec checks workers itself)
+            "{self.trainer.promptsPerStep} % {self.trainer.workers} != 0 || "
+            "({self.trainer.promptsPerStep} / {self.trainer.workers}) % {self.algorithm.miniBatches} == 0",
+            "each trainer worker's share of trainer.promptsPerStep must be a multiple of "
+            "algorithm.miniBatches: every update trains an equal number of prompt groups",
+            field_path=".algorithm.miniBatches",
+        ),
         Cel(  # _lockstep_needs_whole_groups
             "{self.async.envAsync} || !{self.async.replicatePrompts}",
             "async.envAsync: false keeps a group's env sessions in lockstep, which needs the "
@@ -389,6 +411,17 @@ class RLJobSpec(Strict):
             reason="FieldValueForbidden",
         ),
     )
+
+    @model_validator(mode="after")
+    def _mini_batches_divide_each_share(self):
+        share = self.trainer.promptsPerStep // self.trainer.workers
+        if share % self.algorithm.miniBatches:
+            raise ValueError(
+                f"each trainer worker's share of trainer.promptsPerStep ({share}) must be a "
+                f"multiple of algorithm.miniBatches ({self.algorithm.miniBatches}): every "
+                "update trains an equal number of prompt groups"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lockstep_needs_whole_groups(self):
@@ -408,6 +441,19 @@ class RLJobSpec(Strict):
                 "use vllm, which continues in-flight requests: set partialRollout: continue"
             )
         return self
+
+    def sampling_seed(self) -> int:
+        """The seed sampling starts from: rollout.sampling.seed, else the job's seed."""
+        seed = self.rollout.sampling.seed
+        return self.seed if seed is None else seed
+
+    def enabled_methods(self) -> list[tuple[str, MethodParams]]:
+        """(name, parameters) of each method switched on, in name order."""
+        return [
+            (name, params)
+            for name in type(self.methods).model_fields
+            if (params := getattr(self.methods, name)) is not None
+        ]
 
     def reward_functions(self) -> list[tuple[str, float, dict[str, Any]]]:
         """The weighted reward functions, defaulting to the task's own verifier."""

@@ -24,7 +24,7 @@ from rollfleet.local.nats import EmbeddedNats
 from rollfleet.protocol import (
     Progress,
     ProtocolError,
-    Task,
+    RolloutTask,
     TensorEntry,
     Trajectory,
     TrajectoryStatus,
@@ -58,8 +58,8 @@ def dead_letters(subject: str) -> float:
     return REGISTRY.get_sample_value("rollfleet_dead_letters_total", {"subject": subject}) or 0.0
 
 
-def make_task(i: int) -> Task:
-    return Task(
+def make_task(i: int) -> RolloutTask:
+    return RolloutTask(
         task_id=f"t{i}",
         group_id=f"g{i}",
         index=i,
@@ -166,10 +166,10 @@ async def test_tasks_go_to_exactly_one_worker_and_leave_the_stream_when_acked(bu
     try:
         sub_a = await bus.task_consumer()
         sub_b = await worker_b.task_consumer()  # same durable "rollout"
-        got_a = await bus.fetch(sub_a, Task, 4, timeout=1)
-        got_b = await worker_b.fetch(sub_b, Task, 10, timeout=1)
+        got_a = await bus.fetch(sub_a, RolloutTask, 4, timeout=1)
+        got_b = await worker_b.fetch(sub_b, RolloutTask, 10, timeout=1)
         # A asks again: nothing is left for it, the rest is pending with B
-        got_a += await bus.fetch(sub_a, Task, 10, timeout=0.3)
+        got_a += await bus.fetch(sub_a, RolloutTask, 10, timeout=0.3)
 
         assert len(got_a) == 4
         assert len(got_b) == 6
@@ -190,7 +190,7 @@ async def test_tasks_go_to_exactly_one_worker_and_leave_the_stream_when_acked(bu
             return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages == 0
 
         await wait_for(empty, timeout=5, what="the work queue to empty")
-        assert await bus.fetch(sub_a, Task, 10, timeout=0.3) == []
+        assert await bus.fetch(sub_a, RolloutTask, 10, timeout=0.3) == []
     finally:
         await worker_b.close()
 

@@ -19,7 +19,7 @@ from rollfleet.bus import Bus
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.warmup import warmup_sft
 from rollfleet.models.weights import export_state
-from rollfleet.protocol import Task, Trajectory, TrajectoryStatus
+from rollfleet.protocol import RolloutTask, Trajectory, TrajectoryStatus
 from rollfleet.spec import RLJobSpec
 from rollfleet.tasks import make_task
 from rollfleet_env.app import create_app as create_env_app
@@ -103,9 +103,9 @@ async def collect(bus: Bus, count: int, timeout: float = 60, rank: int = 0) -> l
     return got
 
 
-def calculator_task(index: int, group: int) -> Task:
+def calculator_task(index: int, group: int) -> RolloutTask:
     example = make_task("calculator").example("heldout", index)
-    return Task(
+    return RolloutTask(
         task_id=f"t{index}",
         group_id=f"g{index}",
         index=index,

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from rollfleet.bus import Bus
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.weights import export_state
-from rollfleet.protocol import GroupsCancelled, Task, Trajectory, TrajectoryStatus
+from rollfleet.protocol import GroupsCancelled, RolloutTask, Trajectory, TrajectoryStatus
 from rollfleet.spec import RLJobSpec, parse_manifest
 from rollfleet.tasks import make_task
 from rollfleet_reward.app import create_app as create_reward_app
@@ -83,22 +83,22 @@ async def until_tasks_acked(bus: Bus, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def read_tasks(bus: Bus, count: int, timeout: float = 10.0) -> list[Task]:
+async def read_tasks(bus: Bus, count: int, timeout: float = 10.0) -> list[RolloutTask]:
     """Pull `count` tasks off the task stream (as a worker would) and ack them."""
     consumer = await bus.task_consumer()
-    got: list[Task] = []
+    got: list[RolloutTask] = []
     deadline = time.monotonic() + timeout
     while len(got) < count:
         assert time.monotonic() < deadline, f"only {len(got)} of {count} tasks arrived"
-        for task, raw in await bus.fetch(consumer, Task, count - len(got), timeout=0.5):
+        for task, raw in await bus.fetch(consumer, RolloutTask, count - len(got), timeout=0.5):
             got.append(task)
             await raw.ack()
     return got
 
 
-def countdown_task(index: int, group: int, **update) -> Task:
+def countdown_task(index: int, group: int, **update) -> RolloutTask:
     example = make_task("countdown").example("train", index)
-    task = Task(
+    task = RolloutTask(
         task_id=f"t{index}",
         group_id=f"g{index}",
         index=index,
@@ -171,10 +171,12 @@ async def test_replicated_prompts_become_single_sample_tasks(nats_server, tmp_pa
     ) as trainer:
         await trainer.issue_tasks()
         tasks = await read_tasks(trainer.bus, 6)
-        extra = await trainer.bus.fetch(await trainer.bus.task_consumer(), Task, 10, timeout=0.3)
+        extra = await trainer.bus.fetch(
+            await trainer.bus.task_consumer(), RolloutTask, 10, timeout=0.3
+        )
     assert extra == []  # exactly groupSize tasks per group, no whole-group task besides
     assert sorted(trainer.groups) == ["g0", "g1"]
-    by_group: dict[str, list[Task]] = {}
+    by_group: dict[str, list[RolloutTask]] = {}
     for t in tasks:
         by_group.setdefault(t.group_id, []).append(t)
     assert sorted(by_group) == ["g0", "g1"]
@@ -194,7 +196,9 @@ async def test_without_replication_a_group_is_one_task(nats_server, tmp_path):
     ) as trainer:
         await trainer.issue_tasks()
         tasks = await read_tasks(trainer.bus, 2)
-        extra = await trainer.bus.fetch(await trainer.bus.task_consumer(), Task, 10, timeout=0.3)
+        extra = await trainer.bus.fetch(
+            await trainer.bus.task_consumer(), RolloutTask, 10, timeout=0.3
+        )
     assert extra == []
     assert sorted((t.task_id, t.group_id, t.samples, t.sample_offset) for t in tasks) == [
         ("t0", "g0", 3, 0),
@@ -225,6 +229,31 @@ async def test_in_flight_bound_counts_redundant_groups(
         await trainer.issue_tasks()
         assert await task_stream_messages(trainer.bus) == limit + 1
         assert sorted(g.index for g in trainer.groups.values()) == list(range(1, limit + 1))
+
+
+async def test_a_sample_aborted_as_stale_drops_its_group_as_stale(nats_server, tmp_path):
+    """Workers abort a sample whose oldest token fell more than α behind (status `stale`):
+    its group is dropped and counted as stale, not as failed."""
+    group = 3
+    async with trainer_on_bus(nats_server, tmp_path, group=group, prompts=2) as trainer:
+        bus = trainer.bus
+        await trainer.issue_tasks()
+        consumer = await bus.trajectory_consumer(0)
+        before = {reason: dropped(reason) for reason in ("stale", "failed")}
+        g0 = trainer.groups["g0"]
+        await bus.publish(bus.subjects.trajectories_for(0), trajectory(g0, 0))
+        await bus.publish(
+            bus.subjects.trajectories_for(0), trajectory(g0, 1, TrajectoryStatus.STALE)
+        )
+        for _ in range(20):
+            await trainer.collect(consumer)
+            if "g0" in trainer.discarded:
+                break
+        assert trainer.dropped_here == {"stale": group, "cancelled": 0, "failed": 0}
+        assert dropped("stale") - before["stale"] == group
+        assert dropped("failed") == before["failed"]
+        info = await consumer.consumer_info()
+        assert info.num_ack_pending == 0  # both samples acked
 
 
 async def test_cancel_stragglers_drops_lower_groups_and_tells_the_workers(nats_server, tmp_path):
@@ -388,6 +417,18 @@ async def test_cancel_aborts_a_generating_group_and_frees_its_slots(nats_server,
     assert elapsed < 5.0, f"aborted samples took {elapsed:.1f}s to come out"
     assert cancelled_samples() - before == 2
     assert all(t.reward == 0.0 and t.reward_parts == {} for t in trajectories)  # not scored
+
+
+async def test_a_sample_older_than_alpha_is_published_as_stale(nats_server, tiny_model):
+    """The worker re-checks staleness when a sample ends: its tokens come from version 0
+    while version 2 has been announced, more than α = 1 behind, so it comes out `stale`."""
+    spec = worker_spec(group=2, max_batch=4)
+    async with running_worker(nats_server, tiny_model, spec) as (trainer, worker):
+        worker.latest_announced = 2  # as if versions 1 and 2 were announced, not yet loaded
+        await trainer.publish(trainer.subjects.tasks, countdown_task(0, 2))
+        trajectories = await collect(trainer, 2, timeout=30)
+    assert [t.status for t in trajectories] == [TrajectoryStatus.STALE] * 2
+    assert all(t.reward_parts == {} for t in trajectories)  # not scored
 
 
 async def test_queued_task_of_a_cancelled_group_is_acked_without_sampling(nats_server, tiny_model):

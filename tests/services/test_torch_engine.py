@@ -487,3 +487,38 @@ def test_sample_is_deterministic_for_a_seeded_generator():
     a = sample(*args, torch.Generator().manual_seed(42))
     b = sample(*args, torch.Generator().manual_seed(42))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+async def test_on_policy_ratio_is_one_with_temperature_and_top_p(make_engine, model):
+    """The trainer scores the engine's samples under the distribution they were drawn from
+    (tempered, renormalised over the top-p nucleus): on the engine's own weights every
+    ratio π/μ is 1, here at temperature 0.7 and top-p 0.9."""
+    from rollfleet.models.batching import token_logprobs
+
+    engine = await make_engine(slots=8, max_len=64, eos_token_id=NO_EOS, seed=5)
+    rng = random.Random(3)
+    prompts = [random_prompt(rng, rng.randint(3, 9)) for _ in range(8)]
+    outs = await asyncio.gather(
+        *(
+            complete(engine, request(f"r{i}", p, max_new_tokens=20, temperature=0.7, top_p=0.9))
+            for i, p in enumerate(prompts)
+        )
+    )
+    width = max(len(p) + len(o.token_ids) for p, o in zip(prompts, outs, strict=True))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        ids[row, : len(p) + len(o.token_ids)] = torch.tensor(p + o.token_ids)
+        attention[row, : len(p) + len(o.token_ids)] = 1
+    with torch.no_grad():
+        trainer = token_logprobs(model, ids, attention, temperature=0.7, top_p=0.9)
+        full_softmax = token_logprobs(model, ids, attention, temperature=0.7)
+    ratios, truncated = [], 0
+    for row, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        scored = trainer[row, len(p) : len(p) + len(o.token_ids)]
+        ratios += torch.exp(scored - torch.tensor(o.logprobs)).tolist()
+        full = full_softmax[row, len(p) : len(p) + len(o.token_ids)]
+        truncated += int((scored - full).abs().gt(1e-3).sum())
+    assert len(ratios) == 160
+    assert max(abs(r - 1) for r in ratios) < 1e-4
+    assert truncated > 0  # top-p did cut the distribution here: the check has teeth

@@ -568,6 +568,8 @@ def test_from_model_starts_vllm_with_prompt_embeds_and_the_weight_extension(monk
     assert model.saved_to == tokenizer.saved_to == str(tmp_path)
     assert (args["max_model_len"], args["max_num_seqs"], args["seed"]) == (256, 8, 7)
     assert args["enable_prompt_embeds"] is True
+    # log-probs of the distribution sampled from (temperature, top-p), as the trainer scores
+    assert args["logprobs_mode"] == "processed_logprobs"
     module, _, cls = args["worker_extension_cls"].rpartition(".")
     assert getattr(sys.modules[module], cls) is WeightLoaderExtension
     assert engine.vllm is vllm

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from rollfleet.crd import build_crd, model_schema, render_crd, render_rule
+from rollfleet.methods.attention_credit import AttentionCreditParams
 from rollfleet.spec import (
     MAX_POOLS,
     Cel,
@@ -133,7 +134,6 @@ def test_only_open_maps_preserve_unknown_fields(version):
     root = version["schema"]["openAPIV3Schema"]
     preserved = {path for path, node in walk(root) if node.get(PRESERVE)}
     assert preserved == {
-        ".spec.methods",
         ".spec.task.params",
         ".spec.reward.functions[].params",
     }
@@ -169,8 +169,10 @@ RULES = {
     ("model", ".heads"): "must divide model.hidden",
     ("rollout", ".pools"): "pool names must be unique",
     ("trainer", ".promptsPerStep"): "must be a multiple of workers",
+    ("", ".algorithm.miniBatches"): "must be a multiple of algorithm.miniBatches",
     ("", ".async.replicatePrompts"): "set replicatePrompts: false",
     ("", ".async.partialRollout"): "set partialRollout: continue",
+    ("methods.attention_credit", ".horizon"): "must be [near, far] with 1 <= near <= far",
 }
 
 
@@ -224,7 +226,7 @@ def pydantic_errors(spec: dict) -> list[str]:
 
 def test_one_rule_per_cross_field_validator(spec):
     assert {(loc, rule["fieldPath"]) for loc, rule in spec_rules(spec)} == RULES.keys()
-    models = [ModelSpec, RolloutSpec, TrainerSpec, RLJobSpec]
+    models = [ModelSpec, RolloutSpec, TrainerSpec, RLJobSpec, AttentionCreditParams]
     validators = {
         m.__name__: len(m.__pydantic_decorators__.model_validators)
         + len(m.__pydantic_decorators__.field_validators)
@@ -279,6 +281,15 @@ def test_an_empty_object_passes(spec, location):
 REFUSED = [
     ({"trainer": {"promptsPerStep": 10, "workers": 4}}, ("trainer", ".promptsPerStep")),
     ({"trainer": {"workers": 3}}, ("trainer", ".promptsPerStep")),  # default promptsPerStep 16
+    ({"algorithm": {"miniBatches": 3}}, ("", ".algorithm.miniBatches")),  # default 16 prompts
+    (
+        {"trainer": {"promptsPerStep": 12, "workers": 2}, "algorithm": {"miniBatches": 4}},
+        ("", ".algorithm.miniBatches"),
+    ),
+    (
+        {"methods": {"attention_credit": {"horizon": [5, 2]}}},
+        ("methods.attention_credit", ".horizon"),
+    ),
     ({"model": {"heads": 3}}, ("model", ".heads")),  # default hidden 128
     ({"model": {"hidden": 130}}, ("model", ".heads")),  # default heads 4
     ({"model": {"hidden": 100, "heads": 8}}, ("model", ".heads")),
@@ -313,6 +324,7 @@ def test_rule_refuses_what_pydantic_refuses(spec, manifest_spec, rule):
 ACCEPTED = [
     {"trainer": {"promptsPerStep": 15}},  # default workers 1
     {"trainer": {"promptsPerStep": 12, "workers": 3}},
+    {"trainer": {"promptsPerStep": 12, "workers": 2}, "algorithm": {"miniBatches": 3}},
     {"model": {"hidden": 96, "heads": 3}},
     {"rollout": {"pools": [{}, {"name": "b"}]}},
     {"async": {"envAsync": False}},
@@ -346,6 +358,10 @@ def _maybe(rng: random.Random, fields: dict) -> dict:
 def random_spec(rng: random.Random) -> dict:
     sections = {
         "trainer": lambda: _maybe(rng, {"promptsPerStep": range(1, 25), "workers": range(1, 6)}),
+        "algorithm": lambda: _maybe(rng, {"miniBatches": range(1, 5)}),
+        "methods": lambda: {
+            "attention_credit": _maybe(rng, {"horizon": [[1, 8], [5, 2], [0, 3], [10, 100]]})
+        },
         "model": lambda: _maybe(
             rng, {"hidden": [8, 12, 96, 100, 128, 130], "heads": [1, 2, 3, 4, 5, 8]}
         ),
@@ -387,6 +403,17 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
     match rule:
         case ("trainer", _) if "trainer" in s:
             return {"trainer": _pick(s["trainer"], "promptsPerStep", "workers")}
+        case ("", ".algorithm.miniBatches"):
+            alone = {k: _pick(s[k], "promptsPerStep", "workers") for k in ("trainer",) if k in s}
+            if "algorithm" in s:
+                alone["algorithm"] = _pick(s["algorithm"], "miniBatches")
+            if "trainer" in s and alone["trainer"].get("promptsPerStep", 16) % alone["trainer"].get(
+                "workers", 1
+            ):
+                return None  # TrainerSpec's own check refuses it first
+            return alone
+        case ("methods.attention_credit", _) if "methods" in s:
+            return {"methods": {"attention_credit": s["methods"]["attention_credit"]}}
         case ("model", _) if "model" in s:
             return {"model": _pick(s["model"], "hidden", "heads")}
         case ("rollout", _) if "rollout" in s:

@@ -7,8 +7,8 @@ from rollfleet.protocol import (
     SCHEMA_VERSION,
     Progress,
     ProtocolError,
+    RolloutTask,
     Subjects,
-    Task,
     TensorEntry,
     Trajectory,
     TrajectoryStatus,
@@ -19,7 +19,7 @@ from rollfleet.protocol import (
 )
 
 
-def make_task(**overrides) -> Task:
+def make_task(**overrides) -> RolloutTask:
     fields = dict(
         task_id="t-1",
         group_id="g-1",
@@ -35,7 +35,7 @@ def make_task(**overrides) -> Task:
         issued_at=1234.5,
     )
     fields.update(overrides)
-    return Task(**fields)
+    return RolloutTask(**fields)
 
 
 def make_trajectory(**overrides) -> Trajectory:
@@ -66,19 +66,19 @@ def test_task_round_trip():
     task = make_task()
     data = encode(task)
     assert isinstance(data, bytes)
-    back = decode(Task, data)
+    back = decode(RolloutTask, data)
     assert back == task
     assert back.meta == {"numbers": [3, 5, 7], "target": 22}
     assert back.v == SCHEMA_VERSION
 
 
 def test_trajectory_round_trip_keeps_enum_and_floats():
-    traj = make_trajectory(token_weights=[0.5, 1.0, 0.0, 0.0, 2.0])
+    traj = make_trajectory(advantage_weights=[0.5, 1.0, 0.0, 0.0, 2.0])
     back = decode(Trajectory, encode(traj))
     assert back == traj
     assert back.status is TrajectoryStatus.COMPLETED
     assert back.behaviour_logprobs == [-0.5, -1.25, 0.0, 0.0, -2.0]
-    assert back.token_weights == [0.5, 1.0, 0.0, 0.0, 2.0]
+    assert back.advantage_weights == [0.5, 1.0, 0.0, 0.0, 2.0]
 
 
 def make_weight_version(**overrides) -> WeightVersion:
@@ -135,18 +135,18 @@ def test_payload_is_plain_msgpack_map():
 @pytest.mark.parametrize("garbage", [b"\xc1", b"", b"\x92\x01", b"\x81\xa1v\x01trailing"])
 def test_garbage_bytes_raise_protocol_error(garbage):
     with pytest.raises(ProtocolError, match="not msgpack"):
-        decode(Task, garbage)
+        decode(RolloutTask, garbage)
 
 
 @pytest.mark.parametrize("value", [[1, 2, 3], "task", 42, None])
 def test_non_map_raises_protocol_error(value):
     with pytest.raises(ProtocolError, match="expected a map"):
-        decode(Task, msgpack.packb(value))
+        decode(RolloutTask, msgpack.packb(value))
 
 
 def test_non_string_keys_raise_protocol_error():
     with pytest.raises(ProtocolError):
-        decode(Task, msgpack.packb({1: "x"}))
+        decode(RolloutTask, msgpack.packb({1: "x"}))
 
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 0, "1", None])
@@ -154,14 +154,14 @@ def test_wrong_schema_version_raises(version):
     raw = msgpack.unpackb(encode(make_task()), raw=False)
     raw["v"] = version
     with pytest.raises(ProtocolError, match="schema version"):
-        decode(Task, msgpack.packb(raw))
+        decode(RolloutTask, msgpack.packb(raw))
 
 
 def test_missing_schema_version_raises():
     raw = msgpack.unpackb(encode(make_task()), raw=False)
     del raw["v"]
     with pytest.raises(ProtocolError, match="schema version None"):
-        decode(Task, msgpack.packb(raw))
+        decode(RolloutTask, msgpack.packb(raw))
 
 
 def test_misaligned_trajectory_raises():
@@ -173,10 +173,10 @@ def test_misaligned_trajectory_raises():
         decode(Trajectory, msgpack.packb(raw))
 
 
-def test_misaligned_token_weights_and_sample_index_raise():
+def test_misaligned_advantage_weights_and_sample_index_raise():
     raw = msgpack.unpackb(encode(make_trajectory()), raw=False)
-    raw["token_weights"] = [1.0]
-    with pytest.raises(ProtocolError, match="token_weights"):
+    raw["advantage_weights"] = [1.0]
+    with pytest.raises(ProtocolError, match="advantage_weights"):
         decode(Trajectory, msgpack.packb(raw))
     raw = msgpack.unpackb(encode(make_trajectory()), raw=False)
     raw["sample_index"] = 8  # == group_size
@@ -187,14 +187,14 @@ def test_misaligned_token_weights_and_sample_index_raise():
 def test_invalid_field_error_names_the_field():
     raw = msgpack.unpackb(encode(make_task()), raw=False)
     raw["samples"] = 0
-    with pytest.raises(ProtocolError, match=r"invalid Task: samples"):
-        decode(Task, msgpack.packb(raw))
+    with pytest.raises(ProtocolError, match=r"invalid RolloutTask: samples"):
+        decode(RolloutTask, msgpack.packb(raw))
 
 
 def test_wrong_message_type_raises():
     # A trajectory is not a task: extra fields are forbidden and task fields are missing.
-    with pytest.raises(ProtocolError, match="invalid Task"):
-        decode(Task, encode(make_trajectory()))
+    with pytest.raises(ProtocolError, match="invalid RolloutTask"):
+        decode(RolloutTask, encode(make_trajectory()))
 
 
 def test_oldest_version_ignores_env_tokens():
@@ -284,8 +284,8 @@ def test_weight_bucket_entries_reject_unknown_fields_and_negative_sizes():
 def test_task_trainer_rank_defaults_to_zero_and_round_trips():
     assert make_task().trainer_rank == 0
     task = make_task(trainer_rank=2)
-    assert decode(Task, encode(task)).trainer_rank == 2
+    assert decode(RolloutTask, encode(task)).trainer_rank == 2
     raw = msgpack.unpackb(encode(task), raw=False)
     raw["trainer_rank"] = -1
-    with pytest.raises(ProtocolError, match="invalid Task: trainer_rank"):
-        decode(Task, msgpack.packb(raw))
+    with pytest.raises(ProtocolError, match="invalid RolloutTask: trainer_rank"):
+        decode(RolloutTask, msgpack.packb(raw))

@@ -5,7 +5,15 @@ import re
 
 import pytest
 
-from rollfleet.rewards import REWARDS, compose, countdown, exact_match, format_reward, numeric
+from rollfleet.rewards import (
+    REWARDS,
+    compose,
+    countdown,
+    exact_match,
+    format_reward,
+    numeric,
+    register_reward,
+)
 from rollfleet.tasks import TASKS, make_task
 from rollfleet.tasks.countdown import eval_expression, verify
 
@@ -306,23 +314,54 @@ def test_format_reward():
     assert format_reward("abc", "", {}, pattern="[a-c]+") == 1.0
 
 
+def item(response: str, answer: str, meta: dict) -> dict:
+    return {"response": response, "answer": answer, "meta": meta}
+
+
 def test_compose_weights_parts():
     meta = {"numbers": [3, 5, 7], "target": 22}
     functions = [("countdown", 1.0, {}), ("format", 0.25, {})]
-    assert compose(functions, "3*5+7", "22", meta) == (1.25, {"countdown": 1.0, "format": 1.0})
-    assert compose(functions, "3+5+7", "22", meta) == (0.25, {"countdown": 0.0, "format": 1.0})
-    assert compose(functions, "hello", "22", meta) == (0.0, {"countdown": 0.0, "format": 0.0})
-    total, parts = compose([("exact_match", -2.0, {"strip": False})], " 22", "22", {})
+    assert compose(functions, item("3*5+7", "22", meta)) == (
+        1.25,
+        {"countdown": 1.0, "format": 1.0},
+    )
+    assert compose(functions, item("3+5+7", "22", meta)) == (
+        0.25,
+        {"countdown": 0.0, "format": 1.0},
+    )
+    assert compose(functions, item("hello", "22", meta)) == (0.0, {"countdown": 0.0, "format": 0.0})
+    total, parts = compose([("exact_match", -2.0, {"strip": False})], item(" 22", "22", {}))
     assert (total, parts) == (0.0, {"exact_match": 0.0})
-    total, _ = compose([("exact_match", -2.0, {})], " 22", "22", {})
+    total, _ = compose([("exact_match", -2.0, {})], item(" 22", "22", {}))
     assert total == -2.0
 
 
 def test_compose_same_function_twice_with_different_params():
     functions = [("format", 1.0, {"pattern": "a+"}), ("format", 2.0, {"pattern": "b+"})]
-    total, parts = compose(functions, "aaa", "", {})
+    total, parts = compose(functions, item("aaa", "", {}))
     assert total == 1.0  # 1.0 * 1 + 2.0 * 0
     assert parts == {"format": 1.0, "format#2": 0.0}
+
+
+def test_a_reward_function_gets_the_episode_fields_it_declares():
+    seen = {}
+
+    @register_reward("test_length_aware")
+    def length_aware(response, answer, meta, response_tokens, scale: float = 1.0):
+        seen["tokens"] = response_tokens
+        return scale / response_tokens
+
+    try:
+        scored = {**item("abc", "", {}), "response_tokens": 4, "turns": [{"role": "model"}]}
+        assert compose([("test_length_aware", 1.0, {"scale": 2.0})], scored) == (
+            0.5,
+            {"test_length_aware": 0.5},
+        )
+        assert seen == {"tokens": 4}
+        # A function that does not declare the episode's fields never sees them.
+        assert compose([("format", 1.0, {"pattern": "a+"})], scored)[0] == 0.0
+    finally:
+        REWARDS.pop("test_length_aware")
 
 
 def test_countdown_padding_gives_long_tailed_demonstrations():

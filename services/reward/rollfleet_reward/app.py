@@ -3,6 +3,9 @@
     POST /score  {"items": [{"response": "3*5+7", "answer": "22", "meta": {...}}]}
               -> {"rewards": [{"reward": 1.0, "parts": {"countdown": 1.0}}]}
 
+An item may also carry the episode (`response_tokens`, `turns`: what the rollout worker's
+`reward_input` stage sends), for reward functions that score more than the final answer.
+
 Runs as a Knative Service in a cluster (stateless, scales on concurrency) and as a local
 uvicorn process under `rollfleet run`. A payload that does not validate gets a 422 that
 names the field.
@@ -11,7 +14,7 @@ names the field.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends
 from prometheus_client import Counter, Histogram
@@ -34,11 +37,21 @@ REWARD = Histogram(
 )
 
 
+class TurnItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["model", "env"]
+    text: str
+    tokens: int = Field(ge=0)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
 class ScoreItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     response: str
     answer: str
     meta: dict[str, Any] = Field(default_factory=dict)
+    response_tokens: int | None = Field(None, ge=0)
+    turns: list[TurnItem] = Field(default_factory=list)
 
 
 class ScoreRequest(BaseModel):
@@ -70,7 +83,7 @@ def create_app(functions: list[tuple[str, float, dict[str, Any]]]):
         results = []
         for item in request.items:
             try:
-                total, parts = compose(functions, item.response, item.answer, item.meta)
+                total, parts = compose(functions, item.model_dump())
                 results.append(ScoredItem(reward=total, parts=parts))
             except Exception as e:  # a bad item must not fail its whole batch
                 ERRORS.labels(function=label).inc()

@@ -59,11 +59,11 @@ async def amain() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("ROLLFLEET_TORCH_THREADS", "1")))
-    torch.manual_seed(job.spec.seed + 1000 + env.replica)
+    torch.manual_seed(job.spec.sampling_seed() + 1000 + env.replica)
     bus = await Bus.connect(env.nats_url, job.bus_name, name=f"rollout-{name}", token=nats_token())
     worker = RolloutWorker(job.spec, pool, env, bus, name)
     log.info("starting (engine=%s, slots=%d)", pool.engine, pool.maxBatch)
-    await worker.run(engine_factory(pool, job.spec, job.spec.seed * 100 + env.replica))
+    await worker.run(engine_factory(pool, job.spec, job.spec.sampling_seed() * 100 + env.replica))
 
 
 def main() -> None:

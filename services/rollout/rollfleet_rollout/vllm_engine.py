@@ -213,6 +213,10 @@ class VllmEngine(Engine):
             enable_prefix_caching=True,
             # EngineArgs.enable_prompt_embeds: accept {"prompt_embeds": ...} prompts
             enable_prompt_embeds=prompt_embeds,
+            # Sampled tokens' log-probs after temperature and top-k/top-p (renormalised over
+            # what is kept): the distribution they were drawn from, which the trainer scores
+            # too. The default, raw_logprobs, is the untempered full softmax.
+            logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightLoaderExtension",
         )
         return cls(

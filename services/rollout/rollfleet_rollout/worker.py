@@ -11,7 +11,11 @@ worker keeps its current one), then takes one of its pool's swap leases, so that
 all workers of a pool pause at once (rolling update), and the engine swaps the weights
 in between decode steps. A sample whose oldest
 token is more than α versions behind the newest announced policy is aborted (checked
-per turn) and published with status `aborted`, so the trainer can account for its group.
+per turn) and published with status `stale`, so the trainer can account for its group.
+
+Each sample runs through the job's stages (rollfleet.methods): `build_request`, the
+episode runner (rollfleet.episodes, shared with the held-out evaluation) and
+`reward_input`, what the reward service scores.
 """
 
 from __future__ import annotations
@@ -28,16 +32,19 @@ import httpx
 from prometheus_client import Counter, Gauge, Histogram
 
 from rollfleet.bus import Bus
+from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits
+from rollfleet.methods import Stages
 from rollfleet.models.files import fetch_model_files
 from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import (
     GroupsCancelled,
     ProtocolError,
-    Task,
+    RolloutTask,
     Trajectory,
     TrajectoryStatus,
     WeightVersion,
 )
+from rollfleet.rewards import reward_item
 from rollfleet.service import IdleMeter, auth_headers, make_app, serve_in_background
 from rollfleet.spec import PoolSpec, RLJobSpec
 from rollfleet.weight_transport import WeightsRejected, fetch_version, make_weight_store
@@ -109,6 +116,32 @@ class TurnGate:
             self.changed.notify_all()
 
 
+class HttpEnvSession:
+    """An env session on one env-service replica (the rollfleet.episodes EnvSession)."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str):
+        self.http, self.url, self.session_id = http, url, None
+
+    async def open(self, meta: dict) -> None:
+        created = await self.http.post(f"{self.url}/sessions", json={"meta": meta})
+        created.raise_for_status()
+        self.session_id = created.json()["session_id"]
+
+    async def step(self, action: str) -> tuple[str, bool, dict]:
+        stepped = await self.http.post(
+            f"{self.url}/sessions/{self.session_id}/step", json={"action": action}
+        )
+        stepped.raise_for_status()
+        result = stepped.json()
+        return result["observation"], result["done"], result.get("info", {})
+
+    async def close(self) -> None:
+        if self.session_id is not None:
+            with contextlib.suppress(httpx.HTTPError):  # else the env's idle timeout closes it
+                await self.http.delete(f"{self.url}/sessions/{self.session_id}")
+            self.session_id = None
+
+
 class RolloutWorker:
     reward_attempts = 5  # tries per batch before its samples are marked failed
     reward_backoff_s = 0.2  # first wait between tries; doubles each time
@@ -131,6 +164,7 @@ class RolloutWorker:
         sampling = spec.rollout.sampling
         self.max_new_tokens = sampling.maxNewTokens
         self.temperature, self.top_p = sampling.temperature, sampling.topP
+        self.stages = Stages.for_spec(spec)
 
     # --- model and weights ---------------------------------------------------------------
     async def load_model(self, workdir: Path):
@@ -185,138 +219,123 @@ class RolloutWorker:
         produced = [v for v in versions if v >= 0]
         return bool(produced) and self.latest_announced - min(produced) > self.spec.async_.ratio
 
-    async def _sample(self, task: Task, index: int, gate: TurnGate | None = None) -> Trajectory:
+    async def _sample(
+        self, task: RolloutTask, index: int, gate: TurnGate | None = None
+    ) -> tuple[Trajectory, dict]:
+        """One sample of `task` through the stages: build_request, the episode runner, and
+        reward_input (returned beside the trajectory for scoring)."""
         tok = self.tokenizer
-        prompt_ids = [tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)]
+        request = self.stages.build_request(
+            task,
+            EpisodeRequest([tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)]),
+        )
         stop = (
             tuple(tok.convert_tokens_to_ids(t) for t in self._turn_stop) if task.multi_turn else ()
         )
         params = SamplingParams(self.max_new_tokens, self.temperature, self.top_p, stop)
-        response, logprobs, versions, mask = [], [], [], []
-        status, final_text, session = TrajectoryStatus.COMPLETED, "", None
+
+        async def generate(context: list[int], request: EpisodeRequest, turn: int) -> Generated:
+            request_id = f"{task.task_id}/{index}/{turn}"
+            running = self._requests.setdefault(task.group_id, set())
+            running.add(request_id)
+            try:
+                out = await complete(
+                    self.engine,
+                    GenerationRequest(request_id, context, params, request.prompt_embeds),
+                )
+            finally:
+                running.discard(request_id)
+                if not running:
+                    self._requests.pop(task.group_id, None)
+            if out.finish_reason == "abort":
+                CANCELLED.labels(self.pool.name).inc()
+            TOKENS.labels(self.pool.name).inc(len(out.token_ids))
+            return Generated(out.token_ids, out.logprobs, out.versions, out.finish_reason)
+
+        async def check(turn: int | None, episode: Episode) -> TrajectoryStatus | None:
+            if turn and gate is not None:
+                await gate.arrive(turn)  # env lockstep: wait for the group's other sessions
+            if self._stale(episode.versions):
+                return TrajectoryStatus.STALE
+            if turn is not None and task.group_id in self.cancelled:
+                CANCELLED.labels(self.pool.name).inc()
+                return TrajectoryStatus.ABORTED
+            return None
+
         # A session lives on one env replica: every request of this sample goes there.
-        env_url = self.env.env_replica_url(f"{task.task_id}/{index}")
+        env = HttpEnvSession(self.http, self.env.env_replica_url(f"{task.task_id}/{index}"))
         try:
             if task.multi_turn:
-                created = await self.http.post(f"{env_url}/sessions", json={"meta": task.meta})
-                created.raise_for_status()
-                session = created.json()["session_id"]
-            for turn in range(int(task.meta.get("max_turns", 1)) if task.multi_turn else 1):
-                if turn and gate is not None:
-                    await gate.arrive(turn)  # env lockstep: wait for the group's other sessions
-                if self._stale(versions):
-                    status = TrajectoryStatus.ABORTED
-                    break
-                if task.group_id in self.cancelled:
-                    status = TrajectoryStatus.ABORTED
-                    CANCELLED.labels(self.pool.name).inc()
-                    break
-                context = prompt_ids + response
-                if len(context) + 1 >= self.spec.model.maxLength:
-                    status = TrajectoryStatus.TRUNCATED
-                    break
-                request_id = f"{task.task_id}/{index}/{turn}"
-                running = self._requests.setdefault(task.group_id, set())
-                running.add(request_id)
-                try:
-                    out = await complete(
-                        self.engine, GenerationRequest(request_id, context, params)
-                    )
-                finally:
-                    running.discard(request_id)
-                    if not running:
-                        self._requests.pop(task.group_id, None)
-                if out.finish_reason == "abort":  # cancelled by the trainer mid-generation
-                    status = TrajectoryStatus.ABORTED
-                    CANCELLED.labels(self.pool.name).inc()
-                    break
-                TOKENS.labels(self.pool.name).inc(len(out.token_ids))
-                response += out.token_ids
-                logprobs += out.logprobs
-                versions += out.versions
-                mask += [1.0] * len(out.token_ids)
-                final_text = tok.decode([t for t in out.token_ids if t != tok.eos_token_id])
-                if out.finish_reason == "length":
-                    status = TrajectoryStatus.TRUNCATED
-                if not task.multi_turn or out.token_ids[-1] == tok.eos_token_id:
-                    break
-                stepped = await self.http.post(
-                    f"{env_url}/sessions/{session}/step", json={"action": final_text}
-                )
-                stepped.raise_for_status()
-                result = stepped.json()
-                observation = tok.encode(result["observation"], add_special_tokens=False)
-                response += observation
-                logprobs += [0.0] * len(observation)
-                versions += [-1] * len(observation)
-                mask += [0.0] * len(observation)
-                if result["done"]:
-                    break
-            if self._stale(versions):
-                status = TrajectoryStatus.ABORTED
+                await env.open(task.meta)
+            episode = await EPISODES[self.stages.episode](
+                request,
+                generate=generate,
+                env=env if task.multi_turn else None,
+                limits=Limits(
+                    int(task.meta.get("max_turns", 1)), self.spec.model.maxLength, tok.eos_token_id
+                ),
+                decode=tok.decode,
+                encode=lambda text: tok.encode(text, add_special_tokens=False),
+                check=check,
+            )
         except httpx.HTTPError as e:
             log.warning("task %s sample %d: env failed: %s", task.task_id, index, e)
-            status = TrajectoryStatus.FAILED
+            episode = Episode(request, TrajectoryStatus.FAILED)
         finally:
             if gate is not None:
                 await gate.leave()
-            if session:
-                with contextlib.suppress(httpx.HTTPError):  # else the env's idle timeout closes it
-                    await self.http.delete(f"{env_url}/sessions/{session}")
-        return Trajectory(
+            await env.close()
+        trajectory = Trajectory(
             task_id=task.task_id,
             group_id=task.group_id,
             sample_index=task.sample_offset + index,
             group_size=task.group_size,
             worker=self.name,
-            status=status,
-            prompt_ids=prompt_ids,
-            response_ids=response,
-            behaviour_logprobs=logprobs,
-            token_versions=versions,
-            loss_mask=mask,
-            response_text=final_text,
+            status=episode.status,
+            prompt_ids=request.prompt_ids,
+            response_ids=episode.response_ids,
+            behaviour_logprobs=episode.logprobs,
+            token_versions=episode.versions,
+            loss_mask=episode.loss_mask,
+            response_text=episode.final_text,
+            metadata=request.payload,
         )
+        return trajectory, self.stages.reward_input(task, episode, reward_item(task, episode))
 
-    async def _score(self, task: Task, trajectories: list[Trajectory]) -> None:
+    async def _score(self, samples: list[tuple[Trajectory, dict]]) -> None:
         """Ask the reward service for every usable sample; retried, then marked failed."""
         scored = [
-            t
-            for t in trajectories
+            (t, item)
+            for t, item in samples
             if t.status in (TrajectoryStatus.COMPLETED, TrajectoryStatus.TRUNCATED)
         ]
         if not scored:
             return
-        payload = {
-            "items": [
-                {"response": t.response_text, "answer": task.answer, "meta": task.meta}
-                for t in scored
-            ]
-        }
+        payload = {"items": [item for _, item in scored]}
         for attempt in range(self.reward_attempts):
             try:
                 reply = await self.http.post(f"{self.env.reward_url}/score", json=payload)
                 reply.raise_for_status()
-                for t, r in zip(scored, reply.json()["rewards"], strict=True):
+                for (t, _), r in zip(scored, reply.json()["rewards"], strict=True):
                     t.reward, t.reward_parts = r["reward"], r["parts"]
                 return
             except (httpx.HTTPError, KeyError, ValueError) as e:
                 log.warning("reward service failed (attempt %d): %s", attempt + 1, e)
                 await asyncio.sleep(self.reward_backoff_s * 2**attempt)
-        for t in scored:
+        for t, _ in scored:
             t.status = TrajectoryStatus.FAILED
 
-    async def _publish(self, task: Task, trajectory: Trajectory) -> None:
+    async def _publish(self, task: RolloutTask, trajectory: Trajectory) -> None:
         await self.bus.publish(self.bus.subjects.trajectories_for(task.trainer_rank), trajectory)
         SAMPLES.labels(self.pool.name, trajectory.status.value).inc()
 
-    async def _sample_score_publish(self, task: Task, index: int, gate) -> None:
+    async def _sample_score_publish(self, task: RolloutTask, index: int, gate) -> None:
         """Queue scheduling: a sample is scored and published as soon as it finishes."""
-        trajectory = await self._sample(task, index, gate)
-        await self._score(task, [trajectory])
-        await self._publish(task, trajectory)
+        sample = await self._sample(task, index, gate)
+        await self._score([sample])
+        await self._publish(task, sample[0])
 
-    async def handle(self, task: Task, raw) -> None:
+    async def handle(self, task: RolloutTask, raw) -> None:
         try:
             if task.group_id in self.cancelled:  # the trainer dropped it while it was queued
                 CANCELLED.labels(self.pool.name).inc(task.samples)
@@ -330,11 +349,11 @@ class RolloutWorker:
                     *(self._sample_score_publish(task, i, gate) for i in range(task.samples))
                 )
             else:
-                trajectories = await asyncio.gather(
+                samples = await asyncio.gather(
                     *(self._sample(task, i, gate) for i in range(task.samples))
                 )
-                await self._score(task, trajectories)
-                for t in trajectories:
+                await self._score(samples)
+                for t, _ in samples:
                     await self._publish(task, t)
             await raw.ack()
         except Exception:
@@ -393,7 +412,7 @@ class RolloutWorker:
             if room <= 0:
                 await asyncio.sleep(0.01)
                 continue
-            for task, raw in await self.bus.fetch(consumer, Task, room, timeout=0.5):
+            for task, raw in await self.bus.fetch(consumer, RolloutTask, room, timeout=0.5):
                 self.reserved += task.samples
                 TASKS_RUNNING.labels(self.pool.name).inc()
                 job = asyncio.create_task(self.handle(task, raw))

@@ -36,10 +36,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from rollfleet.algorithms import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
 from rollfleet.bus import Bus
 from rollfleet.evaluation import heldout_accuracy
-from rollfleet.models.batching import pad_sequences, token_logprobs
+from rollfleet.methods import Stages
+from rollfleet.models.batching import TrainBatch, token_logprobs
 from rollfleet.models.files import publish_model_files
 from rollfleet.models.weights import export_state
-from rollfleet.protocol import Progress, Task, Trajectory, TrajectoryStatus
+from rollfleet.protocol import Progress, RolloutTask, Trajectory, TrajectoryStatus
 from rollfleet.service import IdleMeter
 from rollfleet.spec import RLJob
 from rollfleet.tasks import make_task
@@ -49,6 +50,13 @@ from rollfleet_trainer.model import build_from_bus, prepare_policy
 from rollfleet_trainer.parallel import DataParallel
 
 log = logging.getLogger("trainer")
+
+# Trajectories that end their group, and the reason its samples are counted under.
+DROPPED_STATUS = {
+    TrajectoryStatus.STALE: "stale",  # aborted by a worker: older than α versions
+    TrajectoryStatus.ABORTED: "cancelled",  # a redundant straggler the trainer cancelled
+    TrajectoryStatus.FAILED: "failed",
+}
 
 STEP = Gauge("rollfleet_trainer_step", "Training steps done")
 VERSION = Gauge("rollfleet_trainer_policy_version", "Newest published policy version")
@@ -105,6 +113,7 @@ class Trainer:
         self.dp = dp or DataParallel()
         self.weight_store = make_weight_store(self.spec.weights, bus, run_dir)
         self.task = make_task(self.spec.task.name, self.spec.task.params, self.spec.seed)
+        self.stages = Stages.for_spec(self.spec)
         self.alpha = self.spec.async_.ratio
         self.prompts_per_step = self.spec.trainer.promptsPerStep // self.dp.world  # this rank's
         self.group_size = self.spec.rollout.sampling.groupSize
@@ -141,6 +150,8 @@ class Trainer:
             verifier=self.spec.verifier(),
             max_new_tokens=self.spec.rollout.sampling.maxNewTokens,
             limit=self.spec.task.heldoutLimit,
+            stages=self.stages,
+            max_length=self.spec.model.maxLength,
         )
         sampled = heldout_accuracy(
             self.eval_model,
@@ -148,6 +159,7 @@ class Trainer:
             self.task,
             **common,
             temperature=self.spec.rollout.sampling.temperature,
+            top_p=self.spec.rollout.sampling.topP,
             samples=self.spec.trainer.evalSamples,
             seed=self.spec.seed,
         )
@@ -203,7 +215,7 @@ class Trainer:
             for offset, samples in parts:
                 await self.bus.publish(
                     self.bus.subjects.tasks,
-                    Task(
+                    RolloutTask(
                         task_id=f"t{index}" if samples == self.group_size else f"t{index}.{offset}",
                         group_id=group.id,
                         index=index,
@@ -237,12 +249,19 @@ class Trainer:
         self.groups.pop(group.id, None)
         self.discarded.add(group.id)
         DROPPED.labels(reason).inc(group.size)
-        if reason in ("stale", "cancelled"):
-            self.dropped_here[reason] += group.size
-        else:
-            self.dropped_here["failed"] += group.size
+        self.dropped_here[reason] += group.size
         for _, raw in group.samples.values():
             await raw.ack()
+
+    async def take_batch(self) -> list[Group] | None:
+        """promptsPerStep fresh groups, or None while too few are ready. The version moves
+        while groups wait, so every ready group is checked again and stale ones dropped."""
+        for group in [g for g in self.ready if not self.is_fresh(g)]:
+            self.ready.remove(group)
+            await self.drop(group, "stale")
+        if len(self.ready) < self.prompts_per_step:
+            return None
+        return [self.ready.popleft() for _ in range(self.prompts_per_step)]
 
     def is_fresh(self, group: Group) -> bool:
         oldest = group.oldest_version()
@@ -259,8 +278,8 @@ class Trainer:
                 await raw.ack()
                 continue
             group.samples[traj.sample_index] = (traj, raw)
-            if traj.status in (TrajectoryStatus.ABORTED, TrajectoryStatus.FAILED):
-                await self.drop(group, traj.status.value)
+            if traj.status in DROPPED_STATUS:
+                await self.drop(group, DROPPED_STATUS[traj.status])
             elif group.complete():
                 if self.is_fresh(group):
                     self.groups.pop(group.id)
@@ -316,55 +335,66 @@ class Trainer:
         return state
 
     # --- one optimizer step -----------------------------------------------------------------
-    def train_step(self, batch: list[Group]) -> dict:
-        """One optimizer step on this rank's groups; every rank calls it together."""
-        algo = self.spec.algorithm
-        trajectories = [g.samples[i][0] for g in batch for i in range(g.size)]
-        rewards = torch.tensor([t.reward for t in trajectories]).view(len(batch), -1)
-        advantages = ADVANTAGES[algo.advantage](rewards).view(-1)
-        sequences, masks, behaviour = [], [], []
-        for t in trajectories:
-            sequences.append(t.prompt_ids + t.response_ids)
-            weights = t.token_weights or [1.0] * len(t.loss_mask)
-            masks.append(
-                [0.0] * len(t.prompt_ids)
-                + [m * w for m, w in zip(t.loss_mask, weights, strict=True)]
+    def policy_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """The `policy_logprobs` stage: a method's, or the model's sampling log-probs."""
+        logprobs = self.stages.policy_logprobs(self.train_model, batch)
+        if logprobs is None:
+            sampling = self.spec.rollout.sampling
+            logprobs = token_logprobs(
+                self.train_model,
+                batch.input_ids,
+                batch.attention_mask,
+                sampling.temperature,
+                sampling.topP,
             )
-            behaviour.append([0.0] * len(t.prompt_ids) + t.behaviour_logprobs)
-        ids, attention, mask, behaviour_lp = (
-            t.to(self.device)
-            for t in pad_sequences(sequences, self.tokenizer.pad_token_id, masks, behaviour)
+        return logprobs
+
+    def train_step(self, groups: list[Group]) -> dict:
+        """One batch: advantages, then `algorithm.epochs` passes of `miniBatches` updates.
+
+        The stages (rollfleet.methods) in order: build_batch, group_rewards, the advantage
+        estimator, advantage_weights, then per update policy_logprobs, the policy loss and
+        extra_loss. Every rank calls it together."""
+        algo = self.spec.algorithm
+        trajectories = [g.samples[i][0] for g in groups for i in range(g.size)]
+        batch = self.stages.build_batch(
+            TrainBatch.from_trajectories(
+                trajectories, self.group_size, self.tokenizer.pad_token_id, self.device
+            )
         )
-        advantages = advantages.to(self.device)
-        self.train_model.train()
-        logprobs = token_logprobs(
-            self.train_model, ids, attention, self.spec.rollout.sampling.temperature
+        rewards = torch.tensor([t.reward for t in trajectories]).view(len(groups), -1)
+        rewards = self.stages.group_rewards(self.model, batch, rewards)
+        advantages = ADVANTAGES[algo.advantage](
+            rewards, eps=algo.advantageEpsilon, all_reduce=self.dp.all_reduce
         )
-        # One update per batch: the proximal policy (decoupled PPO) is the current one.
-        token_losses, stats = POLICY_LOSSES[algo.policyLoss](
-            logprobs,
-            behaviour_lp,
-            advantages[:, None].expand_as(logprobs),
-            mask,
-            algo.loss_config(),
-            proximal=logprobs.detach(),
-        )
-        # The aggregation's denominator is summed over ranks, and the loss scaled by the
-        # world size (DDP and FSDP average gradients): W ranks take exactly the step one
-        # process would take on the whole batch.
-        numerator, denominator = AGGREGATIONS[algo.lossAggregation](token_losses, mask)
-        tokens_here = float(mask.sum())
-        denominator_all, tokens_all = self.dp.all_reduce([float(denominator), tokens_here])
-        loss = numerator / max(denominator_all, 1e-8)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * self.dp.world).backward()
-        share = tokens_here / max(tokens_all, 1e-8)  # for token-mean metrics
+        weights = self.stages.advantage_weights(self.model, batch, advantages.view(-1))
+        if weights is not None:
+            batch.advantage_weights = batch.advantage_weights * weights.detach()
+        token_advantages = advantages.view(-1, 1).to(self.device) * batch.advantage_weights
+        loss_fn = POLICY_LOSSES[algo.policyLoss]
+        updates = algo.epochs * algo.miniBatches
+        rows = len(batch) // algo.miniBatches
+        # The proximal policy is this batch's starting point: with one update the current
+        # forward (detached) is exactly that; with several it is computed once up front.
+        proximal = None
+        if updates > 1 and getattr(loss_fn, "uses_proximal", False):
+            with torch.no_grad():
+                self.train_model.eval()
+                proximal = self.policy_logprobs(batch)
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.state["step"])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.maxGradNorm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        totals: dict[str, float] = {}
+        for _ in range(algo.epochs):
+            for start in range(0, len(batch), rows):
+                part = batch.rows(start, start + rows)
+                stats = self.update(
+                    part,
+                    token_advantages[start : start + rows],
+                    None if proximal is None else proximal[start : start + rows],
+                    loss_fn,
+                )
+                for name, value in stats.items():
+                    totals[name] = totals.get(name, 0.0) + value / updates
         self.train_model.eval()
         version = self.state["version"]
         staleness = [
@@ -373,11 +403,17 @@ class Trainer:
             for v, m in zip(t.token_versions, t.loss_mask, strict=True)
             if m > 0 and v >= 0
         ]
+        weighted = batch.advantage_weights[batch.loss_mask > 0]
+        amplified = float((weighted != 1.0).float().mean().nan_to_num(0.0))
+        share = totals.pop("token_share")
+        grad_norm = totals.pop("grad_norm")
         # Batch-wide metrics: token means weighted by each rank's share, sums summed.
+        names = list(totals)
         sums = self.dp.all_reduce(
-            [loss.item()]
-            + [v * share for v in stats.values()]
+            [totals[n] * (1.0 if n == "loss" else share) for n in names]
             + [
+                float(weighted.mean().nan_to_num(1.0)) * share,
+                amplified * share,
                 rewards.sum().item(),
                 rewards.numel(),
                 sum(staleness),
@@ -386,17 +422,56 @@ class Trainer:
                 sum(len(t.response_ids) for t in trajectories),
             ]
         )
-        reward_sum, samples, staleness_sum, staleness_count, off_policy, response_tokens = sums[-6:]
+        weight_mean, weight_share, reward_sum, samples = sums[len(names) : len(names) + 4]
+        staleness_sum, staleness_count, off_policy, response_tokens = sums[-4:]
         (max_staleness,) = self.dp.all_reduce([max(staleness, default=0)], op="max")
         return {
-            **dict(zip(["loss", *stats], sums, strict=False)),
-            "grad_norm": float(grad_norm),
+            **dict(zip(names, sums, strict=False)),
+            "grad_norm": grad_norm,
+            "advantage_weight_mean": weight_mean,
+            "advantage_weight_share": weight_share,
             "mean_reward": reward_sum / samples,
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "staleness": staleness_sum / max(staleness_count, 1),
             "off_policy_fraction": off_policy / max(staleness_count, 1),
             "max_staleness": int(max_staleness),
             "response_tokens": int(response_tokens),
+        }
+
+    def update(self, batch: TrainBatch, advantages, proximal, loss_fn) -> dict[str, float]:
+        """One optimizer update on a mini-batch (this rank's rows of it)."""
+        algo = self.spec.algorithm
+        self.train_model.train()
+        logprobs = self.policy_logprobs(batch)
+        token_losses, stats = loss_fn(
+            logprobs,
+            batch.behaviour_logprobs,
+            advantages,
+            batch.loss_mask,
+            algo.loss_config(),
+            proximal=logprobs.detach() if proximal is None else proximal,
+        )
+        # The aggregation's denominator is summed over ranks, and the loss scaled by the
+        # world size (DDP and FSDP average gradients): W ranks take exactly the step one
+        # process would take on the whole batch.
+        numerator, denominator = AGGREGATIONS[algo.lossAggregation](token_losses, batch.loss_mask)
+        tokens_here = float(batch.loss_mask.sum())
+        denominator_all, tokens_all = self.dp.all_reduce([float(denominator), tokens_here])
+        loss = numerator / max(denominator_all, 1e-8)
+        for term, term_stats in self.stages.extra_losses(self.train_model, batch, logprobs):
+            loss = loss + term
+            stats.update(term_stats)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * self.dp.world).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.maxGradNorm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        return {
+            "loss": loss.item(),
+            **stats,
+            "grad_norm": float(grad_norm),
+            "token_share": tokens_here / max(tokens_all, 1e-8),  # for token-mean metrics
         }
 
     # --- start and resume ---------------------------------------------------------------------
@@ -469,13 +544,9 @@ class Trainer:
             idle.set_busy(False)
             await self.issue_tasks()
             await self.collect(consumer)
-            # Re-check freshness at consumption: the version may have moved since completion.
-            while self.ready and not self.is_fresh(self.ready[0]):
-                stale = self.ready.popleft()
-                await self.drop(stale, "stale")
-            if len(self.ready) < self.prompts_per_step:
+            batch = await self.take_batch()
+            if batch is None:
                 continue
-            batch = [self.ready.popleft() for _ in range(self.prompts_per_step)]
             idle.set_busy(True)
             await self.cancel_stragglers(batch)
             for group in batch:
@@ -542,6 +613,7 @@ class Trainer:
             "samples_per_second": rate,
             "dropped_stale": self.state["dropped_stale"],
             "dropped_cancelled": self.state["dropped_cancelled"],
+            "dropped_failed": self.state["dropped_failed"],
             "step_seconds": step_seconds,
             **stats,
         }

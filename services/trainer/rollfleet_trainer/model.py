@@ -1,7 +1,8 @@
 """The policy the trainer starts from: a user's HF folder, or the builtin tiny model after warm-up.
 
-The warm-up result is cached in `<run dir>/model/warmup/`, so `rollfleet run --resume`
-and a restarted trainer pod skip it.
+Method modules may add warm-up stages (SFT on their own data, auxiliary networks) after
+it. The result is cached in `<run dir>/model/warmup/`, so `rollfleet run --resume` and a
+restarted trainer pod skip it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rollfleet.bus import Bus
+from rollfleet.methods import Stages
 from rollfleet.models.files import fetch_model_files
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.warmup import warmup_sft
@@ -42,16 +44,32 @@ async def build_from_bus(bus: Bus, folder: Path):
 
 
 def prepare_policy(spec: RLJobSpec, run_dir: Path):
-    """Returns (model, tokenizer, folder holding its config and tokenizer files)."""
-    if spec.model.path:
-        folder = Path(spec.model.path)
-        model, tokenizer = load_folder(folder)
-        return model.eval(), tokenizer, folder
+    """Returns (model, tokenizer, folder holding its config and tokenizer files).
+
+    The start model (`model.path`, or the builtin model after its warm-up SFT), then the
+    enabled methods' `warmup` stages; the result is cached in <run dir>/model/warmup."""
+    stages = Stages.for_spec(spec)
     folder = run_dir / "model" / "warmup"
     if (folder / "config.json").is_file():
         log.info("using the cached warm-up model in %s", folder)
         model, tokenizer = load_folder(folder)
         return model.eval(), tokenizer, folder
+    if spec.model.path:
+        model, tokenizer = load_folder(Path(spec.model.path))
+        if not stages.warms_up:
+            return model.eval(), tokenizer, Path(spec.model.path)
+    else:
+        model, tokenizer = builtin_warm_model(spec, run_dir)
+    if stages.warms_up:
+        task = make_task(spec.task.name, spec.task.params, spec.seed)
+        stages.warmup(model, tokenizer, task, run_dir)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), tokenizer, folder
+
+
+def builtin_warm_model(spec: RLJobSpec, run_dir: Path):
+    """The builtin tiny model, created and warmed up on the task's demonstrations."""
     m = spec.model
     init = create_tiny_model(
         run_dir / "model" / "init",
@@ -78,6 +96,4 @@ def prepare_policy(spec: RLJobSpec, run_dir: Path):
                 examples=warm.examples,
                 on_step=lambda step, loss: f.write(json.dumps({"step": step, "loss": loss}) + "\n"),
             )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model.eval(), tokenizer, folder
+    return model, tokenizer

@@ -1,10 +1,12 @@
 """Policy losses: per-token losses from the current, behaviour (and proximal) log-probs.
 
 Shapes: `logprobs`, `behaviour_logprobs`, `advantages`, `mask` are [batch, tokens]; mask is
-1 on tokens the loss trains (response tokens the model produced) and 0 elsewhere, and may
-carry per-token weights (credit assignment). Every loss returns (per-token loss [batch,
-tokens], metrics); an aggregation (aggregation.py) turns the per-token losses into the
-scalar the trainer differentiates.
+1 on tokens the loss trains (response tokens the model produced) and 0 elsewhere;
+per-token credit (advantage weights) is already in `advantages`. Every loss returns
+(per-token loss [batch, tokens], metrics); an aggregation (aggregation.py) turns the
+per-token losses into the scalar the trainer differentiates. A loss that reads the
+proximal policy (`uses_proximal`) gets the log-probs of the trainer's weights before
+this batch's first update.
 
 With fresh samples (current policy = behaviour policy, ratio 1) every loss here has the
 gradient of the vanilla policy gradient, -A·∇log π; they differ in how they treat
@@ -134,7 +136,7 @@ def cispo(logprobs, behaviour_logprobs, advantages, mask, cfg=LossConfig(), prox
 @register_policy_loss("decoupled_ppo")
 def decoupled_ppo(logprobs, behaviour_logprobs, advantages, mask, cfg=LossConfig(), proximal=None):
     """Decoupled PPO: trust region around the proximal policy π_prox (the trainer's weights
-    before this update), off-policy correction by the fixed weight π_prox/μ.
+    before this batch's first update), off-policy correction by the fixed weight π_prox/μ.
     With π_prox = μ it is PPO."""
     if proximal is None:
         raise ValueError("decoupled_ppo needs the proximal log-probs (the trainer computes them)")
@@ -142,6 +144,9 @@ def decoupled_ppo(logprobs, behaviour_logprobs, advantages, mask, cfg=LossConfig
     loss, clipped = _clipped_surrogate(ratio, advantages, cfg)
     behaviour_weight = torch.exp(proximal - behaviour_logprobs).detach()
     return behaviour_weight * loss, _metrics(logprobs, behaviour_logprobs, mask, clipped)
+
+
+decoupled_ppo.uses_proximal = True
 
 
 def gspo_ratio(logprobs, behaviour_logprobs, mask) -> torch.Tensor:

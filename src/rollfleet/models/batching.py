@@ -1,8 +1,18 @@
-"""Turning token sequences into padded tensors and per-token log-probs, for training."""
+"""Turning token sequences into padded tensors and per-token log-probs, for training.
+
+`TrainBatch` is what one trainer step works on: the trajectories of its prompt groups as
+right-padded tensors, built by `TrainBatch.from_trajectories` (the trainer's default
+`build_batch` stage; method modules may change it).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from typing import Any
+
 import torch
+
+from rollfleet.protocol import Trajectory
 
 
 def pad_sequences(
@@ -24,13 +34,117 @@ def pad_sequences(
     return (ids, attention, *padded)
 
 
-def token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
-):
-    """Log-prob of each token given the ones before it: [batch, seq]; position 0 gets 0."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+def sampling_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Log-prob of `tokens` under the distribution the rollout engines sample from.
+
+    logits [..., vocab] are divided by the temperature (0 is greedy: read at 1), and with
+    top_p < 1 renormalised over the nucleus, the smallest set of most likely tokens whose
+    mass reaches top_p, exactly as the torch engine's sampler and vLLM's processed
+    log-probs do. A token outside the nucleus (possible only off-policy: the engine never
+    samples one) is scored as if the nucleus held it too, so its log-prob stays finite.
+    """
+    logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-    picked = logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(-1, tokens[..., None])[..., 0]
+    if top_p >= 1.0:
+        return picked
+    with torch.no_grad():  # the nucleus is a choice of tokens, not differentiated
+        probs = logprobs.exp()
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        keep = torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, ~outside)
+        keep.scatter_(-1, tokens[..., None], True)
+    kept_mass = torch.logsumexp(logprobs.masked_fill(~keep, float("-inf")), dim=-1)
+    return picked - kept_mass
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+):
+    """Log-prob of each token given the ones before it: [batch, seq]; position 0 gets 0."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    picked = sampling_logprobs(logits[:, :-1], input_ids[:, 1:], temperature, top_p)
     return torch.nn.functional.pad(picked, (1, 0))
+
+
+@dataclass
+class TrainBatch:
+    """One step's samples as [rows, tokens] tensors, rows in group order (the samples of
+    group g are rows g·n … g·n + n − 1 for groups of n).
+
+    `loss_mask` is 1 on the tokens the loss trains (the model's response tokens) and 0
+    elsewhere; `advantage_weights` scales each token's advantage (1 by default, credit
+    assignment changes it) and never enters the loss's denominator. `extras` holds what a
+    method module adds for its own stages (e.g. prefix embeddings), keyed by its name.
+    """
+
+    trajectories: list[Trajectory]
+    group_size: int
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    behaviour_logprobs: torch.Tensor
+    advantage_weights: torch.Tensor
+    prompt_lengths: list[int]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_trajectories(
+        cls, trajectories: list[Trajectory], group_size: int, pad_id: int, device=None
+    ) -> TrainBatch:
+        sequences, masks, behaviour, weights = [], [], [], []
+        for t in trajectories:
+            prompt = [0.0] * len(t.prompt_ids)
+            sequences.append(t.prompt_ids + t.response_ids)
+            masks.append(prompt + t.loss_mask)
+            behaviour.append(prompt + t.behaviour_logprobs)
+            weights.append(
+                [1.0] * len(t.prompt_ids) + (t.advantage_weights or [1.0] * len(t.loss_mask))
+            )
+        tensors = pad_sequences(sequences, pad_id, masks, behaviour, weights)
+        ids, attention, mask, behaviour_lp, advantage_weights = (t.to(device) for t in tensors)
+        return cls(
+            trajectories,
+            group_size,
+            ids,
+            attention,
+            mask,
+            behaviour_lp,
+            advantage_weights,
+            [len(t.prompt_ids) for t in trajectories],
+        )
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def rows(self, start: int, stop: int) -> TrainBatch:
+        """Rows [start, stop) as a batch of their own (a mini-batch of whole groups)."""
+        tensors = {
+            name: getattr(self, name)[start:stop]
+            for name in (
+                "input_ids",
+                "attention_mask",
+                "loss_mask",
+                "behaviour_logprobs",
+                "advantage_weights",
+            )
+        }
+        extras = {
+            k: v[start:stop] if isinstance(v, torch.Tensor) and v.shape[:1] == (len(self),) else v
+            for k, v in self.extras.items()
+        }
+        return replace(
+            self,
+            trajectories=self.trajectories[start:stop],
+            prompt_lengths=self.prompt_lengths[start:stop],
+            extras=extras,
+            **tensors,
+        )

@@ -1,0 +1,106 @@
+"""What the benchmarks share: jobs as manifests, one warm-up for all runs of a comparison,
+`rollfleet run` of a job with its results, and the machine they ran on.
+
+    from harness import example, merged, warm_up, run_job
+    job = merged(example("countdown.yaml"), {"trainer": {"steps": 50}})
+    folder = warm_up(job, tmp / "warmup")        # the trainer's own warm-up, once
+    run = run_job(merged(job, {"model": {"path": str(folder)}}), tmp / "run")
+    run["result"]["heldout_after"], run["records"][-1]["mean_reward"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "services" / "trainer")]
+ROLLFLEET = Path(sys.executable).parent / "rollfleet"
+
+
+def example(name: str) -> dict:
+    """An examples/ manifest as a dict."""
+    return yaml.safe_load((ROOT / "examples" / name).read_text())
+
+
+def merged(job: dict, spec: dict, name: str | None = None) -> dict:
+    """A copy of `job` with `spec`'s sections merged into its spec, one level deep (a
+    section's fields replace the job's; a None value removes the section)."""
+    out = copy.deepcopy(job)
+    target = out["spec"]
+    for key, value in spec.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            target[key] = {**target[key], **copy.deepcopy(value)}
+        else:
+            target[key] = copy.deepcopy(value)
+    if name:
+        out["metadata"]["name"] = name
+    return out
+
+
+@contextlib.contextmanager
+def single_thread():
+    """The trainer's set-up (ROLLFLEET_TORCH_THREADS=1) for warm-up and evaluation."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def warm_up(job: dict, folder: Path) -> Path:
+    """The job's warm-up SFT, by the trainer's own code: an HF model folder that every run
+    of a comparison then starts from (`model.path`)."""
+    from rollfleet.spec import parse_manifest
+    from rollfleet_trainer.model import prepare_policy
+
+    with single_thread():
+        _, _, model_folder = prepare_policy(parse_manifest(job).spec, folder)
+    return model_folder
+
+
+def run_job(job: dict, run_dir: Path) -> dict:
+    """`rollfleet run` of `job` (the whole local runtime); its result.json, metrics.jsonl
+    records and wall time. Exits with the run's log tail if it fails."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(ROLLFLEET), "run", str(path), "--run-dir", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        sys.exit(f"rollfleet run {path.name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {
+        "result": json.loads((run_dir / "result.json").read_text()),
+        "records": [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()],
+        "wall": time.monotonic() - started,
+    }
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"{os.cpu_count()} cores ({cpu}), no GPU"

@@ -1,0 +1,153 @@
+"""Episodes: one sample's turns, run the same way by the rollout workers and the evaluation.
+
+An episode runner drives the model through one sample: generate a model turn, hand its
+text to the env, append the env's observation, and again, until the model ends the
+episode (end-of-sequence), the env says done, the turn limit or the context limit. It
+knows no engine and no transport: `generate` is the worker's engine (or the trainer's
+batched Hugging Face generate during evaluation) and `env` the env service over HTTP (or
+the task's own env logic in-process), so the evaluation scores exactly the episodes the
+workers sample.
+
+    request = EpisodeRequest(prompt_ids=[bos, *tokens])
+    episode = await EPISODES["turns"](request, generate=..., env=None, limits=..., decode=...)
+    episode.response_ids, episode.loss_mask, episode.final_text
+
+Runners are registered by name; a method module that needs another kind of episode
+(several agents, say) registers its own and names it in `Method.episode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rollfleet.protocol import TrajectoryStatus
+
+
+@dataclass
+class EpisodeRequest:
+    """What one sample starts from (the `build_request` stage's output): the prompt's token
+    ids, optional prefix embeddings the engine feeds instead of the embedded prompt, and
+    a JSON payload the trajectory carries to the trainer (`Trajectory.metadata`)."""
+
+    prompt_ids: list[int]
+    prompt_embeds: Any = None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Generated:
+    """One model turn as an engine returns it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str  # "stop", "length" or "abort"
+
+
+@dataclass
+class Turn:
+    """One turn of the transcript: the model's or the env's."""
+
+    role: str  # "model" or "env"
+    text: str
+    tokens: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Episode:
+    """A finished (or stopped) sample: every token after the prompt, aligned lists as the
+    Trajectory carries them, and the transcript for the reward."""
+
+    request: EpisodeRequest
+    status: TrajectoryStatus = TrajectoryStatus.COMPLETED
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    loss_mask: list[float] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def final_text(self) -> str:
+        """The last model turn's text (what a single-answer verifier scores)."""
+        return next((t.text for t in reversed(self.turns) if t.role == "model"), "")
+
+    @property
+    def response_tokens(self) -> int:
+        """Tokens the model generated (env observations not counted)."""
+        return sum(t.tokens for t in self.turns if t.role == "model")
+
+
+class EnvSession(Protocol):
+    async def step(self, action: str) -> tuple[str, bool, dict[str, Any]]:
+        """The env's observation after the model's action, whether the episode ended, info."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_turns: int  # 1 for single-turn tasks
+    max_length: int  # prompt + response tokens the model's context holds
+    eos_token_id: int
+
+
+Generate = Callable[[list[int], EpisodeRequest, int], Awaitable[Generated]]
+# Called before each turn (with its index) and once after the last (with None): a status
+# to stop the episode with (stale, cancelled), or None to go on.
+Check = Callable[[int | None, Episode], Awaitable[TrajectoryStatus | None]]
+
+
+async def _go_on(turn: int | None, episode: Episode) -> None:
+    return None
+
+
+async def run_turns(
+    request: EpisodeRequest,
+    *,
+    generate: Generate,
+    env: EnvSession | None,
+    limits: Limits,
+    decode: Callable[[list[int]], str],
+    encode: Callable[[str], list[int]],
+    check: Check = _go_on,
+) -> Episode:
+    """Single-turn (env None) or the env loop of a multi-turn task."""
+    episode = Episode(request)
+    for turn in range(limits.max_turns if env is not None else 1):
+        if (stop := await check(turn, episode)) is not None:
+            episode.status = stop
+            return episode
+        context = request.prompt_ids + episode.response_ids
+        if len(context) + 1 >= limits.max_length:
+            episode.status = TrajectoryStatus.TRUNCATED
+            break
+        out = await generate(context, request, turn)
+        if out.finish_reason == "abort":  # cancelled while generating
+            episode.status = TrajectoryStatus.ABORTED
+            return episode
+        text = decode([t for t in out.token_ids if t != limits.eos_token_id])
+        episode.response_ids += out.token_ids
+        episode.logprobs += out.logprobs
+        episode.versions += out.versions
+        episode.loss_mask += [1.0] * len(out.token_ids)
+        episode.turns.append(Turn("model", text, len(out.token_ids)))
+        if out.finish_reason == "length":
+            episode.status = TrajectoryStatus.TRUNCATED
+        if env is None or not out.token_ids or out.token_ids[-1] == limits.eos_token_id:
+            break
+        observation, done, info = await env.step(text)
+        tokens = encode(observation)
+        episode.response_ids += tokens
+        episode.logprobs += [0.0] * len(tokens)
+        episode.versions += [-1] * len(tokens)
+        episode.loss_mask += [0.0] * len(tokens)
+        episode.turns.append(Turn("env", observation, len(tokens), info))
+        if done:
+            break
+    if (stop := await check(None, episode)) is not None:
+        episode.status = stop
+    return episode
+
+
+EPISODES: dict[str, Callable[..., Awaitable[Episode]]] = {"turns": run_turns}
