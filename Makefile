@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench-async: $(STAMP)  ## asynchronous vs synchronous training, side by side (~1
 
 bench-credit: $(STAMP)  ## attention-based credit against GRPO and random credit, 3 seeds (~35 min; benchmarks/RESULTS.md)
 	$(BIN)/python benchmarks/attention_credit.py
+
+bench-bard: $(STAMP)  ## BARD: length against budget, accuracy by budget, multiplicative vs additive reward (~15 min)
+	$(BIN)/python benchmarks/bard.py
 
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -16,7 +16,7 @@ import asyncio
 
 import torch
 
-from rollfleet.episodes import EPISODES, EpisodeRequest, Generated, Limits
+from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits
 from rollfleet.methods import Stages
 from rollfleet.protocol import RolloutTask
 from rollfleet.rewards import reward_item, score
@@ -130,7 +130,7 @@ class LocalEnvSession:
 
 async def _score_one(
     index: int, example, task, tokenizer, verifier, stages, generate, max_length
-) -> float:
+) -> tuple[float, Episode]:
     """One held-out answer as the workers would sample it, scored by the verifier."""
     message = RolloutTask(
         task_id=f"heldout-{index}",
@@ -145,7 +145,7 @@ async def _score_one(
         min_version=0,
     )
     prompt = [tokenizer.bos_token_id, *tokenizer.encode(example.prompt, add_special_tokens=False)]
-    request = stages.build_request(message, EpisodeRequest(prompt))
+    request = stages.build_request(message, EpisodeRequest(prompt), tokenizer)
     try:
         episode = await EPISODES[stages.episode](
             request,
@@ -159,7 +159,8 @@ async def _score_one(
         )
     finally:
         generate.episode_ended()
-    return score(verifier, stages.reward_input(message, episode, reward_item(message, episode)))
+    item = stages.reward_input(message, episode, reward_item(message, episode))
+    return score(verifier, item), episode
 
 
 async def _score_chunk(chunk, task, tokenizer, verifier, stages, generate, max_length):
@@ -171,7 +172,7 @@ async def _score_chunk(chunk, task, tokenizer, verifier, stages, generate, max_l
     )
 
 
-def heldout_accuracy(
+def heldout_episodes(
     model,
     tokenizer,
     task: Task,
@@ -186,8 +187,8 @@ def heldout_accuracy(
     batch_size: int = 256,
     stages: Stages | None = None,
     max_length: int | None = None,
-) -> float:
-    """Share of held-out answers (`samples` per prompt) that the reward function `verifier` scores 1."""
+) -> list[tuple[float, Episode]]:
+    """(verifier score, episode) of every held-out answer, `samples` per prompt."""
     model.eval()
     torch.manual_seed(seed)  # the same sampled answers for the same weights
     count = task.size("heldout") or 0
@@ -199,7 +200,7 @@ def heldout_accuracy(
     ]
     stages = stages or Stages([])
     limits_length = max_length or model.config.max_position_embeddings
-    correct = 0
+    scored = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         generate = BatchedGenerate(
@@ -212,9 +213,14 @@ def heldout_accuracy(
             temperature=temperature,
             top_p=top_p,
         )
-
-        scores = asyncio.run(
+        scored += asyncio.run(
             _score_chunk(chunk, task, tokenizer, verifier, stages, generate, limits_length)
         )
-        correct += sum(value >= 1.0 for value in scores)
-    return correct / max(len(examples), 1)
+    return scored
+
+
+def heldout_accuracy(model, tokenizer, task: Task, verifier: str, **options) -> float:
+    """Share of held-out answers (`samples` per prompt) that the reward function `verifier`
+    scores 1; `options` as for `heldout_episodes`."""
+    scored = heldout_episodes(model, tokenizer, task, verifier, **options)
+    return sum(value >= 1.0 for value, _ in scored) / max(len(scored), 1)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from rollfleet.tasks.chain_sum import final_number
 from rollfleet.tasks.countdown import verify
 
 REWARDS: dict[str, Callable[..., float]] = {}
@@ -57,6 +58,42 @@ def numeric(response: str, answer: str, meta: dict[str, Any], tolerance: float =
 def countdown(response: str, answer: str, meta: dict[str, Any]) -> float:
     """1 if the expression uses each given number once and reaches the target."""
     return float(verify(response, meta["numbers"], int(meta["target"])))
+
+
+@register_reward("chain_sum")
+def chain_sum(response: str, answer: str, meta: dict[str, Any]) -> float:
+    """1 if the response is a chain of numbers (`10,19,29`) whose last one is the answer."""
+    return float(final_number(response) == answer.strip())
+
+
+def budget_fidelity(length: int, budget: int, tolerance: float = 0.1) -> float:
+    """How well a response of `length` tokens keeps to `budget`: 1 within ±tolerance·budget,
+    then falling linearly to 0 at twice the budget or at none (two-sided: too short is
+    as far off the control signal as too long)."""
+    off = max(0.0, abs(length - budget) - tolerance * budget)
+    return max(0.0, 1.0 - off / budget)
+
+
+@register_reward("bard")
+def bard(
+    response: str,
+    answer: str,
+    meta: dict[str, Any],
+    response_tokens: int,
+    verifier: str = "chain_sum",
+    form: str = "multiplicative",
+    tolerance: float = 0.1,
+) -> float:
+    """BARD's reward (arXiv 2511.01470): accuracy (the `verifier`) times budget fidelity
+    (`meta["budget"]`, which the bard method's reward_input adds); `form: additive` is
+    their mean, the ablation that lets a short wrong answer earn half."""
+    accuracy = REWARDS[verifier](response, answer, meta)
+    fidelity = budget_fidelity(response_tokens, int(meta["budget"]), tolerance)
+    if form == "multiplicative":
+        return accuracy * fidelity
+    if form == "additive":
+        return 0.5 * (accuracy + fidelity)
+    raise ValueError(f"bard reward: form {form!r} must be multiplicative or additive")
 
 
 @register_reward("format")

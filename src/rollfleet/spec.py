@@ -128,7 +128,9 @@ class ModelSpec(Strict):
 
 
 class TaskSpec(Strict):
-    name: TaskName = Field("countdown", description="registered task: countdown, jsonl, calculator")
+    name: TaskName = Field(
+        "countdown", description="registered task: countdown, chain_sum, jsonl, calculator"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
     heldoutLimit: int | None = Field(
         None, ge=1, description="evaluate on at most this many held-out prompts"
@@ -456,12 +458,17 @@ class RLJobSpec(Strict):
         ]
 
     def reward_functions(self) -> list[tuple[str, float, dict[str, Any]]]:
-        """The weighted reward functions, defaulting to the task's own verifier."""
+        """The weighted reward functions: the manifest's, else a method's (BARD's), else
+        the task's own verifier."""
         if self.reward.functions:
             return [(f.name, f.weight, f.params) for f in self.reward.functions]
         from rollfleet.tasks import TASKS
 
-        return [(TASKS[self.task.name].default_reward, 1.0, {})]
+        verifier = TASKS[self.task.name].default_reward
+        for _, params in self.enabled_methods():
+            if (functions := params.reward_functions(verifier)) is not None:
+                return functions
+        return [(verifier, 1.0, {})]
 
     def verifier(self) -> str:
         """The reward function that decides held-out accuracy (the first one listed)."""

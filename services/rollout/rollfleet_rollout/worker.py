@@ -228,6 +228,7 @@ class RolloutWorker:
         request = self.stages.build_request(
             task,
             EpisodeRequest([tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)]),
+            tok,
         )
         stop = (
             tuple(tok.convert_tokens_to_ids(t) for t in self._turn_stop) if task.multi_turn else ()

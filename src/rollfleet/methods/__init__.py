@@ -15,7 +15,7 @@ The stages, each with the platform's own behaviour as the default (`Method` belo
 
 | side | stage | default |
 |---|---|---|
-| rollout | `build_request(task, request)` | `<bos>` + the prompt's tokens, no prefix embeddings, no payload |
+| rollout | `build_request(task, request, tokenizer)` | `<bos>` + the prompt's tokens, no prefix embeddings, no payload |
 | rollout | `episode` (a runner name in rollfleet.episodes) | `turns`: one model turn, or the env loop of a multi-turn task |
 | rollout | `reward_input(task, episode, item)` | the final model turn's text, the answer, the task's meta, the episode's turns and token count |
 | trainer | `warmup(model, tokenizer, task, run_dir)` | nothing (the builtin model's SFT warm-up runs before) |
@@ -47,6 +47,12 @@ class MethodParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    def reward_functions(self, verifier: str) -> list[tuple[str, float, dict]] | None:
+        """The job's reward when the manifest lists none (`spec.reward.functions` empty):
+        None keeps the task's `verifier`. The first function listed decides held-out
+        accuracy."""
+        return None
+
 
 @dataclass(frozen=True)
 class MethodInfo:
@@ -74,7 +80,7 @@ class Method:
         self.params, self.spec = params, spec
 
     # --- rollout side -------------------------------------------------------------------
-    def build_request(self, task, request):
+    def build_request(self, task, request, tokenizer):
         """The request for one sample of `task` (an `EpisodeRequest`): prompt tokens, prefix
         embeddings, and a JSON payload that travels with the trajectory."""
         return request
@@ -137,9 +143,9 @@ class Stages:
     def for_spec(cls, spec: RLJobSpec) -> Stages:
         return cls([load_method(name, params, spec) for name, params in spec.enabled_methods()])
 
-    def build_request(self, task, request):
+    def build_request(self, task, request, tokenizer):
         for m in self.methods:
-            request = m.build_request(task, request)
+            request = m.build_request(task, request, tokenizer)
         return request
 
     def reward_input(self, task, episode, item):
@@ -188,4 +194,4 @@ def load_method(name: str, params: MethodParams, spec: RLJobSpec) -> Method:
 
 
 # Registration happens on import of each method's folder.
-from rollfleet.methods import attention_credit  # noqa: E402, F401
+from rollfleet.methods import attention_credit, bard  # noqa: E402, F401
