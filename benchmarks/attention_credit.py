@@ -25,7 +25,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from harness import example, machine, merged, run_job, warm_up
+from harness import example, machine, merged, quiet, run_job, warm_up
 
 ARMS = {
     "grpo": None,
@@ -60,6 +60,7 @@ def main() -> None:
     if args.quick:
         args.steps = 3
         base = merged(base, {"model": {"warmup": {"steps": 20}}, "task": {"heldoutLimit": 40}})
+    quiet()
     print(f"machine: {machine()}", flush=True)
     print(f"job: examples/attention-credit.yaml, {args.steps} steps, seeds 0..{args.seeds - 1}")
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}

@@ -29,7 +29,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from harness import example, machine, merged, run_job, single_thread, warm_up
+from harness import example, machine, merged, quiet, run_job, single_thread, warm_up
 
 UNSEEN = 12
 
@@ -50,6 +50,9 @@ def ranks(values: list[float]) -> list[float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho; nan where either side is constant (e.g. every answer at the limit)."""
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
     return statistics.correlation(ranks(x), ranks(y))
 
 
@@ -124,6 +127,7 @@ def main() -> None:
     bard = base["spec"]["methods"]["bard"]
     trained = bard["budgets"]
     budgets = sorted({*trained, UNSEEN})
+    quiet()
     print(f"machine: {machine()}", flush=True)
     print(f"job: examples/bard.yaml, budgets {trained} (+{UNSEEN} unseen), {args.steps} RL steps")
     results = {}

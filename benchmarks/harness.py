@@ -27,6 +27,13 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "services" / "trainer")]
 ROLLFLEET = Path(sys.executable).parent / "rollfleet"
 
 
+def quiet() -> None:
+    """No progress bars from transformers (saving and loading the tiny model) in the output."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def example(name: str) -> dict:
     """An examples/ manifest as a dict."""
     return yaml.safe_load((ROOT / "examples" / name).read_text())

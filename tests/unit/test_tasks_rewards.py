@@ -23,7 +23,8 @@ from rollfleet.tasks.countdown import eval_expression, verify
 def test_task_registry_and_unknown_task():
     assert sorted(TASKS) == ["calculator", "chain_sum", "countdown", "jsonl"]
     with pytest.raises(
-        ValueError, match=r"unknown task 'chess'.*\['calculator', 'chain_sum', 'countdown', 'jsonl'\]"
+        ValueError,
+        match=r"unknown task 'chess'.*\['calculator', 'chain_sum', 'countdown', 'jsonl'\]",
     ):
         make_task("chess")
 
