@@ -3,7 +3,8 @@
     make bench-credit
     .venv/bin/python benchmarks/attention_credit.py [--steps 200] [--seeds 3] [--quick]
 
-The job is examples/attention-credit.yaml (countdown with four numbers, α = 1). Its
+The job is examples/attention-credit.yaml (the default countdown job's task and settings,
+α = 1, 200 steps). Its
 warm-up SFT runs once and every run starts from that model (`model.path`). Three arms, each
 with `--seeds` sampling seeds (rollout.sampling.seed; the task and its held-out split stay
 the same), the same steps and samples:
@@ -36,7 +37,7 @@ ARMS = {
 
 def arm_job(base: dict, arm: str, seed: int, folder: Path, steps: int) -> dict:
     credit = base["spec"]["methods"]["attention_credit"]
-    methods = {} if ARMS[arm] is None else {"attention_credit": {**credit, **ARMS[arm]}}
+    methods = None if ARMS[arm] is None else {"attention_credit": {**credit, **ARMS[arm]}}
     return merged(
         base,
         {
@@ -44,7 +45,7 @@ def arm_job(base: dict, arm: str, seed: int, folder: Path, steps: int) -> dict:
             "rollout": {"sampling": {**base["spec"]["rollout"]["sampling"], "seed": seed}},
             "trainer": {"steps": steps, "evalEvery": 0},
             "checkpoint": {"every": 100_000},
-            "methods": methods,
+            "methods": methods,  # None: the section removed (plain GRPO)
         },
         name=f"credit-{arm}-s{seed}",
     )
