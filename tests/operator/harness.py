@@ -124,6 +124,33 @@ async def operator(emulator, nats_server, tmp_path, monkeypatch, config: Operato
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await _end_leftover_tasks()
+
+
+def _kopf_tasks() -> set[asyncio.Task]:
+    return {
+        t
+        for t in asyncio.all_tasks()
+        if "/kopf/" in getattr(t.get_coro(), "cr_code", _NO_CODE).co_filename
+    }
+
+
+_NO_CODE = (lambda: None).__code__
+
+
+async def _end_leftover_tasks(timeout: float = 45.0) -> None:
+    """kopf takes a cancelled handler for a failed one and its worker carries on, so a
+    handler blocked on an emulator request can outlive the operator task (seen under load).
+    Cancel what kopf left until it ends, while the emulator and NATS still serve; the test
+    fails naming the tasks instead of hanging the event loop's close (and CI)."""
+    deadline = time.monotonic() + timeout
+    while leftovers := _kopf_tasks():
+        if time.monotonic() > deadline:
+            names = sorted(t.get_name() for t in leftovers)
+            raise AssertionError(f"kopf tasks still running {timeout:.0f} s after stop: {names}")
+        for t in leftovers:
+            t.cancel()
+        await asyncio.wait(leftovers, timeout=1.0)
 
 
 def manifest(path: Path) -> dict:
