@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)  ## train the tiny model on the default job, every service a local process
 	$(BIN)/rollfleet run $(JOB)
 
+# Two test processes, a test file each at a time: half the suite waits (on the operator's
+# timers, on NATS, on child processes), so the other half's CPU work fills the gaps.
 test: $(STAMP) lint  ## unit, service and end-to-end tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
