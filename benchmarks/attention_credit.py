@@ -26,7 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from harness import example, machine, merged, quiet, run_job, warm_up
+from harness import example, from_model, machine, merged, quiet, run_job, warm_up
 
 ARMS = {
     "grpo": None,
@@ -38,16 +38,13 @@ ARMS = {
 def arm_job(base: dict, arm: str, seed: int, folder: Path, steps: int) -> dict:
     credit = base["spec"]["methods"]["attention_credit"]
     methods = None if ARMS[arm] is None else {"attention_credit": {**credit, **ARMS[arm]}}
-    return merged(
+    return from_model(
         base,
-        {
-            "model": {"path": str(folder), "warmup": {"steps": 0}},
-            "rollout": {"sampling": {**base["spec"]["rollout"]["sampling"], "seed": seed}},
-            "trainer": {"steps": steps, "evalEvery": 0},
-            "checkpoint": {"every": 100_000},
-            "methods": methods,  # None: the section removed (plain GRPO)
-        },
+        folder,
+        steps,
         name=f"credit-{arm}-s{seed}",
+        rollout={"sampling": {**base["spec"]["rollout"]["sampling"], "seed": seed}},
+        methods=methods,  # None: the section removed (plain GRPO)
     )
 
 

@@ -29,7 +29,17 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from harness import example, machine, merged, quiet, run_job, single_thread, warm_up
+from harness import (
+    example,
+    from_model,
+    load_model,
+    machine,
+    merged,
+    quiet,
+    run_job,
+    single_thread,
+    warm_up,
+)
 
 UNSEEN = 12
 
@@ -54,17 +64,6 @@ def spearman(x: list[float], y: list[float]) -> float:
     if len(set(x)) < 2 or len(set(y)) < 2:
         return float("nan")
     return statistics.correlation(ranks(x), ranks(y))
-
-
-def final_model(run_dir: Path, start_folder: Path):
-    """The run's last checkpoint as a model (config and tokenizer from the start folder)."""
-    from rollfleet_trainer.checkpoint import latest_checkpoint, read_checkpoint
-    from rollfleet_trainer.model import load_folder
-
-    model, tokenizer = load_folder(start_folder)
-    state, _, _ = read_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
-    model.load_state_dict(state, strict=False)  # a tied lm_head is not stored
-    return model.eval(), tokenizer
 
 
 class FixedBudget:
@@ -142,30 +141,21 @@ def main() -> None:
             "no SFT": (no_sft, "multiplicative"),
         }
         for arm, (folder, form) in arms.items():
-            job = merged(
+            run_dir = tmp / arm.replace(" ", "-")
+            job = from_model(
                 base,
-                {
-                    "model": {"path": str(folder), "warmup": {"steps": 0}},
-                    "trainer": {"steps": args.steps, "evalEvery": 0},
-                    "checkpoint": {"every": 100_000},
-                    "methods": {"bard": {**bard, "sftSteps": 0, "reward": form}},
-                },
-                name=f"bard-{arm.replace(' ', '-').lower()}",
+                folder,
+                args.steps,
+                name=f"bard-{run_dir.name.lower()}",
+                methods={"bard": {**bard, "sftSteps": 0, "reward": form}},
             )
             print(f"RL: {arm} ...", flush=True)
-            run = run_job(job, tmp / arm.replace(" ", "-"))
-            model, tokenizer = final_model(tmp / arm.replace(" ", "-"), folder)
+            run = run_job(job, run_dir)
+            model, tokenizer = load_model(folder, run_dir)
             results[arm] = by_budget(model, tokenizer, job, budgets)
             results[arm]["run"] = run["result"]
-        start = by_budget(*start_model(with_sft), base, budgets)
+        start = by_budget(*load_model(with_sft), base, budgets)
     report(results, start, trained, budgets)
-
-
-def start_model(folder: Path):
-    from rollfleet_trainer.model import load_folder
-
-    model, tokenizer = load_folder(folder)
-    return model.eval(), tokenizer
 
 
 def report(results: dict, start: dict, trained: list[int], budgets: list[int]) -> None:

@@ -1,11 +1,12 @@
 """What the benchmarks share: jobs as manifests, one warm-up for all runs of a comparison,
 `rollfleet run` of a job with its results, and the machine they ran on.
 
-    from harness import example, merged, warm_up, run_job
-    job = merged(example("countdown.yaml"), {"trainer": {"steps": 50}})
+    from harness import example, from_model, load_model, run_job, warm_up
+    job = example("countdown.yaml")
     folder = warm_up(job, tmp / "warmup")        # the trainer's own warm-up, once
-    run = run_job(merged(job, {"model": {"path": str(folder)}}), tmp / "run")
+    run = run_job(from_model(job, folder, steps=50), tmp / "run")
     run["result"]["heldout_after"], run["records"][-1]["mean_reward"]
+    model, tokenizer = load_model(folder, tmp / "run")  # the run's final policy
 """
 
 from __future__ import annotations
@@ -78,6 +79,31 @@ def warm_up(job: dict, folder: Path) -> Path:
     with single_thread():
         _, _, model_folder = prepare_policy(parse_manifest(job).spec, folder)
     return model_folder
+
+
+def from_model(job: dict, folder: Path, steps: int, name: str | None = None, **sections) -> dict:
+    """`job` as one arm of a comparison: RL from the model folder `folder` (warm-up done)
+    for `steps` steps, no evaluation during the run, a checkpoint only at the end;
+    `sections` merged on top (see `merged`)."""
+    arm = {
+        "model": {"path": str(folder), "warmup": {"steps": 0}},
+        "trainer": {"steps": steps, "evalEvery": 0},
+        "checkpoint": {"every": 100_000},
+    }
+    return merged(merged(job, arm), sections, name=name)
+
+
+def load_model(folder: Path, run_dir: Path | None = None):
+    """The model folder's model in eval mode, with a run's last checkpoint loaded into it
+    when `run_dir` is given; and its tokenizer."""
+    from rollfleet_trainer.checkpoint import latest_checkpoint, read_checkpoint
+    from rollfleet_trainer.model import load_folder
+
+    model, tokenizer = load_folder(folder)
+    if run_dir is not None:
+        state, _, _ = read_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+        model.load_state_dict(state, strict=False)  # a tied lm_head is not stored
+    return model.eval(), tokenizer
 
 
 def run_job(job: dict, run_dir: Path) -> dict:

@@ -51,7 +51,7 @@ import time
 import warnings
 from pathlib import Path
 
-from harness import ROOT, example, machine, merged, run_job, single_thread, warm_up
+from harness import ROOT, example, load_model, machine, merged, run_job, single_thread, warm_up
 
 JOB = ROOT / "examples" / "countdown.yaml"
 
@@ -97,13 +97,6 @@ def evaluate(model, tokenizer, spec) -> dict[str, float]:
         )
         greedy = heldout_accuracy(model, tokenizer, task, **common)
     return {"accuracy": sampled, "greedy": greedy}
-
-
-def load(folder: Path):
-    from rollfleet_trainer.model import load_folder
-
-    model, tokenizer = load_folder(folder)
-    return model.eval(), tokenizer
 
 
 # --- rollfleet ---------------------------------------------------------------------------------
@@ -250,7 +243,7 @@ def run_trl(args, model_folder: Path, spec, seed: int, tmp: Path) -> tuple[dict,
     from trl import GRPOTrainer
 
     started = time.monotonic()
-    model, tokenizer = load(model_folder)
+    model, tokenizer = load_model(model_folder)
     dataset = trl_dataset(spec, tokenizer, args.steps * spec.trainer.promptsPerStep)
     clock = make_clock()
     trainer = GRPOTrainer(
@@ -354,7 +347,7 @@ def main() -> None:
         tmp = Path(name)
         print("warm-up SFT (once, shared) ...", flush=True)
         folder = warm_up(manifest("warmup", args), tmp / "warmup")
-        start = evaluate(*load(folder), spec)
+        start = evaluate(*load_model(folder), spec)
         print(
             f"  start model: held-out avg@4 {start['accuracy']:.3f}, greedy {start['greedy']:.3f}"
         )

@@ -22,18 +22,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rollfleet.protocol import TrajectoryStatus
+from rollfleet.protocol import Conditioning, TrajectoryStatus
 
 
 @dataclass
 class EpisodeRequest:
     """What one sample starts from (the `build_request` stage's output): the prompt's token
     ids, optional prefix embeddings the engine feeds instead of the embedded prompt, and
-    a JSON payload the trajectory carries to the trainer (`Trajectory.metadata`)."""
+    the conditioning the trajectory carries to the trainer (`Trajectory.conditioning`)."""
 
     prompt_ids: list[int]
     prompt_embeds: Any = None
-    payload: dict[str, Any] = field(default_factory=dict)
+    conditioning: Conditioning = field(default_factory=Conditioning)
 
 
 @dataclass

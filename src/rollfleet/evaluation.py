@@ -132,17 +132,13 @@ async def _score_one(
     index: int, example, task, tokenizer, verifier, stages, generate, max_length
 ) -> tuple[float, Episode]:
     """One held-out answer as the workers would sample it, scored by the verifier."""
-    message = RolloutTask(
+    message = RolloutTask.for_example(
+        example,
+        index=index,
         task_id=f"heldout-{index}",
         group_id=f"heldout-{index}",
-        index=index,
-        prompt=example.prompt,
-        answer=example.answer,
-        meta=example.meta,
         samples=1,
-        group_size=1,
         multi_turn=task.multi_turn,
-        min_version=0,
     )
     prompt = [tokenizer.bos_token_id, *tokenizer.encode(example.prompt, add_special_tokens=False)]
     request = stages.build_request(message, EpisodeRequest(prompt), tokenizer)

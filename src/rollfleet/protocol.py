@@ -16,7 +16,7 @@ from typing import Any, Literal, Self, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 3  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights
+SCHEMA_VERSION = 4  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights; 4: typed Conditioning
 
 
 class ProtocolError(ValueError):
@@ -45,6 +45,34 @@ class RolloutTask(Message):
     trainer_rank: int = Field(0, ge=0)  # the trainer rank that issued it gets its trajectories
     issued_at: float = Field(default_factory=time.time)
 
+    @classmethod
+    def for_example(
+        cls, example: Any, *, index: int, group_id: str, samples: int, **fields: Any
+    ) -> Self:
+        """The message asking for `samples` responses to a dataset example (a
+        `tasks.Example`); `fields` sets the rest (task_id defaults to t<index>, group_size
+        to `samples`, min_version to 0)."""
+        fields = {"task_id": f"t{index}", "group_size": samples, "min_version": 0, **fields}
+        return cls(
+            index=index,
+            group_id=group_id,
+            samples=samples,
+            prompt=example.prompt,
+            answer=example.answer,
+            meta=example.meta,
+            **fields,
+        )
+
+
+class Conditioning(BaseModel):
+    """How a sample was drawn beyond its prompt tokens, recorded by method modules on the
+    worker (`build_request`) for the trainer: one typed field per method, None where that
+    method is off. A method that needs more adds its field here and bumps SCHEMA_VERSION."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int | None = Field(None, ge=1)  # BARD: the thinking budget behind the prompt's marker
+
 
 class TrajectoryStatus(enum.StrEnum):
     COMPLETED = "completed"  # the model ended with end-of-sequence (or the episode ended)
@@ -62,8 +90,8 @@ class Trajectory(Message):
     the env's; `token_versions` is the policy version that produced each model token
     (-1 on env tokens). `advantage_weights` optionally scales each token's advantage
     (credit assignment); it is kept apart from the mask, so it never enters the loss
-    aggregation's denominator. `metadata` carries what a method module records per sample
-    (e.g. the conditioning it sampled under), as plain JSON.
+    aggregation's denominator. `conditioning` is what method modules recorded about how
+    the sample was drawn (e.g. BARD's budget).
     """
 
     task_id: str
@@ -81,7 +109,7 @@ class Trajectory(Message):
     reward: float = 0.0
     reward_parts: dict[str, float] = Field(default_factory=dict)
     response_text: str = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    conditioning: Conditioning = Field(default_factory=Conditioning)
     finished_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")

@@ -105,17 +105,8 @@ async def collect(bus: Bus, count: int, timeout: float = 60, rank: int = 0) -> l
 
 def calculator_task(index: int, group: int) -> RolloutTask:
     example = make_task("calculator").example("heldout", index)
-    return RolloutTask(
-        task_id=f"t{index}",
-        group_id=f"g{index}",
-        index=index,
-        prompt=example.prompt,
-        answer=example.answer,
-        meta=example.meta,
-        samples=group,
-        group_size=group,
-        multi_turn=True,
-        min_version=0,
+    return RolloutTask.for_example(
+        example, index=index, group_id=f"g{index}", samples=group, multi_turn=True
     )
 
 

@@ -98,18 +98,7 @@ async def read_tasks(bus: Bus, count: int, timeout: float = 10.0) -> list[Rollou
 
 def countdown_task(index: int, group: int, **update) -> RolloutTask:
     example = make_task("countdown").example("train", index)
-    task = RolloutTask(
-        task_id=f"t{index}",
-        group_id=f"g{index}",
-        index=index,
-        prompt=example.prompt,
-        answer=example.answer,
-        meta=example.meta,
-        samples=group,
-        group_size=group,
-        multi_turn=False,
-        min_version=0,
-    )
+    task = RolloutTask.for_example(example, index=index, group_id=f"g{index}", samples=group)
     return task.model_copy(update=update)
 
 

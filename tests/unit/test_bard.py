@@ -3,6 +3,8 @@ in the prompt and in what the reward sees, the reward's two forms, and phase 1's
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rollfleet.episodes import Episode, EpisodeRequest, Turn
@@ -65,17 +67,8 @@ def job(**bard):
 
 def rollout_task(index: int, meta: dict | None = None) -> RolloutTask:
     example = make_task("chain_sum", {}, 0).example("train", index)
-    return RolloutTask(
-        task_id=f"t{index}",
-        group_id=f"g{index}",
-        index=index,
-        prompt=example.prompt,
-        answer=example.answer,
-        meta={**example.meta, **(meta or {})},
-        samples=8,
-        group_size=8,
-        min_version=0,
-    )
+    example = dataclasses.replace(example, meta={**example.meta, **(meta or {})})
+    return RolloutTask.for_example(example, index=index, group_id=f"g{index}", samples=8)
 
 
 def test_the_budget_leads_the_prompt_and_reaches_the_reward():
@@ -87,13 +80,13 @@ def test_the_budget_leads_the_prompt_and_reaches_the_reward():
         request = stages.build_request(task, EpisodeRequest(list(plain)), tok)
         assert tok.decode(request.prompt_ids[1:]) == f"b{budget}#1 2 3:"
         assert request.prompt_ids[0] == tok.bos_token_id
-        assert request.payload == {"budget": budget}
+        assert request.conditioning.budget == budget
         episode = Episode(request, turns=[Turn("model", "3,6", 4)])
         item = stages.reward_input(task, episode, reward_item(task, episode))
         assert item["meta"]["budget"] == budget and item["response_tokens"] == 4
     # A task may fix its own budget (the benchmark evaluates one budget at a time).
     fixed = stages.build_request(rollout_task(0, {"budget": 15}), EpisodeRequest(plain), tok)
-    assert fixed.payload == {"budget": 15}
+    assert fixed.conditioning.budget == 15
 
 
 def test_the_job_reward_is_accuracy_times_budget_fidelity():

@@ -5,6 +5,7 @@ import pytest
 
 from rollfleet.protocol import (
     SCHEMA_VERSION,
+    Conditioning,
     Progress,
     ProtocolError,
     RolloutTask,
@@ -55,7 +56,7 @@ def make_trajectory(**overrides) -> Trajectory:
         reward=1.0,
         reward_parts={"countdown": 1.0},
         response_text="ab=;c",
-        metadata={"turns": 2},
+        conditioning=Conditioning(budget=16),
         finished_at=99.0,
     )
     fields.update(overrides)
@@ -289,3 +290,15 @@ def test_task_trainer_rank_defaults_to_zero_and_round_trips():
     raw["trainer_rank"] = -1
     with pytest.raises(ProtocolError, match="invalid RolloutTask: trainer_rank"):
         decode(RolloutTask, msgpack.packb(raw))
+
+
+@pytest.mark.parametrize(
+    ("conditioning", "field"), [({"budjet": 16}, "budjet"), ({"budget": 0}, "budget")]
+)
+def test_conditioning_is_typed(conditioning, field):
+    """What a method records per sample is typed: an unknown or invalid field is refused."""
+    raw = msgpack.unpackb(encode(make_trajectory()), raw=False)
+    assert raw["conditioning"] == {"budget": 16}
+    raw["conditioning"] = conditioning
+    with pytest.raises(ProtocolError, match=f"conditioning.{field}"):
+        decode(Trajectory, msgpack.packb(raw))

@@ -299,7 +299,7 @@ class RolloutWorker:
             token_versions=episode.versions,
             loss_mask=episode.loss_mask,
             response_text=episode.final_text,
-            metadata=request.payload,
+            conditioning=request.conditioning,
         )
         return trajectory, self.stages.reward_input(task, episode, reward_item(task, episode))
 

@@ -215,13 +215,11 @@ class Trainer:
             for offset, samples in parts:
                 await self.bus.publish(
                     self.bus.subjects.tasks,
-                    RolloutTask(
+                    RolloutTask.for_example(
+                        example,
+                        index=index,
                         task_id=f"t{index}" if samples == self.group_size else f"t{index}.{offset}",
                         group_id=group.id,
-                        index=index,
-                        prompt=example.prompt,
-                        answer=example.answer,
-                        meta=example.meta,
                         samples=samples,
                         group_size=self.group_size,
                         sample_offset=offset,

@@ -15,7 +15,7 @@ The stages, each with the platform's own behaviour as the default (`Method` belo
 
 | side | stage | default |
 |---|---|---|
-| rollout | `build_request(task, request, tokenizer)` | `<bos>` + the prompt's tokens, no prefix embeddings, no payload |
+| rollout | `build_request(task, request, tokenizer)` | `<bos>` + the prompt's tokens, no prefix embeddings, no conditioning |
 | rollout | `episode` (a runner name in rollfleet.episodes) | `turns`: one model turn, or the env loop of a multi-turn task |
 | rollout | `reward_input(task, episode, item)` | the final model turn's text, the answer, the task's meta, the episode's turns and token count |
 | trainer | `warmup(model, tokenizer, task, run_dir)` | nothing (the builtin model's SFT warm-up runs before) |
@@ -73,7 +73,7 @@ class Method:
     """A method's stages. Every default is the platform's own behaviour; a method overrides
     the stages it changes. `self.params` is its `MethodParams`, `self.spec` the job's spec."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # the name it is registered under
     episode: ClassVar[str | None] = None  # an episode runner of rollfleet.episodes, or the default
 
     def __init__(self, params: MethodParams, spec: RLJobSpec):
@@ -82,7 +82,7 @@ class Method:
     # --- rollout side -------------------------------------------------------------------
     def build_request(self, task, request, tokenizer):
         """The request for one sample of `task` (an `EpisodeRequest`): prompt tokens, prefix
-        embeddings, and a JSON payload that travels with the trajectory."""
+        embeddings, and the `Conditioning` that travels with the trajectory."""
         return request
 
     def reward_input(self, task, episode, item: dict[str, Any]) -> dict[str, Any]:
@@ -188,9 +188,7 @@ class Stages:
 
 def load_method(name: str, params: MethodParams, spec: RLJobSpec) -> Method:
     module, _, cls = METHODS[name].stages.partition(":")
-    method = getattr(importlib.import_module(module), cls)(params, spec)
-    method.name = name
-    return method
+    return getattr(importlib.import_module(module), cls)(params, spec)
 
 
 # Registration happens on import of each method's folder.

@@ -56,7 +56,7 @@ class Bard(Method):
         return dataclasses.replace(
             request,
             prompt_ids=[bos, *marker, *prompt],
-            payload={**request.payload, "budget": budget},
+            conditioning=request.conditioning.model_copy(update={"budget": budget}),
         )
 
     def reward_input(self, task, episode, item):
