@@ -87,9 +87,11 @@ def _is_nullable(annotation: Any) -> bool:
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The model a field holds, itself or as the items of a list."""
+    """The model a field holds, itself, as the items of a list, or optional (`M | None`)."""
     if typing.get_origin(annotation) is list:
         (annotation,) = typing.get_args(annotation)
+    if _is_nullable(annotation):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None

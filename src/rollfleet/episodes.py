@@ -29,10 +29,13 @@ from rollfleet.protocol import Conditioning, TrajectoryStatus
 class EpisodeRequest:
     """What one sample starts from (the `build_request` stage's output): the prompt's token
     ids, optional prefix embeddings the engine feeds instead of the embedded prompt, and
-    the conditioning the trajectory carries to the trainer (`Trajectory.conditioning`)."""
+    the conditioning the trajectory carries to the trainer (`Trajectory.conditioning`).
+    `sample` is the sample's index in its group, None in held-out evaluation, which samples
+    as a deployed model would (RAVR's answer-guided samples key on it)."""
 
     prompt_ids: list[int]
     prompt_embeds: Any = None
+    sample: int | None = None
     conditioning: Conditioning = field(default_factory=Conditioning)
 
 

@@ -64,6 +64,17 @@ class RolloutTask(Message):
         )
 
 
+class RavrSample(BaseModel):
+    """RAVR: how one sample of a group was drawn, and what the trainer scores it against."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    posterior: bool  # drawn with the reference answer in view (else from the prior)
+    question_ids: list[int]  # the question-only prompt: the prior's, with no answer in it
+    cue_ids: list[int]  # the text between a trace and the answer when scoring s(z)
+    reference_ids: list[int]  # the reference answer's tokens, scored for the utility s(z)
+
+
 class Conditioning(BaseModel):
     """How a sample was drawn beyond its prompt tokens, recorded by method modules on the
     worker (`build_request`) for the trainer: one typed field per method, None where that
@@ -72,6 +83,7 @@ class Conditioning(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     budget: int | None = Field(None, ge=1)  # BARD: the thinking budget behind the prompt's marker
+    ravr: RavrSample | None = None  # RAVR: prior or posterior sample, question and answer ids
 
 
 class TrajectoryStatus(enum.StrEnum):

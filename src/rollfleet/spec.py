@@ -412,6 +412,8 @@ class RLJobSpec(Strict):
             field_path=".async.partialRollout",
             reason="FieldValueForbidden",
         ),
+        # _methods_fit_the_job: each method's job-level rules
+        *(rule for _, info in sorted(METHODS.items()) for rule in info.params.__job_cel__),
     )
 
     @model_validator(mode="after")
@@ -442,6 +444,12 @@ class RLJobSpec(Strict):
                 f"async.partialRollout: reprefill is done by the torch engine only; pools {vllm} "
                 "use vllm, which continues in-flight requests: set partialRollout: continue"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _methods_fit_the_job(self):
+        for _, params in self.enabled_methods():
+            params.check_job(self)
         return self
 
     def sampling_seed(self) -> int:

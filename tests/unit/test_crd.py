@@ -12,8 +12,9 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from rollfleet.crd import build_crd, model_schema, render_crd, render_rule
+from rollfleet.crd import _PLACEHOLDER, build_crd, model_schema, render_crd, render_rule
 from rollfleet.methods.attention_credit import AttentionCreditParams
+from rollfleet.methods.ravr import RavrParams
 from rollfleet.spec import (
     MAX_POOLS,
     Cel,
@@ -173,6 +174,8 @@ RULES = {
     ("", ".async.replicatePrompts"): "set replicatePrompts: false",
     ("", ".async.partialRollout"): "set partialRollout: continue",
     ("methods.attention_credit", ".horizon"): "must be [near, far] with 1 <= near <= far",
+    ("methods.ravr", ".template"): "must contain {question} and {answer}",
+    ("", ".methods.ravr.posteriorSamples"): "must be below rollout.sampling.groupSize",
 }
 
 
@@ -226,7 +229,7 @@ def pydantic_errors(spec: dict) -> list[str]:
 
 def test_one_rule_per_cross_field_validator(spec):
     assert {(loc, rule["fieldPath"]) for loc, rule in spec_rules(spec)} == RULES.keys()
-    models = [ModelSpec, RolloutSpec, TrainerSpec, RLJobSpec, AttentionCreditParams]
+    models = [ModelSpec, RolloutSpec, TrainerSpec, RLJobSpec, AttentionCreditParams, RavrParams]
     validators = {
         m.__name__: len(m.__pydantic_decorators__.model_validators)
         + len(m.__pydantic_decorators__.field_validators)
@@ -238,7 +241,7 @@ def test_one_rule_per_cross_field_validator(spec):
 def test_rules_are_well_formed(spec):
     for location, rule in spec_rules(spec):
         assert list(rule) == ["rule", "message", "fieldPath", "reason"], location
-        assert "\n" not in rule["message"] and "{" not in rule["rule"], rule
+        assert "\n" not in rule["message"] and not _PLACEHOLDER.search(rule["rule"]), rule
         assert rule["reason"] in {"FieldValueInvalid", "FieldValueForbidden", "FieldValueDuplicate"}
         # The API server wants fieldPath to name a field of the schema the rule is on.
         node = functools.reduce(
@@ -359,9 +362,21 @@ def random_spec(rng: random.Random) -> dict:
     sections = {
         "trainer": lambda: _maybe(rng, {"promptsPerStep": range(1, 25), "workers": range(1, 6)}),
         "algorithm": lambda: _maybe(rng, {"miniBatches": range(1, 5)}),
-        "methods": lambda: {
-            "attention_credit": _maybe(rng, {"horizon": [[1, 8], [5, 2], [0, 3], [10, 100]]})
-        },
+        "methods": lambda: _maybe(
+            rng,
+            {
+                "attention_credit": [_maybe(rng, {"horizon": [[1, 8], [5, 2], [0, 3], [10, 100]]})],
+                "ravr": [
+                    _maybe(
+                        rng,
+                        {
+                            "posteriorSamples": range(1, 10),
+                            "template": ["[{answer}]{question}", "{question}", "{answer}"],
+                        },
+                    )
+                ],
+            },
+        ),
         "model": lambda: _maybe(
             rng, {"hidden": [8, 12, 96, 100, 128, 130], "heads": [1, 2, 3, 4, 5, 8]}
         ),
@@ -373,7 +388,8 @@ def random_spec(rng: random.Random) -> dict:
                         _maybe(rng, {"name": ["default", "a", "b"], "engine": ["torch", "vllm"]})
                         for _ in range(rng.randint(1, 4))
                     ]
-                ]
+                ],
+                "sampling": [_maybe(rng, {"groupSize": [2, 4, 8]})],
             },
         ),
         "async": lambda: _maybe(
@@ -412,8 +428,18 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
             ):
                 return None  # TrainerSpec's own check refuses it first
             return alone
-        case ("methods.attention_credit", _) if "methods" in s:
+        case ("methods.attention_credit", _) if "attention_credit" in s.get("methods", {}):
             return {"methods": {"attention_credit": s["methods"]["attention_credit"]}}
+        case ("methods.ravr", _) if "ravr" in s.get("methods", {}):
+            return {"methods": {"ravr": _pick(s["methods"]["ravr"], "template")}}
+        case ("", ".methods.ravr.posteriorSamples"):
+            alone = {}
+            if "ravr" in s.get("methods", {}):
+                alone["methods"] = {"ravr": _pick(s["methods"]["ravr"], "posteriorSamples")}
+            if "rollout" in s:
+                sampling = s["rollout"].get("sampling")
+                alone["rollout"] = {} if sampling is None else {"sampling": sampling}
+            return alone
         case ("model", _) if "model" in s:
             return {"model": _pick(s["model"], "hidden", "heads")}
         case ("rollout", _) if "rollout" in s:

@@ -227,7 +227,10 @@ class RolloutWorker:
         tok = self.tokenizer
         request = self.stages.build_request(
             task,
-            EpisodeRequest([tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)]),
+            EpisodeRequest(
+                [tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)],
+                sample=task.sample_offset + index,
+            ),
             tok,
         )
         stop = (

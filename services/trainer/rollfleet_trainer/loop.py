@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 import time
@@ -350,8 +351,8 @@ class Trainer:
     def train_step(self, groups: list[Group]) -> dict:
         """One batch: advantages, then `algorithm.epochs` passes of `miniBatches` updates.
 
-        The stages (rollfleet.methods) in order: build_batch, group_rewards, the advantage
-        estimator, advantage_weights, then per update policy_logprobs, the policy loss and
+        The stages (rollfleet.methods) in order: build_batch, group_rewards, advantages
+        (the job's estimator by default), advantage_weights, then per update policy_logprobs, the policy loss and
         extra_loss. Every rank calls it together."""
         algo = self.spec.algorithm
         trajectories = [g.samples[i][0] for g in groups for i in range(g.size)]
@@ -362,9 +363,10 @@ class Trainer:
         )
         rewards = torch.tensor([t.reward for t in trajectories]).view(len(groups), -1)
         rewards = self.stages.group_rewards(self.model, batch, rewards)
-        advantages = ADVANTAGES[algo.advantage](
-            rewards, eps=algo.advantageEpsilon, all_reduce=self.dp.all_reduce
+        estimate = functools.partial(
+            ADVANTAGES[algo.advantage], eps=algo.advantageEpsilon, all_reduce=self.dp.all_reduce
         )
+        advantages, method_metrics = self.stages.advantages(self.model, batch, rewards, estimate)
         weights = self.stages.advantage_weights(self.model, batch, advantages.view(-1))
         if weights is not None:
             batch.advantage_weights = batch.advantage_weights * weights.detach()
@@ -423,8 +425,13 @@ class Trainer:
         weight_mean, weight_share, reward_sum, samples = sums[len(names) : len(names) + 4]
         staleness_sum, staleness_count, off_policy, response_tokens = sums[-4:]
         (max_staleness,) = self.dp.all_reduce([max(staleness, default=0)], op="max")
+        method_names = sorted(method_metrics)  # a method's own figures, averaged over ranks
+        method_sums = (
+            self.dp.all_reduce([method_metrics[n] for n in method_names]) if method_names else []
+        )
         return {
             **dict(zip(names, sums, strict=False)),
+            **{n: v / self.dp.world for n, v in zip(method_names, method_sums, strict=True)},
             "grad_norm": grad_norm,
             "advantage_weight_mean": weight_mean,
             "advantage_weight_share": weight_share,

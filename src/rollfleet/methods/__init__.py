@@ -22,11 +22,12 @@ The stages, each with the platform's own behaviour as the default (`Method` belo
 | trainer | `build_batch(batch)` | the trajectories' tokens, masks and behaviour log-probs |
 | trainer | `policy_logprobs(model, batch)` | the model's tempered (top-p) log-probs of the batch's tokens |
 | trainer | `group_rewards(model, batch, rewards)` | the rewards the reward service gave |
+| trainer | `advantages(model, batch, rewards, estimate)` | `estimate(rewards)`: the job's estimator (GRPO, ...) over each group |
 | trainer | `advantage_weights(model, batch, advantages)` | none (every token's weight 1); several methods' weights multiply |
 | trainer | `extra_loss(model, batch, logprobs)` | none; several methods' terms add up |
 
 `Stages` runs the enabled methods' stages in name order. A stage that replaces
-rather than composes (`episode`, `policy_logprobs`) may be overridden by one enabled
+rather than composes (`episode`, `policy_logprobs`, `advantages`) may be overridden by one enabled
 method only; two that both do are refused when the job starts.
 """
 
@@ -46,12 +47,17 @@ class MethodParams(BaseModel):
     """Base of a method's parameters: unknown fields are errors, as everywhere in the spec."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # CEL rules on the whole RLJob spec that mirror `check_job` (the CRD carries them).
+    __job_cel__: ClassVar[tuple] = ()
 
     def reward_functions(self, verifier: str) -> list[tuple[str, float, dict]] | None:
         """The job's reward when the manifest lists none (`spec.reward.functions` empty):
         None keeps the task's `verifier`. The first function listed decides held-out
         accuracy."""
         return None
+
+    def check_job(self, spec: RLJobSpec) -> None:
+        """Refuse a job these parameters do not fit (ValueError naming the fields)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,11 @@ class Method:
         """Rewards [groups, samples] after model-based scoring in the trainer."""
         return rewards
 
+    def advantages(self, model, batch, rewards, estimate):
+        """(advantages [batch rows], metrics) in place of `estimate(rewards)` (the job's
+        estimator over rewards [groups, samples]), or None for the default."""
+        return None
+
     def advantage_weights(self, model, batch, advantages):
         """Per-token weights [batch, tokens] that multiply the advantages (detached), or None.
         `advantages` [batch] are the samples' advantages before weighting."""
@@ -115,7 +126,7 @@ class Method:
         return None
 
 
-_REPLACING = ("policy_logprobs",)  # stages at most one method may override
+_REPLACING = ("policy_logprobs", "advantages")  # stages at most one method may override
 
 
 class Stages:
@@ -173,6 +184,12 @@ class Stages:
             rewards = m.group_rewards(model, batch, rewards)
         return rewards
 
+    def advantages(self, model, batch, rewards, estimate):
+        for m in self.methods:
+            if (out := m.advantages(model, batch, rewards, estimate)) is not None:
+                return out
+        return estimate(rewards).reshape(-1), {}
+
     def advantage_weights(self, model, batch, advantages):
         weights = None
         for m in self.methods:
@@ -192,4 +209,4 @@ def load_method(name: str, params: MethodParams, spec: RLJobSpec) -> Method:
 
 
 # Registration happens on import of each method's folder.
-from rollfleet.methods import attention_credit, bard  # noqa: E402, F401
+from rollfleet.methods import attention_credit, bard, ravr  # noqa: E402, F401

@@ -94,6 +94,7 @@ class TrainBatch:
     behaviour_logprobs: torch.Tensor
     advantage_weights: torch.Tensor
     prompt_lengths: list[int]
+    pad_id: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -120,6 +121,7 @@ class TrainBatch:
             behaviour_lp,
             advantage_weights,
             [len(t.prompt_ids) for t in trajectories],
+            pad_id,
         )
 
     def __len__(self) -> int:
