@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-credit: $(STAMP)  ## attention-based credit against GRPO and random credit
 
 bench-bard: $(STAMP)  ## BARD: length against budget, accuracy by budget, multiplicative vs additive reward (~15 min)
 	$(BIN)/python benchmarks/bard.py
+
+bench-ravr: $(STAMP)  ## RAVR against GRPO on a split the warmed-up model rarely solves, 3 seeds (~40 min)
+	$(BIN)/python benchmarks/ravr.py
 
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -66,6 +66,13 @@ def chain_sum(response: str, answer: str, meta: dict[str, Any]) -> float:
     return float(final_number(response) == answer.strip())
 
 
+@register_reward("solve")
+def solve(response: str, answer: str, meta: dict[str, Any]) -> float:
+    """1 if the response's last step ends with the answer (`39/3=13,13-4=9`)."""
+    last = response.strip().split(",")[-1]
+    return float(last.rpartition("=")[2].strip() == answer.strip())
+
+
 def budget_fidelity(length: int, budget: int, tolerance: float = 0.1) -> float:
     """How well a response of `length` tokens keeps to `budget`: 1 within ±tolerance·budget,
     then falling linearly to 0 at twice the budget or at none (two-sided: too short is

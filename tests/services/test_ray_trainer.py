@@ -8,7 +8,9 @@ two ranks hold different token counts and the loss normalisation across ranks ma
 - 2 workers (DDP) after K steps == 1 worker after K steps;
 - 2 workers with FSDP2 (fully_shard) after K steps == 1 worker;
 - a checkpoint written by 2 workers resumes on 1, and one written by 1 resumes on 2,
-  and either way K more steps end where 2K uninterrupted single-worker steps end.
+  and either way K more steps end where 2K uninterrupted single-worker steps end;
+- sequence-mean aggregation with RAVR (its pull rows give the ranks different row
+  counts) takes the same steps on 2 workers as on 1.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ PROMPTS, GROUP = 4, 4
 ATOL = 5e-4
 
 
-def job_manifest(aggregation: str = "token-mean") -> dict:
+def job_manifest(aggregation: str = "token-mean", ravr: bool = False) -> dict:
     return {
         "apiVersion": "rollfleet.io/v1alpha1",
         "kind": "RLJob",
@@ -54,8 +56,25 @@ def job_manifest(aggregation: str = "token-mean") -> dict:
                 "lossAggregation": aggregation,
             },
             "checkpoint": {"every": STEPS, "keep": 3},
+            "methods": {"ravr": {"posteriorSamples": 2}} if ravr else {},
         },
     }
+
+
+def with_ravr_conditioning(groups: list) -> list:
+    """Synthetic groups as RAVR samples them: the first two of each group drawn under a
+    longer, answer-bearing prompt."""
+    from rollfleet.protocol import RavrSample
+
+    for g in groups:
+        for i, (t, _) in g.samples.items():
+            question = list(t.prompt_ids)
+            t.conditioning.ravr = RavrSample(
+                posterior=i < 2, question_ids=question, cue_ids=[5], reference_ids=[7, 8]
+            )
+            if i < 2:
+                t.prompt_ids = [*question, 9, 10]
+    return groups
 
 
 def train(config: dict) -> None:
@@ -77,6 +96,8 @@ def train(config: dict) -> None:
     for _ in range(config["steps"]):
         step = trainer.state["step"]
         groups = synthetic_groups(step, PROMPTS, GROUP, vocab)
+        if config["job"]["spec"]["methods"]:
+            groups = with_ravr_conditioning(groups)
         batch = [g for g in groups if g.index % dp.world == dp.rank]
         trainer.train_step(batch)
         trainer.state["step"] += 1
@@ -177,11 +198,12 @@ def setting(tmp_path_factory):
         resume: bool = False,
         strategy: str = "ddp",
         aggregation: str = "token-mean",
+        ravr: bool = False,
     ):
         run_dir = root / name
         run_dir.mkdir(exist_ok=True)
         return {
-            "job": job_manifest(aggregation),
+            "job": job_manifest(aggregation, ravr),
             "model": str(model),
             "run_dir": str(run_dir),
             "steps": steps,
@@ -232,13 +254,13 @@ def test_two_workers_take_the_steps_of_one(local_ray, setting, strategy):
     )
 
 
-def test_sequence_mean_aggregation_is_also_exact_across_workers(local_ray, setting):
-    """The ranks sum the aggregation's denominator (here: sequences) before dividing."""
+def test_sequence_mean_aggregation_and_ravr_are_also_exact_across_workers(local_ray, setting):
+    """The ranks sum the aggregation's denominator (here: sequences) before dividing, and a
+    method that adds rows (RAVR's pull rows) keeps the step of one process."""
     root, config = setting
-    train(config("seq-single", STEPS, "k.safetensors", aggregation="seq-mean-token-mean"))
-    fit_two_workers(
-        config("seq-two", STEPS, "k.safetensors", aggregation="seq-mean-token-mean"), local_ray
-    )
+    seq = {"aggregation": "seq-mean-token-mean", "ravr": True}
+    train(config("seq-single", STEPS, "k.safetensors", **seq))
+    fit_two_workers(config("seq-two", STEPS, "k.safetensors", **seq), local_ray)
     one, two = (
         weights(root / "seq-single" / "k.safetensors"),
         weights(root / "seq-two" / "k.safetensors"),

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollfleet.episodes import EpisodeRequest
 from rollfleet.methods import Stages
+from rollfleet.methods.ravr.stages import PosteriorTask, _before_answer
 from rollfleet.methods.ravr.utility import (
     bayes_posterior,
     continuation_logprobs,
@@ -17,7 +18,14 @@ from rollfleet.methods.ravr.utility import (
     ravr_advantages,
 )
 from rollfleet.models.tokenizer import build_char_tokenizer
-from rollfleet.protocol import RavrSample, RolloutTask
+from rollfleet.protocol import (
+    Conditioning,
+    RavrSample,
+    RolloutTask,
+    Trajectory,
+    TrajectoryStatus,
+)
+from rollfleet.rewards import score
 from rollfleet.spec import parse_manifest
 from rollfleet.tasks import make_task
 from rollfleet.tasks.solve import equation, solution
@@ -54,6 +62,42 @@ def test_solve_writes_the_undo_chain_ending_at_x():
     for op, k in example.meta["ops"]:
         value = value + k if op == "+" else value - k if op == "-" else value * k
     assert value == example.meta["result"]
+
+
+def test_solve_reward_reads_the_last_steps_result():
+    assert score("solve", {"response": "39/3=13,13-4=9", "answer": "9", "meta": {}}) == 1.0
+    assert score("solve", {"response": "39/3=13,13-4=8", "answer": "9", "meta": {}}) == 0.0
+    assert score("solve", {"response": "9", "answer": "9", "meta": {}}) == 1.0
+    assert score("solve", {"response": "", "answer": "9", "meta": {}}) == 0.0
+
+
+def test_the_answer_is_scored_where_the_trace_states_it():
+    tok = build_char_tokenizer()
+    ids = [*tok.encode("39/3=13,13-4=9", add_special_tokens=False), tok.eos_token_id]
+    sample = RavrSample(
+        posterior=False,
+        question_ids=[tok.bos_token_id],
+        cue_ids=tok.encode("=", add_special_tokens=False),
+        reference_ids=tok.encode("9", add_special_tokens=False),
+    )
+    traj = Trajectory(
+        task_id="t",
+        group_id="g",
+        sample_index=0,
+        group_size=1,
+        worker="w",
+        status=TrajectoryStatus.COMPLETED,
+        prompt_ids=[tok.bos_token_id],
+        response_ids=ids,
+        behaviour_logprobs=[0.0] * len(ids),
+        token_versions=[0] * len(ids),
+        loss_mask=[1.0] * len(ids),
+        conditioning=Conditioning(ravr=sample),
+    )
+    assert tok.decode(_before_answer(traj)) == "39/3=13,13-4="
+    no_cue = traj.model_copy(update={"response_ids": tok.encode("13", add_special_tokens=False)})
+    no_cue.status = TrajectoryStatus.TRUNCATED
+    assert tok.decode(_before_answer(no_cue)) == "13="
 
 
 # --- the exact identities, by enumeration ------------------------------------------------
@@ -135,6 +179,14 @@ def test_posterior_samples_see_the_answer_and_prior_samples_never_do():
             assert tok.decode(request.prompt_ids[1:]) == f"[{example.answer}]{example.prompt}"
         else:
             assert not ravr.posterior and request.prompt_ids == question
+
+
+def test_the_posterior_warmup_shows_the_same_demonstrations_behind_the_answer():
+    task = make_task("solve")
+    shown = PosteriorTask(task, "[{answer}]{question}").example("train", 7)
+    plain = task.example("train", 7)
+    assert shown.prompt == f"[{plain.answer}]{plain.prompt}"
+    assert shown.demonstration == plain.demonstration and shown.answer == plain.answer
 
 
 # --- a learning signal where GRPO has none -----------------------------------------------

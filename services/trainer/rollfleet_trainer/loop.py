@@ -416,13 +416,17 @@ class Trainer:
                 amplified * share,
                 rewards.sum().item(),
                 rewards.numel(),
+                float((rewards.max(-1).values == rewards.min(-1).values).sum()),
+                rewards.shape[0],
                 sum(staleness),
                 len(staleness),
                 sum(1 for s in staleness if s > 0),
                 sum(len(t.response_ids) for t in trajectories),
             ]
         )
-        weight_mean, weight_share, reward_sum, samples = sums[len(names) : len(names) + 4]
+        weight_mean, weight_share, reward_sum, samples, flat_groups, group_count = sums[
+            len(names) : len(names) + 6
+        ]
         staleness_sum, staleness_count, off_policy, response_tokens = sums[-4:]
         (max_staleness,) = self.dp.all_reduce([max(staleness, default=0)], op="max")
         method_names = sorted(method_metrics)  # a method's own figures, averaged over ranks
@@ -436,6 +440,8 @@ class Trainer:
             "advantage_weight_mean": weight_mean,
             "advantage_weight_share": weight_share,
             "mean_reward": reward_sum / samples,
+            # groups whose samples all scored alike: GRPO gives them no gradient
+            "zero_advantage_groups": flat_groups / group_count,
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "staleness": staleness_sum / max(staleness_count, 1),
             "off_policy_fraction": off_policy / max(staleness_count, 1),

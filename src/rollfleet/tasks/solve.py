@@ -51,7 +51,7 @@ def solution(x: int, ops: list[tuple[str, int]]) -> str:
 @register_task("solve")
 class Solve(Task):
     name = "solve"
-    default_reward = "chain_sum"  # the final number of the chain is the answer
+    default_reward = "solve"
 
     def __init__(
         self,

@@ -4,7 +4,8 @@ One policy, two prompts. The prior π(z|x) sees the question only; the posterior
 sees the question and the reference answer, through a template, and reconstructs the
 reasoning that leads to it. A group of `groupSize` samples draws `posteriorSamples` of them
 from the posterior and the rest from the prior. The trainer scores every trace's utility
-s(z) = π(y*|x, z) (teacher-forced after `answerCue`, length-normalised) and trains:
+s(z) = π(y*|x, z) (teacher-forced where the trace states its answer, after its last
+`answerCue`; length-normalised) and trains:
 - prior samples: GRPO on the task's verifier, within the group's prior samples;
 - posterior samples, under the posterior prompt: advantage s(z) − mean s of the group's
   prior samples (the utility baseline), which improves q (the ELBO's first term);
@@ -14,7 +15,7 @@ s(z) = π(y*|x, z) (teacher-forced after `answerCue`, length-normalised) and tra
   utility).
 
     spec:
-      task: {name: solve, params: {steps: 3}}
+      task: {name: solve, params: {steps: 3, max_x: 99, max_value: 999}}
       methods:
         ravr: {posteriorSamples: 4}
 
@@ -41,10 +42,18 @@ class RavrParams(MethodParams):
     )
     answerCue: str = Field(
         "=",
-        description="text after a trace, before the reference answer, when scoring s(z)",
+        description="where the answer is scored: after the trace's last answerCue (where it "
+        "states its answer), or after the whole trace followed by it",
     )
     pullWeight: float = Field(
         1.0, ge=0, description="weight of the prior's pull toward posterior traces"
+    )
+    posteriorWarmupSteps: int = Field(
+        200,
+        ge=0,
+        description="SFT steps on the task's demonstrations under the posterior template, "
+        "after the builtin warm-up (a small model must first learn to read the answer "
+        "there; the paper's LLMs already can); 0 skips it",
     )
 
     __cel__ = (

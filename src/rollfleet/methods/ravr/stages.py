@@ -5,6 +5,7 @@ utilities and advantages of a batch (advantages). The math is in utility.py."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -12,6 +13,22 @@ from rollfleet.methods import Method
 from rollfleet.methods.ravr.utility import continuation_logprobs, ravr_advantages
 from rollfleet.models.batching import TrainBatch
 from rollfleet.protocol import RavrSample, TrajectoryStatus
+from rollfleet.tasks import Example, Task
+
+log = logging.getLogger("trainer")
+
+
+class PosteriorTask(Task):
+    """The task's examples under the posterior template, with their own demonstrations."""
+
+    def __init__(self, task: Task, template: str):
+        self.task, self.template = task, template
+        self.name = f"{task.name}+answer"
+
+    def example(self, split, index: int) -> Example:
+        base = self.task.example(split, index)
+        prompt = self.template.format(question=base.prompt, answer=base.answer)
+        return dataclasses.replace(base, prompt=prompt)
 
 
 class Ravr(Method):
@@ -39,6 +56,24 @@ class Ravr(Method):
         )
 
     # --- trainer side -------------------------------------------------------------------
+    def warmup(self, model, tokenizer, task, run_dir) -> None:
+        from rollfleet.models.warmup import warmup_sft
+
+        steps, warm = self.params.posteriorWarmupSteps, self.spec.model.warmup
+        if not steps:
+            return
+        log.info("RAVR: %d SFT steps on demonstrations under the posterior template", steps)
+        warmup_sft(
+            model,
+            tokenizer,
+            PosteriorTask(task, self.params.template),
+            steps=steps,
+            batch_size=warm.batchSize,
+            lr=warm.learningRate,
+            seed=self.spec.seed,
+            examples=warm.examples,
+        )
+
     def build_batch(self, batch: TrainBatch) -> TrainBatch:
         """Each group's samples, then its posterior traces again under the question-only
         prompt (the pull rows): groups of n + k rows."""
@@ -70,10 +105,7 @@ class Ravr(Method):
         samples = [t for i, t in enumerate(batch.trajectories) if i % width < n]
         utilities = continuation_logprobs(
             model,
-            [
-                (_ravr(t).question_ids + _trace(t) + _ravr(t).cue_ids, _ravr(t).reference_ids)
-                for t in samples
-            ],
+            [(_ravr(t).question_ids + _before_answer(t), _ravr(t).reference_ids) for t in samples],
             batch.pad_id,
         ).exp()
         posterior = batch.extras["ravr_posterior"].view(groups, width)[:, :n]
@@ -101,7 +133,15 @@ def _ravr(trajectory) -> RavrSample:
     return trajectory.conditioning.ravr
 
 
-def _trace(trajectory) -> list[int]:
-    """The sampled reasoning z: the response without its end token."""
+def _before_answer(trajectory) -> list[int]:
+    """The trace z up to where the answer is scored: the response (without its end token)
+    up to its last `answerCue`, where it states its answer (`39/3=13,13-4=`), or the
+    whole response followed by the cue when it never writes one."""
     ids = trajectory.response_ids
-    return ids[:-1] if trajectory.status == TrajectoryStatus.COMPLETED and ids else ids
+    if trajectory.status == TrajectoryStatus.COMPLETED and ids:
+        ids = ids[:-1]
+    cue = _ravr(trajectory).cue_ids
+    for start in range(len(ids) - len(cue), -1, -1):
+        if ids[start : start + len(cue)] == cue:
+            return ids[: start + len(cue)]
+    return ids + cue
