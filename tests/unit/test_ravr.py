@@ -33,7 +33,8 @@ from rollfleet_trainer.loop import Trainer
 from rollfleet_trainer.synthetic import synthetic_groups
 
 
-def job(group: int = 4, posterior: int = 2, **algorithm):
+def job(group: int = 4, posterior: int | None = 2, **algorithm):
+    """A solve job with RAVR (`posterior` samples of each group), or plain GRPO (None)."""
     return parse_manifest(
         {
             "apiVersion": "rollfleet.io/v1alpha1",
@@ -44,7 +45,7 @@ def job(group: int = 4, posterior: int = 2, **algorithm):
                 "trainer": {"steps": 10, "promptsPerStep": 4},
                 "rollout": {"sampling": {"groupSize": group}},
                 "algorithm": {"learningRate": 1e-2, **algorithm},
-                "methods": {"ravr": {"posteriorSamples": posterior}},
+                "methods": {} if posterior is None else {"ravr": {"posteriorSamples": posterior}},
             },
         }
     )
@@ -223,18 +224,6 @@ def test_a_group_whose_prior_samples_all_fail_still_trains(tiny_model_dir, tmp_p
     assert grad > 1e-4
     assert 0 < stats["ravr_utility_prior"] < 1 and 0 < stats["ravr_utility_posterior"] < 1
     # Plain GRPO on the prior samples alone: every advantage 0, no gradient.
-    plain = parse_manifest(
-        {
-            "apiVersion": "rollfleet.io/v1alpha1",
-            "kind": "RLJob",
-            "metadata": {"name": "grpo"},
-            "spec": {
-                "task": {"name": "solve"},
-                "trainer": {"steps": 10, "promptsPerStep": 4},
-                "rollout": {"sampling": {"groupSize": 2}},
-            },
-        }
-    )
     groups = failing_groups(vocab, 2)
     for g in groups:  # keep the two prior samples, renumbered as a group of two
         kept = [g.samples[i][0] for i in (2, 3)]
@@ -242,5 +231,5 @@ def test_a_group_whose_prior_samples_all_fail_still_trains(tiny_model_dir, tmp_p
         for i, t in enumerate(kept):
             t.sample_index, t.group_size, t.conditioning.ravr = i, 2, None
             g.samples[i] = (t, None)
-    _, zero = step(plain, tiny_model_dir, tmp_path / "grpo", groups)
+    _, zero = step(job(group=2, posterior=None), tiny_model_dir, tmp_path / "grpo", groups)
     assert zero == 0.0
