@@ -280,17 +280,48 @@ async def test_prompt_longer_than_max_len_is_refused(make_engine):
     assert out.finished
 
 
-async def test_prompt_embeddings_are_refused_with_a_pointer_to_vllm(make_engine, model):
+async def test_prompt_embeddings_of_the_prompts_tokens_give_the_same_answer(make_engine, model):
+    """Embeddings equal to the prompt's own token embeddings change nothing; other
+    embeddings (a learned prefix) are what the model reads."""
+    engine = await make_engine(slots=2, max_len=64, eos_token_id=NO_EOS)
+    prompt = random_prompt(random.Random(4), 7)
+    with torch.no_grad():
+        own = model.model.embed_tokens(torch.tensor(prompt))
+    plain = await complete(engine, request("ids", prompt, max_new_tokens=12, temperature=0.0))
+    embedded = await complete(
+        engine,
+        GenerationRequest(
+            "emb", prompt, SamplingParams(max_new_tokens=12, temperature=0.0), own.clone()
+        ),
+    )
+    assert embedded.token_ids == plain.token_ids
+    torch.testing.assert_close(torch.tensor(embedded.logprobs), torch.tensor(plain.logprobs))
+    # A prefix the vocabulary cannot spell: HF's forward on inputs_embeds agrees.
+    prefix = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds = torch.cat([prefix, own[3:]])
+    out = await complete(  # the prefix alone: the engine embeds the rest of the prompt
+        engine,
+        GenerationRequest("pre", prompt, SamplingParams(max_new_tokens=8, temperature=0.0), prefix),
+    )
+    with torch.no_grad():
+        tokens = model.model.embed_tokens(torch.tensor(out.token_ids))
+        logits = model(inputs_embeds=torch.cat([embeds, tokens])[None]).logits[0].float()
+    expected = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+    expected = expected.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-4, rtol=0)
+    assert out.token_ids != plain.token_ids[:8]
+
+
+async def test_prompt_embeddings_of_the_wrong_shape_are_refused(make_engine, model):
     engine = await make_engine(slots=2, max_len=32)
     hidden = model.config.hidden_size
-    embeds = torch.zeros(3, hidden)
-    req = GenerationRequest("emb", [1, 5, 6], SamplingParams(max_new_tokens=3), embeds)
-    with pytest.raises(ValueError, match="prompt embeddings need engine: vllm"):
-        await complete(engine, req)
-    # nothing was queued, and the engine still serves plain requests
-    assert engine.free_capacity() == 2
-    out = await complete(engine, request("emb", [1, 5, 6], max_new_tokens=3))
-    assert out.finished and len(out.token_ids) >= 1
+    for shape in ((4, hidden), (2, hidden + 1), (hidden,)):  # longer than the prompt, etc.
+        req = GenerationRequest(
+            "emb", [1, 5, 6], SamplingParams(max_new_tokens=3), torch.zeros(shape)
+        )
+        with pytest.raises(ValueError, match=r"prompt_embeds must be \[n, hidden\]"):
+            await complete(engine, req)
+    assert engine.free_capacity() == 2  # nothing was queued
 
 
 async def test_duplicate_request_id_is_refused(make_engine):

@@ -86,8 +86,14 @@ class SlotLlama:
         return self.model.lm_head(self.model.model.norm(h)).float()
 
     @torch.inference_mode()
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Write the prompts' KV into `slots`; return the logits after each prompt's last token."""
+    def prefill(
+        self,
+        slots: list[int],
+        prompts: list[list[int]],
+        embeds: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """Write the prompts' KV into `slots`; return the logits after each prompt's last token.
+        A row's `embeds` [n, hidden] replace its first n embedded tokens (prompt embeddings)."""
         device = self.k_cache.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         width = int(lengths.max())
@@ -99,6 +105,9 @@ class SlotLlama:
         # Causal mask; right padding is harmless because padded keys sit after every real query.
         mask = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         h = self.model.model.embed_tokens(tokens)
+        for row, given in enumerate(embeds or ()):
+            if given is not None:
+                h[row, : len(given)] = given.to(device=device, dtype=h.dtype)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
             self.k_cache[i, index, :, :width] = k
@@ -178,6 +187,7 @@ class TorchEngine(Engine):
         self.reprefill_on_swap = reprefill_on_swap
         self.runner = SlotLlama(model, slots, max_len)
         self.slots, self.max_len, self.eos_token_id = slots, max_len, eos_token_id
+        self.hidden = model.config.hidden_size
         self.policy_version = version
         self.generator = torch.Generator(device=self.runner.k_cache.device).manual_seed(seed)
         self._waiting: deque[_Sequence] = deque()
@@ -207,10 +217,18 @@ class TorchEngine(Engine):
             await asyncio.to_thread(self._thread.join)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        if request.prompt_embeds is not None:
+        # Prompt embeddings replace the embedded tokens of the prompt's first positions (all
+        # of them, or a prefix: later turns of an episode extend the prompt with tokens).
+        embeds = request.prompt_embeds
+        if embeds is not None and not (
+            embeds.ndim == 2
+            and embeds.shape[1] == self.hidden
+            and embeds.shape[0] <= len(request.prompt_ids)
+        ):
             raise ValueError(
-                f"request {request.request_id!r} has prompt embeddings: the torch engine "
-                "does not take them; prompt embeddings need engine: vllm"
+                f"request {request.request_id!r}: prompt_embeds must be [n, hidden] with "
+                f"n <= {len(request.prompt_ids)} prompt positions and hidden = {self.hidden}, "
+                f"got {list(embeds.shape)}"
             )
         if len(request.prompt_ids) + 1 > self.max_len:
             raise ValueError(
@@ -322,11 +340,14 @@ class TorchEngine(Engine):
         self.runner.prefill(
             [s.slot for s in seqs],
             [s.request.prompt_ids + s.output.token_ids[:-1] for s in seqs],
+            [s.request.prompt_embeds for s in seqs],
         )
 
     def _prefill(self, admitted: list[_Sequence]):
         logits = self.runner.prefill(
-            [s.slot for s in admitted], [s.request.prompt_ids for s in admitted]
+            [s.slot for s in admitted],
+            [s.request.prompt_ids for s in admitted],
+            [s.request.prompt_embeds for s in admitted],
         )
         self._append(admitted, logits)
 
