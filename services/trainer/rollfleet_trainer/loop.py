@@ -352,8 +352,8 @@ class Trainer:
         """One batch: advantages, then `algorithm.epochs` passes of `miniBatches` updates.
 
         The stages (rollfleet.methods) in order: build_batch, group_rewards, advantages
-        (the job's estimator by default), advantage_weights, then per update policy_logprobs, the policy loss and
-        extra_loss. Every rank calls it together."""
+        (the job's estimator by default), advantage_weights, then per update
+        policy_logprobs, the policy loss and extra_loss. Every rank calls it together."""
         algo = self.spec.algorithm
         trajectories = [g.samples[i][0] for g in groups for i in range(g.size)]
         batch = self.stages.build_batch(
