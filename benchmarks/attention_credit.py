@@ -43,7 +43,7 @@ def arm_job(base: dict, arm: str, seed: int, folder: Path, steps: int) -> dict:
         folder,
         steps,
         name=f"credit-{arm}-s{seed}",
-        rollout={"sampling": {**base["spec"]["rollout"]["sampling"], "seed": seed}},
+        seed=seed,
         methods=methods,  # None: the section removed (plain GRPO)
     )
 

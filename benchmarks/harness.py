@@ -81,15 +81,25 @@ def warm_up(job: dict, folder: Path) -> Path:
     return model_folder
 
 
-def from_model(job: dict, folder: Path, steps: int, name: str | None = None, **sections) -> dict:
+def from_model(
+    job: dict,
+    folder: Path,
+    steps: int,
+    name: str | None = None,
+    seed: int | None = None,
+    **sections,
+) -> dict:
     """`job` as one arm of a comparison: RL from the model folder `folder` (warm-up done)
-    for `steps` steps, no evaluation during the run, a checkpoint only at the end;
-    `sections` merged on top (see `merged`)."""
+    for `steps` steps, no evaluation during the run, a checkpoint only at the end, with
+    sampling seed `seed` (rollout.sampling.seed) when given; `sections` merged on top
+    (see `merged`)."""
     arm = {
         "model": {"path": str(folder), "warmup": {"steps": 0}},
         "trainer": {"steps": steps, "evalEvery": 0},
         "checkpoint": {"every": 100_000},
     }
+    if seed is not None:
+        arm["rollout"] = {"sampling": {**job["spec"]["rollout"]["sampling"], "seed": seed}}
     return merged(merged(job, arm), sections, name=name)
 
 

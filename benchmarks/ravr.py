@@ -79,7 +79,7 @@ def arm_job(base: dict, arm: str, seed: int, folder: Path, steps: int) -> dict:
         folder,
         steps,
         name=f"ravr-{arm}-s{seed}",
-        rollout={"sampling": {**base["spec"]["rollout"]["sampling"], "seed": seed}},
+        seed=seed,
         methods=None if arm == "grpo" else {"ravr": ravr},
     )
 

@@ -32,7 +32,10 @@ def _generate(
     stop_ids: list[int],
     temperature: float,
     top_p: float = 1.0,
+    embeds: list | None = None,
 ):
+    """Batched HF generate; `embeds[i]` ([n, hidden] or None) replaces the embedded first
+    n tokens of prompt i, as the engines' `prompt_embeds` do."""
     width = max(len(p) for p in prompts)
     # Left padding so that every prompt ends where generation starts.
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -41,9 +44,20 @@ def _generate(
         ids[row, width - len(p) :] = torch.tensor(p)
         attention[row, width - len(p) :] = 1
     device = next(model.parameters()).device
+    inputs = {}
+    if embeds and any(e is not None for e in embeds):
+        table = model.get_input_embeddings()
+        inputs["inputs_embeds"] = table(ids.to(device))
+        for row, (p, e) in enumerate(zip(prompts, embeds, strict=True)):
+            if e is not None:
+                start = width - len(p)
+                inputs["inputs_embeds"][row, start : start + len(e)] = e.to(
+                    device, table.weight.dtype
+                )
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=attention.to(device),
+        **inputs,
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids,
         **(
@@ -80,11 +94,11 @@ class BatchedGenerate:
         self.model, self.tokenizer, self.live = model, tokenizer, live
         self.max_new_tokens, self.max_length, self.stop_ids = max_new_tokens, max_length, stop_ids
         self.temperature, self.top_p = temperature, top_p
-        self.pending: list[tuple[list[int], asyncio.Future]] = []
+        self.pending: list[tuple[list[int], object, asyncio.Future]] = []
 
     async def __call__(self, context: list[int], request: EpisodeRequest, turn: int) -> Generated:
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((context, future))
+        self.pending.append((context, request.prompt_embeds, future))
         self._flush_when_all_asked()
         return await future
 
@@ -99,13 +113,14 @@ class BatchedGenerate:
         outputs = _generate(
             self.model,
             self.tokenizer,
-            [context for context, _ in batch],
+            [context for context, _, _ in batch],
             self.max_new_tokens,
             self.stop_ids,
             self.temperature,
             self.top_p,
+            [embeds for _, embeds, _ in batch],
         )
-        for (context, future), tokens in zip(batch, outputs, strict=True):
+        for (context, _, future), tokens in zip(batch, outputs, strict=True):
             room = self.max_length - len(context)  # as the engines: the context is the limit
             tokens = tokens[:room]
             stopped = bool(tokens) and tokens[-1] in self.stop_ids

@@ -16,7 +16,7 @@ from typing import Any, Literal, Self, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 4  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights; 4: typed Conditioning
+SCHEMA_VERSION = 5  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights; 4: typed Conditioning; 5: Conditioning.palette
 
 
 class ProtocolError(ValueError):
@@ -75,6 +75,17 @@ class RavrSample(BaseModel):
     reference_ids: list[int]  # the reference answer's tokens, scored for the utility s(z)
 
 
+class PaletteSample(BaseModel):
+    """Reasoning Palette: the latents behind one sample's prefix. The prefix itself is the
+    VAE decoder's output for each row (one prefix position per row), which the trainer
+    recomputes; sending the latents, not the embeddings, keeps the message independent
+    of the model's hidden size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latents: list[list[float]] = Field(min_length=1)  # [prefix length][latent dim], float32
+
+
 class Conditioning(BaseModel):
     """How a sample was drawn beyond its prompt tokens, recorded by method modules on the
     worker (`build_request`) for the trainer: one typed field per method, None where that
@@ -84,6 +95,7 @@ class Conditioning(BaseModel):
 
     budget: int | None = Field(None, ge=1)  # BARD: the thinking budget behind the prompt's marker
     ravr: RavrSample | None = None  # RAVR: prior or posterior sample, question and answer ids
+    palette: PaletteSample | None = None  # Reasoning Palette: the prefix's latents, if any
 
 
 class TrajectoryStatus(enum.StrEnum):

@@ -312,6 +312,29 @@ async def test_prompt_embeddings_of_the_prompts_tokens_give_the_same_answer(make
     assert out.token_ids != plain.token_ids[:8]
 
 
+async def test_evaluation_generate_behind_a_prefix_matches_the_engine(make_engine, model):
+    """Held-out evaluation (HF generate, left-padded batch) feeds a soft prefix as the
+    engine does: the same greedy answers, for a prefixed row beside a plain longer one."""
+    from rollfleet.evaluation import _generate
+
+    engine = await make_engine(slots=2, max_len=64, eos_token_id=NO_EOS)
+    prompts = [random_prompt(random.Random(4), 7), random_prompt(random.Random(5), 9)]
+    prefix = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    answers = [
+        (
+            await complete(engine, GenerationRequest(f"r{i}", p, SamplingParams(10, 0.0), e))
+        ).token_ids
+        for i, (p, e) in enumerate(zip(prompts, [prefix, None], strict=True))
+    ]
+
+    class Tok:
+        pad_token_id = 0
+
+    generated = _generate(model, Tok, prompts, 10, [NO_EOS], 0.0, embeds=[prefix, None])
+    assert generated == answers
+    assert _generate(model, Tok, prompts, 10, [NO_EOS], 0.0)[0] != answers[0]
+
+
 async def test_prompt_embeddings_of_the_wrong_shape_are_refused(make_engine, model):
     engine = await make_engine(slots=2, max_len=32)
     hidden = model.config.hidden_size

@@ -483,7 +483,7 @@ def test_to_vllm_prompt_refuses_embeddings_of_the_wrong_rank_or_length(shape):
 
 
 def test_to_vllm_prompt_refuses_the_wrong_hidden_size():
-    req = GenerationRequest("bad", [1], SamplingParams(), torch.zeros(2, 6))
+    req = GenerationRequest("bad", [1, 2], SamplingParams(), torch.zeros(2, 6))
     with pytest.raises(ValueError, match="hidden size 6 does not match the model's 8"):
         to_vllm_prompt(req, hidden_size=8)
 
@@ -509,7 +509,7 @@ async def test_vllm_engine_generates_from_prompt_embeddings():
 async def test_vllm_engine_checks_embeddings_before_submitting():
     llm = FakeAsyncLLM()
     engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=2, hidden_size=4)
-    req = GenerationRequest("e", [1], SamplingParams(), torch.zeros(2, 5))
+    req = GenerationRequest("e", [1, 2], SamplingParams(), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="hidden size 5"):
         await complete(engine, req)
     assert llm.calls == [] and engine.free_capacity() == 2
@@ -546,10 +546,18 @@ def fake_vllm_modules(monkeypatch, created):
     return vllm
 
 
-class Saves:
+class Saves(torch.nn.Module):
+    """A model or tokenizer that records where it was saved; the model part has an input
+    embedding table of its hidden size."""
+
     def __init__(self, **config):
+        super().__init__()
         self.config = SimpleNamespace(**config)
         self.saved_to = None
+        self.embed = torch.nn.Embedding(4, config.get("hidden_size", 1))
+
+    def get_input_embeddings(self):
+        return self.embed
 
     def save_pretrained(self, folder):
         self.saved_to = folder
@@ -575,6 +583,8 @@ def test_from_model_starts_vllm_with_prompt_embeds_and_the_weight_extension(monk
     assert engine.vllm is vllm
     assert (engine.policy_version, engine.slots, engine.chunk_bytes) == (3, 8, 1024)
     assert (engine.prompt_embeds, engine.hidden_size) == (True, 16)
+    name, table = engine.embeddings  # a CPU copy, to embed the prompt after a soft prefix
+    assert name == "embed.weight" and torch.equal(table, model.embed.weight.detach())
 
 
 def test_from_model_can_leave_prompt_embeds_off(monkeypatch, tmp_path):
@@ -585,5 +595,44 @@ def test_from_model_can_leave_prompt_embeds_off(monkeypatch, tmp_path):
         Saves(hidden_size=16), Saves(), version=0, max_len=64, seed=0, prompt_embeds=False
     )
     assert created[0]["enable_prompt_embeds"] is False
-    assert engine.prompt_embeds is False
+    assert engine.prompt_embeds is False and engine.embeddings is None
     assert engine.chunk_bytes == WEIGHT_CHUNK_BYTES
+
+
+def test_to_vllm_prompt_completes_a_soft_prefix_with_the_embedded_rest():
+    table = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    prefix = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    req = GenerationRequest("r", [0, 0, 1, 7, 3], SamplingParams(), prefix)
+    sent = to_vllm_prompt(req, hidden_size=4, embed_table=table)["prompt_embeds"]
+    assert torch.equal(sent, torch.cat([prefix, table[torch.tensor([1, 7, 3])]]))
+    with pytest.raises(ValueError, match="cover 2 of 5 prompt positions"):
+        to_vllm_prompt(req, hidden_size=4)
+    too_long = GenerationRequest("r", [1, 2], SamplingParams(), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"1 <= prompt_len <= 2"):
+        to_vllm_prompt(too_long, embed_table=table)
+
+
+async def test_the_embedding_copy_follows_each_loaded_version():
+    """The engine embeds a prefixed prompt's tokens with the weights it serves."""
+    llm = FakeAsyncLLM()
+    old = torch.zeros(6, 4)
+    engine = VllmEngine(
+        llm, FAKE_VLLM, version=0, slots=2, hidden_size=4, embeddings=("embed.weight", old)
+    )
+    new = torch.ones(6, 4)
+    await engine.load_weights(1, {"embed.weight": new, "other": torch.zeros(2)})
+    prefix = torch.full((1, 4), 5.0)
+    await complete(engine, GenerationRequest("r", [0, 3, 4], SamplingParams(), prefix))
+    sent = llm.calls[-1][1]["prompt_embeds"]
+    assert torch.equal(sent, torch.cat([prefix, new[:2]]))
+
+
+def test_input_embeddings_finds_the_table_by_identity(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rollfleet_rollout.vllm_engine import input_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    name, table = input_embeddings(model)
+    assert name == "model.embed_tokens.weight"
+    assert torch.equal(table, model.get_input_embeddings().weight.detach())

@@ -20,6 +20,7 @@ import torch
 from nats.js.errors import NotFoundError
 
 from rollfleet.bus import Bus
+from rollfleet.methods import Stages
 from rollfleet.models.files import publish_model_files
 from rollfleet.plan import ServiceEnv
 from rollfleet.spec import RLJobSpec
@@ -54,7 +55,7 @@ async def running_worker(
 ):
     trainer = await Bus.connect(nats_server.url, job, token=NATS_TOKEN)
     await trainer.ensure_streams()
-    await publish_model_files(trainer, model_folder)
+    await publish_model_files(trainer, model_folder, Stages.for_spec(spec).model_files)
     await publish_weights(trainer, 0, weights)
     env = ServiceEnv("", nats_server.url, reward_url, env_url, run_dir, http_port=0)
     worker_bus = await Bus.connect(nats_server.url, job, token=NATS_TOKEN)

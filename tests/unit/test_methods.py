@@ -40,11 +40,18 @@ def test_unknown_method_and_parameter_are_refused_with_what_is_allowed():
         parse_manifest(manifest({"attention_credit": {"quantile": 0}}))
 
 
-def test_every_registered_method_loads_its_stages():
-    spec = parse_manifest(manifest({name: {} for name in METHODS})).spec
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_loads_its_stages(name):
+    spec = parse_manifest(manifest({name: {}})).spec
     stages = Stages.for_spec(spec)
-    assert [m.name for m in stages.methods] == sorted(METHODS)
+    assert [m.name for m in stages.methods] == [name]
     assert all(isinstance(m, Method) for m in stages.methods)
+
+
+def test_methods_that_both_replace_a_stage_are_refused_together():
+    spec = parse_manifest(manifest({"palette": {}, "ravr": {}})).spec
+    with pytest.raises(ValueError, match=r"\['palette', 'ravr'\] all replace the advantages stage"):
+        Stages.for_spec(spec)
 
 
 class Weighs(Method):

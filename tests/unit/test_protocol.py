@@ -293,12 +293,17 @@ def test_task_trainer_rank_defaults_to_zero_and_round_trips():
 
 
 @pytest.mark.parametrize(
-    ("conditioning", "field"), [({"budjet": 16}, "budjet"), ({"budget": 0}, "budget")]
+    ("conditioning", "field"),
+    [
+        ({"budjet": 16}, "budjet"),
+        ({"budget": 0}, "budget"),
+        ({"palette": {"latents": []}}, "palette.latents"),
+    ],
 )
 def test_conditioning_is_typed(conditioning, field):
     """What a method records per sample is typed: an unknown or invalid field is refused."""
     raw = msgpack.unpackb(encode(make_trajectory()), raw=False)
-    assert raw["conditioning"] == {"budget": 16, "ravr": None}
+    assert raw["conditioning"] == {"budget": 16, "ravr": None, "palette": None}
     raw["conditioning"] = conditioning
     with pytest.raises(ProtocolError, match=f"conditioning.{field}"):
         decode(Trajectory, msgpack.packb(raw))

@@ -29,10 +29,10 @@ class SamplingParams:
 class GenerationRequest:
     """One prompt to complete.
 
-    `prompt_embeds` ([prompt_len, hidden], or None) replaces the embedded prompt for
-    prefix-based methods (soft prompts, prefix tuning): the engine feeds these vectors
-    instead of looking up `prompt_ids`, which stay the record of what the prompt was.
-    Only `engine: vllm` takes them; the torch engine refuses such a request.
+    `prompt_embeds` ([n, hidden], or None) replaces the embedded first n prompt positions
+    for prefix-based methods (soft prompts, Reasoning Palette's latent prefix): the engine
+    feeds these vectors instead of looking up the first n of `prompt_ids`, which stay the
+    record of what the prompt was (placeholders there). Both engines take them.
     """
 
     request_id: str

@@ -5,7 +5,9 @@ Written against vLLM's V1 async engine (targets vLLM 0.32; `AsyncLLM`):
   `RequestOutput`s; `logprobs=0` returns the sampled token's log-prob. The prompt is
   `{"prompt_token_ids": [...]}`, or `{"prompt_embeds": tensor}` (vLLM's `EmbedsPrompt`,
   shape [prompt_len, hidden]) for a request with prompt embeddings, which vLLM accepts
-  only when started with `enable_prompt_embeds=True`;
+  only when started with `enable_prompt_embeds=True` (a soft prefix shorter than the
+  prompt is completed with the rest of the prompt embedded from a CPU copy of the
+  policy's embedding table, refreshed with each version);
 - abort: `AsyncLLM.abort(request_id)`;
 - pause/resume: `pause_generation(mode="keep", clear_cache=False)` freezes in-flight
   requests across a weight swap, `resume_generation()` continues them under the new weights;
@@ -30,6 +32,8 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import AsyncIterator
+
+import torch
 
 from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
 
@@ -70,29 +74,46 @@ def to_vllm_sampling(params: SamplingParams, vllm_module):
     )
 
 
-def to_vllm_prompt(request: GenerationRequest, hidden_size: int | None = None) -> dict:
+def to_vllm_prompt(
+    request: GenerationRequest, hidden_size: int | None = None, embed_table=None
+) -> dict:
     """Our request -> vLLM's prompt input: token ids, or the prompt embeddings when given.
 
-    vLLM's docs warn that embeddings of the wrong shape may crash the engine, so the
-    shape is checked here: [prompt_len >= 1, hidden] (hidden checked when known). The
-    tensor is detached (a trainable prefix may require grad; vLLM serialises it to its
-    engine process) and moved to the CPU, where vLLM's input processing puts it anyway.
+    The request's embeddings [n, hidden] replace the first n of its prompt positions (a
+    soft prefix, or the whole prompt); vLLM takes embeddings for the whole prompt or none,
+    so the tokens after the first n are embedded here from `embed_table` (the policy's
+    input embeddings, [vocab, hidden]). vLLM's docs warn that embeddings of the wrong
+    shape may crash the engine, so the shape is checked here: [1 <= n <= prompt_len,
+    hidden] (hidden checked when known). The tensor is detached (a trainable prefix may
+    require grad; vLLM serialises it to its engine process) and moved to the CPU, where
+    vLLM's input processing puts it anyway.
     """
     embeds = request.prompt_embeds
     if embeds is None:
         return {"prompt_token_ids": list(request.prompt_ids)}
     shape = tuple(embeds.shape)
-    if len(shape) != 2 or shape[0] < 1:
+    if len(shape) != 2 or not 1 <= shape[0] <= len(request.prompt_ids):
         raise ValueError(
             f"request {request.request_id!r}: prompt_embeds must be [prompt_len, hidden] "
-            f"with prompt_len >= 1, got shape {list(shape)}"
+            f"with 1 <= prompt_len <= {len(request.prompt_ids)} prompt tokens, got shape "
+            f"{list(shape)}"
         )
     if hidden_size is not None and shape[1] != hidden_size:
         raise ValueError(
             f"request {request.request_id!r}: prompt_embeds hidden size {shape[1]} "
             f"does not match the model's {hidden_size}"
         )
-    return {"prompt_embeds": embeds.detach().cpu()}
+    embeds = embeds.detach().cpu()
+    rest = request.prompt_ids[shape[0] :]
+    if rest:
+        if embed_table is None:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt_embeds cover {shape[0]} of "
+                f"{len(request.prompt_ids)} prompt positions, and this engine has no "
+                "embedding table to embed the rest (start it with prompt_embeds=True)"
+            )
+        embeds = torch.cat([embeds, embed_table[torch.tensor(rest)].to(embeds.dtype)])
+    return {"prompt_embeds": embeds}
 
 
 def from_vllm_output(
@@ -164,6 +185,13 @@ class WeightLoaderExtension:
         self.model_runner.model.load_weights(weights=weights)
 
 
+def input_embeddings(model) -> tuple[str, torch.Tensor]:
+    """(state-dict name, CPU copy) of an HF model's input embedding table."""
+    table = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is table)
+    return name, table.detach().cpu().clone()
+
+
 class VllmEngine(Engine):
     def __init__(
         self,
@@ -175,6 +203,7 @@ class VllmEngine(Engine):
         chunk_bytes: int = WEIGHT_CHUNK_BYTES,
         prompt_embeds: bool = True,
         hidden_size: int | None = None,
+        embeddings: tuple[str, torch.Tensor] | None = None,
     ):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -183,6 +212,9 @@ class VllmEngine(Engine):
         self.chunk_bytes = chunk_bytes
         self.prompt_embeds = prompt_embeds  # whether vLLM was started to accept them
         self.hidden_size = hidden_size
+        # (tensor name, CPU copy) of the input embeddings, to embed a prompt's tokens after
+        # a soft prefix (to_vllm_prompt); refreshed with every version that carries them.
+        self.embeddings = embeddings
         self.running = 0
 
     @classmethod
@@ -227,6 +259,7 @@ class VllmEngine(Engine):
             chunk_bytes=chunk_bytes,
             prompt_embeds=prompt_embeds,
             hidden_size=getattr(model.config, "hidden_size", None),
+            embeddings=input_embeddings(model) if prompt_embeds else None,
         )
 
     async def start(self) -> None:
@@ -241,7 +274,9 @@ class VllmEngine(Engine):
                 f"request {request.request_id!r} has prompt embeddings, but this vLLM "
                 "engine was started without enable_prompt_embeds"
             )
-        prompt = to_vllm_prompt(request, self.hidden_size)
+        prompt = to_vllm_prompt(
+            request, self.hidden_size, self.embeddings[1] if self.embeddings else None
+        )
         versions: list[int] = []
         self.running += 1
         try:
@@ -292,6 +327,9 @@ class VllmEngine(Engine):
                     )
                     raise
             self.policy_version = version
+            if self.embeddings and self.embeddings[0] in tensors:
+                name = self.embeddings[0]
+                self.embeddings = (name, tensors[name].detach().cpu())
         finally:
             await self.resume()
 

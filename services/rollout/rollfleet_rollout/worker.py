@@ -180,7 +180,8 @@ class RolloutWorker:
                 except ProtocolError as e:  # gone or corrupt: wait for the next
                     log.warning("initial weights: %s; retrying", e)
             await asyncio.sleep(0.2)
-        await fetch_model_files(self.bus, workdir)
+        await fetch_model_files(self.bus, workdir, self.stages.model_files)
+        self.stages.load_files(workdir)
         self.tokenizer = AutoTokenizer.from_pretrained(workdir)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workdir))
         model.load_state_dict(tensors, strict=False)

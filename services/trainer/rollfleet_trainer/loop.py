@@ -520,12 +520,12 @@ class Trainer:
             model, tokenizer, folder = await asyncio.to_thread(
                 prepare_policy, self.spec, self.run_dir
             )
-            await publish_model_files(self.bus, folder)
+            await publish_model_files(self.bus, folder, self.stages.model_files)
         await asyncio.to_thread(dp.barrier)
         if not dp.is_leader:
-            model, tokenizer = await build_from_bus(
-                self.bus, self.run_dir / "model" / f"rank-{dp.rank}"
-            )
+            folder = self.run_dir / "model" / f"rank-{dp.rank}"
+            model, tokenizer = await build_from_bus(self.bus, folder, self.stages.model_files)
+        self.stages.load_files(folder)
         await asyncio.to_thread(self.set_model, model, tokenizer)
         if await asyncio.to_thread(self.load_latest_checkpoint) and dp.is_leader:
             await self.bus.purge_work()  # in-flight work of the previous life is re-issued

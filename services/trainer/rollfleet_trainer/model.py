@@ -35,10 +35,10 @@ def load_folder(folder: Path):
     ), AutoTokenizer.from_pretrained(folder)
 
 
-async def build_from_bus(bus: Bus, folder: Path):
-    """(model, tokenizer) from the files the leader published; the weights are random until
-    the leader's are broadcast."""
-    await fetch_model_files(bus, folder)
+async def build_from_bus(bus: Bus, folder: Path, extra: tuple[str, ...] = ()):
+    """(model, tokenizer) from the files the leader published (`extra`: the methods' own);
+    the weights are random until the leader's are broadcast."""
+    await fetch_model_files(bus, folder, extra)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
@@ -62,7 +62,8 @@ def prepare_policy(spec: RLJobSpec, run_dir: Path):
         model, tokenizer = builtin_warm_model(spec, run_dir)
     if stages.warms_up:
         task = make_task(spec.task.name, spec.task.params, spec.seed)
-        stages.warmup(model, tokenizer, task, run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        stages.warmup(model, tokenizer, task, folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model.eval(), tokenizer, folder

@@ -18,13 +18,19 @@ The stages, each with the platform's own behaviour as the default (`Method` belo
 | rollout | `build_request(task, request, tokenizer)` | `<bos>` + the prompt's tokens, no prefix embeddings, no conditioning |
 | rollout | `episode` (a runner name in rollfleet.episodes) | `turns`: one model turn, or the env loop of a multi-turn task |
 | rollout | `reward_input(task, episode, item)` | the final model turn's text, the answer, the task's meta, the episode's turns and token count |
-| trainer | `warmup(model, tokenizer, task, run_dir)` | nothing (the builtin model's SFT warm-up runs before) |
+| both | `load_files(folder)` | nothing; a method reads its own `model_files` from the model folder |
+| trainer | `warmup(model, tokenizer, task, folder)` | nothing (the builtin model's SFT warm-up runs before) |
 | trainer | `build_batch(batch)` | the trajectories' tokens, masks and behaviour log-probs |
 | trainer | `policy_logprobs(model, batch)` | the model's tempered (top-p) log-probs of the batch's tokens |
 | trainer | `group_rewards(model, batch, rewards)` | the rewards the reward service gave |
 | trainer | `advantages(model, batch, rewards, estimate)` | `estimate(rewards)`: the job's estimator (GRPO, ...) over each group |
 | trainer | `advantage_weights(model, batch, advantages)` | none (every token's weight 1); several methods' weights multiply |
 | trainer | `extra_loss(model, batch, logprobs)` | none; several methods' terms add up |
+
+A method that trains a network of its own in its warm-up (Reasoning Palette's VAE) saves
+it in the model folder under the names in `model_files`: the folder's files travel with
+the model's config to the workers and the other trainer ranks, and a resumed run finds
+them in the cached warm-up; `load_files` reads them in every process.
 
 `Stages` runs the enabled methods' stages in name order. A stage that replaces
 rather than composes (`episode`, `policy_logprobs`, `advantages`) may be overridden by one enabled
@@ -81,6 +87,7 @@ class Method:
 
     name: ClassVar[str] = ""  # the name it is registered under
     episode: ClassVar[str | None] = None  # an episode runner of rollfleet.episodes, or the default
+    model_files: ClassVar[tuple[str, ...]] = ()  # files its warm-up adds to the model folder
 
     def __init__(self, params: MethodParams, spec: RLJobSpec):
         self.params, self.spec = params, spec
@@ -95,9 +102,14 @@ class Method:
         """What the reward service scores for one finished episode (a ScoreItem's fields)."""
         return item
 
+    def load_files(self, folder) -> None:
+        """Read this method's `model_files` from the model folder (every process, once the
+        folder is there)."""
+
     # --- trainer side -------------------------------------------------------------------
-    def warmup(self, model, tokenizer, task, run_dir) -> None:
-        """Stages before RL (SFT on the method's data, auxiliary networks), in place."""
+    def warmup(self, model, tokenizer, task, folder) -> None:
+        """Stages before RL (SFT on the method's data, auxiliary networks), in place; the
+        method's own networks are saved in the model folder `folder` (`model_files`)."""
 
     def build_batch(self, batch):
         """The `TrainBatch` the step trains on (e.g. other inputs than the sampled ones)."""
@@ -164,9 +176,17 @@ class Stages:
             item = m.reward_input(task, episode, item)
         return item
 
-    def warmup(self, model, tokenizer, task, run_dir) -> None:
+    @property
+    def model_files(self) -> tuple[str, ...]:
+        return tuple(name for m in self.methods for name in m.model_files)
+
+    def load_files(self, folder) -> None:
         for m in self.methods:
-            m.warmup(model, tokenizer, task, run_dir)
+            m.load_files(folder)
+
+    def warmup(self, model, tokenizer, task, folder) -> None:
+        for m in self.methods:
+            m.warmup(model, tokenizer, task, folder)
 
     def build_batch(self, batch):
         for m in self.methods:
@@ -209,4 +229,4 @@ def load_method(name: str, params: MethodParams, spec: RLJobSpec) -> Method:
 
 
 # Registration happens on import of each method's folder.
-from rollfleet.methods import attention_credit, bard, ravr  # noqa: E402, F401
+from rollfleet.methods import attention_credit, bard, palette, ravr  # noqa: E402, F401

@@ -7,6 +7,7 @@ right-padded tensors, built by `TrainBatch.from_trajectories` (the trainer's def
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -73,6 +74,34 @@ def token_logprobs(
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     picked = sampling_logprobs(logits[:, :-1], input_ids[:, 1:], temperature, top_p)
     return torch.nn.functional.pad(picked, (1, 0))
+
+
+@contextlib.contextmanager
+def prefix_embeddings(model, rows: torch.Tensor, prefixes: torch.Tensor):
+    """Within the block, the model's input embeddings of the first L positions of `rows`
+    (indices into the batch) are `prefixes` [len(rows), L, hidden] instead of the embedded
+    tokens there: soft prefixes, as the engines' `prompt_embeds` feed them.
+
+    A forward hook on the embedding layer does it, so it works unchanged inside a DDP or
+    FSDP wrapper (the layer's weights are gathered when the hook runs) and for any
+    caller (`token_logprobs`, SFT). Gradients reach the model's parameters everywhere but
+    at the replaced positions; `prefixes` is used as given (detach it to keep its
+    network frozen)."""
+    layer = getattr(model, "module", model).get_input_embeddings()
+    length = prefixes.shape[1]
+
+    def replace_prefix(module, inputs, output):
+        mask = torch.zeros(output.shape[:2], dtype=torch.bool, device=output.device)
+        mask[rows.to(output.device), :length] = True
+        full = torch.zeros_like(output)
+        full[rows.to(output.device), :length] = prefixes.to(output.device, output.dtype)
+        return torch.where(mask[..., None], full, output)
+
+    handle = layer.register_forward_hook(replace_prefix)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass

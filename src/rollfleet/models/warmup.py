@@ -7,11 +7,12 @@ of steps is deliberately small: RL is meant to find the headroom SFT leaves.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
 
-from rollfleet.models.batching import pad_sequences
+from rollfleet.models.batching import pad_sequences, prefix_embeddings
 from rollfleet.tasks import Example, Task
 
 
@@ -47,11 +48,15 @@ def warmup_sft(
     seed: int,
     examples: int | None = None,
     on_step=None,
+    prefixes=None,
 ) -> list[float]:
     """Train on demonstrations of train examples; returns the loss of every step.
 
     `examples` limits SFT to the first N train examples (a small demonstration set, as
-    when demonstrations are expensive); None samples the whole train split.
+    when demonstrations are expensive); None samples the whole train split. `prefixes`,
+    a function of the batch size returning soft prefixes [batch, L, hidden], puts one in
+    front of every example (Reasoning Palette's SFT): L placeholder tokens whose
+    embeddings it replaces, outside the loss.
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -65,7 +70,15 @@ def warmup_sft(
         pool = examples or 1_000_000
         batch = [task.example("train", rng.randrange(pool)) for _ in range(batch_size)]
         ids, attention, mask = sft_batch(tokenizer, batch)
-        logits = model(input_ids=ids, attention_mask=attention).logits.float()
+        context = contextlib.nullcontext()
+        if prefixes is not None:
+            prefix = prefixes(len(batch))
+            ids, attention, mask = _with_placeholders(
+                ids, attention, mask, prefix.shape[1], tokenizer.pad_token_id
+            )
+            context = prefix_embeddings(model, torch.arange(len(batch)), prefix)
+        with context:
+            logits = model(input_ids=ids, attention_mask=attention).logits.float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
         ).view(ids.shape[0], -1)
@@ -80,3 +93,13 @@ def warmup_sft(
             on_step(step, losses[-1])
     model.eval()
     return losses
+
+
+def _with_placeholders(ids, attention, mask, length: int, pad_id: int):
+    """`length` placeholder positions in front of every row (attended, outside the loss)."""
+    rows = ids.shape[0]
+    return (
+        torch.cat([torch.full((rows, length), pad_id, dtype=ids.dtype), ids], dim=1),
+        torch.cat([torch.ones(rows, length, dtype=attention.dtype), attention], dim=1),
+        torch.cat([torch.zeros(rows, length), mask], dim=1),
+    )

@@ -92,6 +92,17 @@ def verify(response: str, numbers: list[int], target: int) -> bool:
     return value == target and used == sorted(numbers)
 
 
+def strategy(response: str) -> str | None:
+    """The operator pattern of a well-formed answer (`3*5+7` and `5*3+7` -> `*+`,
+    `7+3*5` -> `+*`): the strategy it uses; None when the answer does not parse."""
+    expr = response.strip().strip(".")
+    try:
+        eval_expression(expr)
+    except ValueError:
+        return None
+    return "".join(c for c in expr if c in "+-*()")
+
+
 @register_task("countdown")
 class Countdown(Task):
     """Problems are split by a hash of (numbers, target): `heldout_percent` of the problem

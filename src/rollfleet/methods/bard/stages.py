@@ -62,7 +62,7 @@ class Bard(Method):
     def reward_input(self, task, episode, item):
         return {**item, "meta": {**item["meta"], "budget": self.budget(task)}}
 
-    def warmup(self, model, tokenizer, task, run_dir) -> None:
+    def warmup(self, model, tokenizer, task, folder) -> None:
         from rollfleet.models.warmup import warmup_sft
 
         p = self.params

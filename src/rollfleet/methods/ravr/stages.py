@@ -56,7 +56,7 @@ class Ravr(Method):
         )
 
     # --- trainer side -------------------------------------------------------------------
-    def warmup(self, model, tokenizer, task, run_dir) -> None:
+    def warmup(self, model, tokenizer, task, folder) -> None:
         from rollfleet.models.warmup import warmup_sft
 
         steps, warm = self.params.posteriorWarmupSteps, self.spec.model.warmup
