@@ -56,6 +56,31 @@ def _entry(name: str, tensor: torch.Tensor) -> TensorEntry:
     return TensorEntry(name=name, dtype=_DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape))
 
 
+def check_tensors(
+    version: int, tensors: dict[str, torch.Tensor], expected: dict[str, tuple]
+) -> None:
+    """A version must carry exactly the tensors the receiving model has, by name and shape
+    (`expected`: name -> shape, from `models.weights.export_state` of that model); a
+    missing, unknown or misshapen tensor rejects it, naming the first few of each."""
+    missing = sorted(expected.keys() - tensors.keys())
+    unknown = sorted(tensors.keys() - expected.keys())
+    misshapen = sorted(
+        f"{name} {list(tensors[name].shape)} (model: {list(expected[name])})"
+        for name in expected.keys() & tensors.keys()
+        if tuple(tensors[name].shape) != tuple(expected[name])
+    )
+    problems = [
+        f"{len(names)} {kind}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+        for kind, names in (("missing", missing), ("unknown", unknown), ("misshapen", misshapen))
+        if names
+    ]
+    if problems:
+        raise WeightsRejected(
+            f"v{version} does not fit this worker's model ({'; '.join(problems)}): the "
+            "trainer and the workers must build the same architecture (spec.model)"
+        )
+
+
 def pack_buckets(
     tensors: dict[str, torch.Tensor], bucket_bytes: int
 ) -> list[tuple[WeightBucket, bytes]]:

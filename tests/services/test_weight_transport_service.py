@@ -26,6 +26,7 @@ from rollfleet.weight_transport import (
     FilesystemWeightStore,
     NatsWeightStore,
     WeightsRejected,
+    check_tensors,
     fetch_version,
     make_weight_store,
     pack_buckets,
@@ -340,6 +341,28 @@ async def test_worker_rejects_a_corrupt_version_and_loads_the_next_good_one(nats
             return False
 
         await poll(released, 5, "the swap lease to be released")
+
+        # v3: intact, but from another architecture (a tensor missing, one unknown)
+        v3 = perturbed(v2, seed=3)
+        dropped = next(iter(v3))
+        v3.pop(dropped)
+        v3["model.layers.0.self_attn.k_fuse"] = torch.ones(4)
+        await publish_version(trainer, store, 3, 3, v3, bucket_bytes)
+        await poll(lambda: rejected_since(before + 1), 10, "the foreign version to be rejected")
+        assert worker.engine.policy_version == 2
+
+
+def test_a_version_must_carry_exactly_the_models_tensors():
+    expected = {"a": (2, 3), "b": (4,)}
+    check_tensors(1, {"a": torch.zeros(2, 3), "b": torch.zeros(4)}, expected)
+    with pytest.raises(WeightsRejected, match=r"v7 does not fit .*1 missing: b; 1 unknown: c"):
+        check_tensors(7, {"a": torch.zeros(2, 3), "c": torch.zeros(1)}, expected)
+    with pytest.raises(WeightsRejected, match=r"1 misshapen: b \[5\] \(model: \[4\]\)"):
+        check_tensors(7, {"a": torch.zeros(2, 3), "b": torch.zeros(5)}, expected)
+
+
+async def rejected_since(count: float) -> bool:
+    return rejections() > count
 
 
 # --- rolling updates: swap leases ----------------------------------------------------------

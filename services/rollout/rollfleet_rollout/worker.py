@@ -35,6 +35,7 @@ from rollfleet.bus import Bus
 from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits
 from rollfleet.methods import Stages
 from rollfleet.models.files import fetch_model_files
+from rollfleet.models.weights import export_state
 from rollfleet.plan import ServiceEnv
 from rollfleet.protocol import (
     GroupsCancelled,
@@ -47,7 +48,12 @@ from rollfleet.protocol import (
 from rollfleet.rewards import reward_item
 from rollfleet.service import IdleMeter, auth_headers, make_app, serve_in_background
 from rollfleet.spec import PoolSpec, RLJobSpec
-from rollfleet.weight_transport import WeightsRejected, fetch_version, make_weight_store
+from rollfleet.weight_transport import (
+    WeightsRejected,
+    check_tensors,
+    fetch_version,
+    make_weight_store,
+)
 from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
 
 log = logging.getLogger("rollout")
@@ -150,6 +156,7 @@ class RolloutWorker:
         self.spec, self.pool, self.env, self.bus, self.name = spec, pool, env, bus, name
         self.engine: Engine | None = None
         self.tokenizer = None
+        self.expected: dict[str, tuple] = {}  # tensor name -> shape every version must carry
         self.reserved = 0  # engine slots promised to running tasks
         self.latest_announced = -1
         self._weights_lock = asyncio.Lock()
@@ -184,6 +191,9 @@ class RolloutWorker:
         self.stages.load_files(workdir)
         self.tokenizer = AutoTokenizer.from_pretrained(workdir)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workdir))
+        # Every version must carry exactly these tensors (a tied lm_head is the embedding).
+        self.expected = {name: tuple(t.shape) for name, t in export_state(model).items()}
+        check_tensors(announcement.version, tensors, self.expected)
         model.load_state_dict(tensors, strict=False)
         self.latest_announced = announcement.version
         return model, announcement.version
@@ -199,6 +209,7 @@ class RolloutWorker:
             started = time.perf_counter()
             try:
                 tensors = await fetch_version(self.weight_store, announcement)
+                check_tensors(announcement.version, tensors, self.expected)
             except WeightsRejected as e:  # keep serving the previous version
                 WEIGHT_REJECTIONS.labels(self.pool.name).inc()
                 log.error("weights v%d rejected: %s", announcement.version, e)
