@@ -78,11 +78,18 @@ def _rewards():
     return REWARDS
 
 
+def _architectures():
+    from rollfleet.models.architectures import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
 TaskName = Annotated[str, _registered("task", _tasks)]
 AdvantageName = Annotated[str, _registered("advantage", _advantages)]
 PolicyLossName = Annotated[str, _registered("policy loss", _policy_losses)]
 RewardName = Annotated[str, _registered("reward function", _rewards)]
 AggregationName = Annotated[str, _registered("loss aggregation", _aggregations)]
+ArchitectureName = Annotated[str, _registered("architecture", _architectures)]
 
 
 class Strict(BaseModel):
@@ -105,6 +112,10 @@ class WarmupSpec(Strict):
 class ModelSpec(Strict):
     path: str | None = Field(
         None, description="Hugging Face model folder; empty means the builtin tiny Llama"
+    )
+    architecture: ArchitectureName = Field(
+        "llama",
+        description="builtin model: registered architecture (rollfleet.models.architectures)",
     )
     hidden: int = Field(128, ge=8, description="builtin model: hidden size")
     layers: int = Field(4, ge=1, description="builtin model: transformer layers")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rollfleet.models.architectures import architecture_of, load_slot_runner
 from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest
 
 
@@ -167,7 +168,8 @@ class _Sequence:
 
 
 class TorchEngine(Engine):
-    """Continuous-batching engine over `SlotLlama`, stepping in its own thread."""
+    """Continuous-batching engine over the model architecture's slot runner (`SlotLlama`
+    for the builtin Llama), stepping in its own thread."""
 
     def __init__(
         self,
@@ -185,7 +187,7 @@ class TorchEngine(Engine):
         # versions) and either continue on the KV cache the old weights computed, or have it
         # recomputed under the new weights first (`async.partialRollout: reprefill`).
         self.reprefill_on_swap = reprefill_on_swap
-        self.runner = SlotLlama(model, slots, max_len)
+        self.runner = load_slot_runner(architecture_of(model))(model, slots, max_len)
         self.slots, self.max_len, self.eos_token_id = slots, max_len, eos_token_id
         self.hidden = model.config.hidden_size
         self.policy_version = version

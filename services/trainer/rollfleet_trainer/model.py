@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rollfleet.bus import Bus
 from rollfleet.methods import Stages
+from rollfleet.models.architectures import ARCHITECTURES
 from rollfleet.models.files import fetch_model_files
-from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.warmup import warmup_sft
 from rollfleet.spec import RLJobSpec
 from rollfleet.tasks import make_task
@@ -70,9 +70,10 @@ def prepare_policy(spec: RLJobSpec, run_dir: Path):
 
 
 def builtin_warm_model(spec: RLJobSpec, run_dir: Path):
-    """The builtin tiny model, created and warmed up on the task's demonstrations."""
+    """The builtin model (`model.architecture`), created and warmed up on the task's
+    demonstrations."""
     m = spec.model
-    init = create_tiny_model(
+    init = ARCHITECTURES[m.architecture].create(
         run_dir / "model" / "init",
         seed=spec.seed,
         hidden=m.hidden,

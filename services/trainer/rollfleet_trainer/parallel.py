@@ -56,8 +56,10 @@ class DataParallel:
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for layer in getattr(getattr(model, "model", model), "layers", []):
-                fully_shard(layer)
+            from rollfleet.models.architectures import architecture_of
+
+            for block in architecture_of(model).blocks(model):
+                fully_shard(block)
             return fully_shard(model)
         from torch.nn.parallel import DistributedDataParallel
 
