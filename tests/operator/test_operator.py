@@ -53,8 +53,12 @@ async def test_every_example_yields_its_children(
         for path in EXAMPLES:
             data = manifest(path)
             name, spec = data["metadata"]["name"], data["spec"]
+            # Every example reconciles at once; under load a kmock GET can stall until the
+            # client's 30 s timeout before kopf retries, so wait past that.
             await wait_for(
-                lambda name=name: reconciled(kmock, name), what=f"{path.name} reconciled"
+                lambda name=name: reconciled(kmock, name),
+                timeout=60.0,
+                what=f"{path.name} reconciled",
             )
             status, found = status_of(kmock, name), children(kmock, name)
             kinds = sorted(kind for kind, _ in found)

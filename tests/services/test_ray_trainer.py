@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rollfleet.models.architectures import ARCHITECTURES, import_architectures
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet.models.weights import export_state
 from rollfleet.spec import parse_manifest
@@ -84,6 +85,7 @@ def train(config: dict) -> None:
     dp = DataParallel.from_process_group(config["strategy"])
     run_dir = Path(config["run_dir"])
     trainer = Trainer(parse_manifest(config["job"]), None, run_dir, dp)
+    import_architectures()  # a FusedKV folder needs its classes registered
     model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
     if dp.rank > 0:  # as in a run, other ranks start from other weights: rank 0's must win
         with torch.no_grad():
@@ -199,12 +201,13 @@ def setting(tmp_path_factory):
         strategy: str = "ddp",
         aggregation: str = "token-mean",
         ravr: bool = False,
+        model_dir: Path = model,
     ):
         run_dir = root / name
         run_dir.mkdir(exist_ok=True)
         return {
             "job": job_manifest(aggregation, ravr),
-            "model": str(model),
+            "model": str(model_dir),
             "run_dir": str(run_dir),
             "steps": steps,
             "out": out,
@@ -252,6 +255,21 @@ def test_two_workers_take_the_steps_of_one(local_ray, setting, strategy):
         weights(root / f"two-{strategy}" / "k.safetensors"),
         weights(root / "single" / "k.safetensors"),
     )
+
+
+def test_fsdp_shards_every_registered_architecture_and_keeps_the_step(local_ray, setting):
+    """FusedKV (its top layers have no key/value projections, and fusion weights instead)
+    under FSDP on two workers takes the step of one process."""
+    root, config = setting
+    folder = ARCHITECTURES["fusedkv"].create(root / "fusedkv-model", seed=0)
+    train(config("fusedkv-single", STEPS, "k.safetensors", model_dir=folder))
+    fit_two_workers(
+        config("fusedkv-two", STEPS, "k.safetensors", strategy="fsdp", model_dir=folder),
+        local_ray,
+    )
+    one = weights(root / "fusedkv-single" / "k.safetensors")
+    assert any("fusion" in name for name in one)
+    assert_close(weights(root / "fusedkv-two" / "k.safetensors"), one)
 
 
 def test_sequence_mean_aggregation_and_ravr_are_also_exact_across_workers(local_ray, setting):

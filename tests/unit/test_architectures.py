@@ -32,7 +32,8 @@ def test_the_torch_engine_runs_the_architectures_slot_runner(tmp_path):
 def test_an_unregistered_model_type_is_named():
     with pytest.raises(
         ValueError,
-        match=r"model type 'mamba' has no registered architecture; registered: \['llama'\]",
+        match=r"model type 'mamba' has no registered architecture; registered: "
+        r"\['llama', 'rollfleet_fusedkv'\]",
     ):
         architecture_of(SimpleNamespace(config=SimpleNamespace(model_type="mamba")))
 
@@ -46,7 +47,8 @@ def test_the_manifest_refuses_an_unknown_architecture():
     }
     with pytest.raises(
         ManifestError,
-        match=r"spec\.model\.architecture.*unknown architecture 'mamba'; choose one of \['llama'\]",
+        match=r"spec\.model\.architecture.*unknown architecture 'mamba'; choose one of "
+        r"\['fusedkv', 'fusedkv_lite', 'fusedkv_lite_rev', 'llama'\]",
     ):
         parse_manifest(manifest)
     del manifest["spec"]["model"]

@@ -9,6 +9,7 @@ import asyncio
 import os
 
 from rollfleet.bus import Bus, nats_token
+from rollfleet.models.architectures import architecture_of
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import setup_logging
 from rollfleet.spec import load_manifest
@@ -20,6 +21,13 @@ def engine_factory(pool, spec, seed: int):
         reprefill = spec.async_.partialRollout == "reprefill"
         if pool.engine == "vllm":
             from rollfleet_rollout.vllm_engine import VllmEngine
+
+            arch = architecture_of(model)
+            if not arch.vllm:
+                raise ValueError(
+                    f"spec.rollout.pools[{pool.name}].engine: vllm cannot serve the "
+                    f"{arch.name} architecture; use engine: torch for this pool"
+                )
 
             return VllmEngine.from_model(
                 model,

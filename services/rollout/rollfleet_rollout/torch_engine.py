@@ -40,7 +40,7 @@ _ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 class SlotLlama:
     """Llama forward over a slot KV cache: prefill into a slot, batched decode over slots."""
 
-    def __init__(self, model, slots: int, max_len: int):
+    def __init__(self, model, slots: int, max_len: int, cached_layers: int | None = None):
         cfg = model.config
         self.model = model
         self.layers = model.model.layers
@@ -57,21 +57,49 @@ class SlotLlama:
         device = next(model.parameters()).device
         self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
         self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
-        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
+        # [cached layer, slot, kv head, position, channel]; every layer caches by default
+        layers = len(self.layers) if cached_layers is None else cached_layers
+        shape = (layers, slots, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in (self.k_cache, self.v_cache))
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return x * cos + _rotate_half(x) * sin
+
+    def _q(self, layer, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, hidden]; positions: [B, T]. Returns the rotated queries [B, H, T, D]."""
+        b, t, _ = x.shape
+        q = layer.self_attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        return self._rope(q, positions)
 
     def _qkv(self, layer, x: torch.Tensor, positions: torch.Tensor):
         """x: [B, T, hidden]; positions: [B, T]. Returns q [B,H,T,D], k and v [B,KVH,T,D]."""
         attn = layer.self_attn
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+        return self._q(layer, x, positions), self._rope(k, positions), v
+
+    def _prefill_layer(self, i, layer, h, positions, index, width, mask):
+        """Layer i over the prompts in slots `index`, writing its keys and values."""
+        q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+        self.k_cache[i, index, :, :width] = k
+        self.v_cache[i, index, :, :width] = v
+        return self._attend_and_mlp(layer, h, q, k, v, mask)
+
+    def _decode_layer(self, i, layer, h, slots, positions, span, mask):
+        """Layer i for one new token per slot, appending its key and value to the cache."""
+        q, k, v = self._qkv(layer, layer.input_layernorm(h), positions[:, None])
+        self.k_cache[i, slots, :, positions] = k[:, :, 0]
+        self.v_cache[i, slots, :, positions] = v[:, :, 0]
+        keys = self.k_cache[i, slots, :, :span]
+        values = self.v_cache[i, slots, :, :span]
+        return self._attend_and_mlp(layer, h, q, keys, values, mask)
 
     def _attend_and_mlp(self, layer, h, q, keys, values, mask):
         repeat = self.heads // self.kv_heads
@@ -110,10 +138,7 @@ class SlotLlama:
             if given is not None:
                 h[row, : len(given)] = given.to(device=device, dtype=h.dtype)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
-            self.k_cache[i, index, :, :width] = k
-            self.v_cache[i, index, :, :width] = v
-            h = self._attend_and_mlp(layer, h, q, k, v, mask)
+            h = self._prefill_layer(i, layer, h, positions, index, width, mask)
         last = h[torch.arange(len(prompts), device=device), lengths - 1]
         return self._logits(last)
 
@@ -124,13 +149,40 @@ class SlotLlama:
         mask = (torch.arange(span, device=positions.device) <= positions[:, None])[:, None, None, :]
         h = self.model.model.embed_tokens(tokens[:, None])
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), positions[:, None])
-            self.k_cache[i, slots, :, positions] = k[:, :, 0]
-            self.v_cache[i, slots, :, positions] = v[:, :, 0]
-            keys = self.k_cache[i, slots, :, :span]
-            values = self.v_cache[i, slots, :, :span]
-            h = self._attend_and_mlp(layer, h, q, keys, values, mask)
+            h = self._decode_layer(i, layer, h, slots, positions, span, mask)
         return self._logits(h[:, 0])
+
+
+class SlotFusedKV(SlotLlama):
+    """FusedKV (rollfleet.models.fusedkv) over a slot cache of the bottom half's layers only:
+    a top layer computes its queries and rebuilds its keys and values from the cached ones
+    of layer 0 and of the middle layer, through its `fusion`."""
+
+    def __init__(self, model, slots: int, max_len: int):
+        self.half = model.config.cached_layers
+        super().__init__(model, slots, max_len, cached_layers=self.half)
+
+    def _top(self, layer, h, q, slots, span, mask):
+        bottom, middle = 0, self.half - 1
+        keys, values = layer.self_attn.fusion(
+            self.k_cache[bottom, slots, :, :span],
+            self.v_cache[bottom, slots, :, :span],
+            self.k_cache[middle, slots, :, :span],
+            self.v_cache[middle, slots, :, :span],
+        )
+        return self._attend_and_mlp(layer, h, q, keys, values, mask)
+
+    def _prefill_layer(self, i, layer, h, positions, index, width, mask):
+        if i < self.half:
+            return super()._prefill_layer(i, layer, h, positions, index, width, mask)
+        q = self._q(layer, layer.input_layernorm(h), positions)
+        return self._top(layer, h, q, index, width, mask)
+
+    def _decode_layer(self, i, layer, h, slots, positions, span, mask):
+        if i < self.half:
+            return super()._decode_layer(i, layer, h, slots, positions, span, mask)
+        q = self._q(layer, layer.input_layernorm(h), positions[:, None])
+        return self._top(layer, h, q, slots, span, mask)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator):

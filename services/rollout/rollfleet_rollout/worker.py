@@ -34,6 +34,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from rollfleet.bus import Bus
 from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits
 from rollfleet.methods import Stages
+from rollfleet.models.architectures import import_architectures
 from rollfleet.models.files import fetch_model_files
 from rollfleet.models.weights import export_state
 from rollfleet.plan import ServiceEnv
@@ -190,6 +191,7 @@ class RolloutWorker:
         await fetch_model_files(self.bus, workdir, self.stages.model_files)
         self.stages.load_files(workdir)
         self.tokenizer = AutoTokenizer.from_pretrained(workdir)
+        import_architectures()
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workdir))
         # Every version must carry exactly these tensors (a tied lm_head is the embedding).
         self.expected = {name: tuple(t.shape) for name, t in export_state(model).items()}

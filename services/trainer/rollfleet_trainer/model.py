@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rollfleet.bus import Bus
 from rollfleet.methods import Stages
-from rollfleet.models.architectures import ARCHITECTURES
+from rollfleet.models.architectures import ARCHITECTURES, import_architectures
 from rollfleet.models.files import fetch_model_files
 from rollfleet.models.warmup import warmup_sft
 from rollfleet.spec import RLJobSpec
@@ -26,6 +26,7 @@ log = logging.getLogger("trainer")
 
 
 def load_folder(folder: Path):
+    import_architectures()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"model.path: {str(folder)!r} is not a Hugging Face model folder (no config.json)"
@@ -39,6 +40,7 @@ async def build_from_bus(bus: Bus, folder: Path, extra: tuple[str, ...] = ()):
     """(model, tokenizer) from the files the leader published (`extra`: the methods' own);
     the weights are random until the leader's are broadcast."""
     await fetch_model_files(bus, folder, extra)
+    import_architectures()
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 

@@ -12,7 +12,8 @@ The builtin tiny model is `llama` (`spec.model.architecture`). An architecture b
   when its module is imported, so `AutoModelForCausalLM` builds it from a saved config;
 - `blocks`: the repeated layers, each sharded as one FSDP unit;
 - `slot_runner`: "module:Class" of the torch engine's forward over its slot KV cache (its
-  own cache layout), imported only by the rollout service.
+  own cache layout), imported only by the rollout service;
+- `vllm`: whether `engine: vllm` can serve it (FusedKV cannot: torch engine only).
 
 Light on purpose: the operator and the CRD generator read the names without torch.
 """
@@ -33,6 +34,8 @@ class Architecture:
     blocks: Callable  # model -> its repeated layers (FSDP units)
     slot_runner: str  # "module:Class" of the torch engine's runner
     summary: str
+    module: str | None = None  # imported to register its classes with transformers' Auto
+    vllm: bool = False  # whether `engine: vllm` serves it (vLLM knows the model class)
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -43,14 +46,16 @@ def register_architecture(arch: Architecture) -> None:
 
 
 def architecture_of(model) -> Architecture:
-    """The registered architecture of a model (or of its config), by `model_type`."""
+    """The registered architecture of a model (or of its config), by `model_type`: the
+    first registered for it (variants of one model type share their blocks and runner)."""
     config = getattr(model, "config", model)
     for arch in ARCHITECTURES.values():
         if arch.model_type == config.model_type:
             return arch
     raise ValueError(
         f"model type {config.model_type!r} has no registered architecture; registered: "
-        f"{sorted(a.model_type for a in ARCHITECTURES.values())} (rollfleet.models.architectures)"
+        f"{sorted({a.model_type for a in ARCHITECTURES.values()})} "
+        "(rollfleet.models.architectures)"
     )
 
 
@@ -59,10 +64,34 @@ def load_slot_runner(arch: Architecture):
     return getattr(importlib.import_module(module), cls)
 
 
+def import_architectures() -> None:
+    """Import the modules that register architectures' own classes with transformers'
+    Auto classes; call it before loading a model folder (AutoModelForCausalLM)."""
+    for arch in ARCHITECTURES.values():
+        if arch.module:
+            importlib.import_module(arch.module)
+
+
 def _create_llama(folder, seed: int = 0, **config) -> Path:
     from rollfleet.models.tiny import create_tiny_model
 
     return create_tiny_model(folder, seed=seed, **config)
+
+
+def _create_fusedkv(kv_fusion: str):
+    def create(folder, seed: int = 0, **config) -> Path:
+        from rollfleet.models.fusedkv import FusedKVConfig, FusedKVForCausalLM
+        from rollfleet.models.tiny import create_tiny_model, tiny_config
+
+        def build(vocab_size: int):
+            llama = tiny_config(vocab_size, **config).to_dict()
+            for key in ("model_type", "architectures", "transformers_version"):
+                llama.pop(key, None)
+            return FusedKVForCausalLM(FusedKVConfig(kv_fusion=kv_fusion, **llama))
+
+        return create_tiny_model(folder, seed=seed, build=build)
+
+    return create
 
 
 register_architecture(
@@ -73,5 +102,27 @@ register_architecture(
         blocks=lambda model: list(model.model.layers),
         slot_runner="rollfleet_rollout.torch_engine:SlotLlama",
         summary="the builtin tiny Llama (Hugging Face LlamaForCausalLM)",
+        vllm=True,
     )
 )
+
+for _name, _fusion, _what in (
+    (
+        "fusedkv",
+        "fused",
+        "keys and values a learned per-channel fusion of layer 0's and the middle layer's",
+    ),
+    ("fusedkv_lite", "lite", "keys from the middle layer, values from layer 0"),
+    ("fusedkv_lite_rev", "lite_rev", "keys from layer 0, values from the middle layer (ablation)"),
+):
+    register_architecture(
+        Architecture(
+            name=_name,
+            model_type="rollfleet_fusedkv",
+            create=_create_fusedkv(_fusion),
+            blocks=lambda model: list(model.model.layers),
+            slot_runner="rollfleet_rollout.torch_engine:SlotFusedKV",
+            summary=f"FusedKV (arXiv 2512.03870), the top half without key/value projections: {_what}",
+            module="rollfleet.models.fusedkv",
+        )
+    )

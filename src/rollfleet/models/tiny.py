@@ -34,11 +34,16 @@ def tiny_config(
     )
 
 
-def create_tiny_model(directory: str | Path, seed: int = 0, **config) -> Path:
+def create_tiny_model(directory: str | Path, seed: int = 0, build=None, **config) -> Path:
+    """A fresh tiny model with the character tokenizer, saved in `directory`. `build`
+    (vocab size -> model) makes another architecture's; `config` sizes the Llama."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = save_char_tokenizer(directory)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(len(tokenizer), **config))
+    if build is None:
+        model = LlamaForCausalLM(tiny_config(len(tokenizer), **config))
+    else:
+        model = build(len(tokenizer))
     model.save_pretrained(str(directory))
     return directory
