@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-ravr: $(STAMP)  ## RAVR against GRPO on a split the warmed-up model rarely
 
 bench-palette: $(STAMP)  ## Reasoning Palette: strategies behind latents, latent pass@8, RL against GRPO, 3 seeds (~25 min)
 	$(BIN)/python benchmarks/palette.py
+
+bench-fusedkv: $(STAMP)  ## FusedKV, Lite, Lite-Rev and vanilla: pretraining perplexity, cache bytes, decode speed; RL on FusedKV
+	$(BIN)/python benchmarks/fusedkv.py
 
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed

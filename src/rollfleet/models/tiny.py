@@ -17,12 +17,17 @@ from rollfleet.models.tokenizer import save_char_tokenizer
 
 
 def tiny_config(
-    vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4, max_len: int = 128
+    vocab_size: int,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    max_len: int = 128,
+    intermediate: int | None = None,
 ):
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=4 * hidden,
+        intermediate_size=intermediate or 4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
