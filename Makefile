@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)  ## train the tiny model on the default job, every service a local process
 	$(BIN)/rollfleet run $(JOB)
 
-# Two test processes, a test file each at a time: half the suite waits (on the operator's
+# Three test processes on two cores, a test file each at a time: half the suite waits (on the operator's
 # timers, on NATS, on child processes), so the other half's CPU work fills the gaps. The 15
 # slowest tests are listed at the end, to keep an eye on the suite's 12-minute budget.
 test: $(STAMP) lint  ## unit, service and end-to-end tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
