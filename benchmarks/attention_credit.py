@@ -26,7 +26,16 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from harness import example, from_model, machine, merged, quiet, run_job, warm_up
+from harness import (
+    example,
+    from_model,
+    heldout_table,
+    machine,
+    merged,
+    quiet,
+    run_job,
+    warm_up,
+)
 
 ARMS = {
     "grpo": None,
@@ -80,15 +89,7 @@ def main() -> None:
                     f"amplified share {statistics.mean(weighted):.3f}, {run['wall']:.0f} s",
                     flush=True,
                 )
-    print("\n| arm | held-out avg@4 per seed | mean | greedy mean | amplified token share |")
-    print("|---|---|---|---|---|")
-    means = {}
-    for arm, runs in results.items():
-        means[arm] = statistics.mean(r["heldout_after"] for r in runs)
-        per_seed = " / ".join(f"{r['heldout_after']:.3f}" for r in runs)
-        greedy = statistics.mean(r["heldout_greedy_after"] for r in runs)
-        amplified = statistics.mean(r["amplified"] for r in runs)
-        print(f"| {arm} | {per_seed} | {means[arm]:.3f} | {greedy:.3f} | {amplified:.3f} |")
+    means = heldout_table(results, amplified_token_share="amplified")["heldout_after"]
     start = results["grpo"][0]["heldout_before"]
     print(f"\nstart (shared warm-up): held-out avg@4 {start:.3f}")
     print(

@@ -137,6 +137,26 @@ def run_job(job: dict, run_dir: Path) -> dict:
     }
 
 
+def heldout_table(results: dict[str, list[dict]], **columns: str) -> dict[str, dict[str, float]]:
+    """Print the arms' held-out table (avg@4 per seed, its mean, the greedy mean, and the
+    mean of each extra `columns` entry: title=key of a run's dict); return the means, by
+    key, then arm (`heldout_after`, `heldout_greedy_after` and the extra keys)."""
+    import statistics
+
+    keys = ["heldout_after", "heldout_greedy_after", *columns.values()]
+    titles = ["greedy mean", *(title.replace("_", " ") for title in columns)]
+    print("\n| arm | held-out avg@4 per seed | mean | " + " | ".join(titles) + " |")
+    print("|---" * (3 + len(titles)) + "|")
+    means = {key: {} for key in keys}
+    for arm, runs in results.items():
+        for key in keys:
+            means[key][arm] = statistics.mean(r[key] for r in runs)
+        per_seed = " / ".join(f"{r['heldout_after']:.3f}" for r in runs)
+        figures = " | ".join(f"{means[key][arm]:.3f}" for key in keys)
+        print(f"| {arm} | {per_seed} | {figures} |")
+    return means
+
+
 def machine() -> str:
     cpu = next(
         (

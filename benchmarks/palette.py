@@ -34,6 +34,7 @@ from pathlib import Path
 from harness import (
     example,
     from_model,
+    heldout_table,
     load_model,
     machine,
     merged,
@@ -181,14 +182,7 @@ def main() -> None:
                     f"{run['wall']:.0f} s",
                     flush=True,
                 )
-    print("\n| arm | held-out avg@4 per seed | mean | greedy mean |")
-    print("|---|---|---|---|")
-    means = {}
-    for arm, runs in results.items():
-        means[arm] = statistics.mean(r["heldout_after"] for r in runs)
-        per_seed = " / ".join(f"{r['heldout_after']:.3f}" for r in runs)
-        greedy_mean = statistics.mean(r["heldout_greedy_after"] for r in runs)
-        print(f"| {arm} | {per_seed} | {means[arm]:.3f} | {greedy_mean:.3f} |")
+    means = heldout_table(results)["heldout_after"]
     start = results["grpo"][0]["heldout_before"]
     print(f"\nstart (shared warm-up): held-out avg@4 {start:.3f}")
     print(

@@ -34,6 +34,7 @@ from pathlib import Path
 from harness import (
     example,
     from_model,
+    heldout_table,
     load_model,
     machine,
     merged,
@@ -127,15 +128,8 @@ def main() -> None:
                     f"zero-advantage groups {entry['zero']:.3f}, {run['wall']:.0f} s",
                     flush=True,
                 )
-    print("\n| arm | held-out avg@4 per seed | mean | greedy mean | zero-advantage groups |")
-    print("|---|---|---|---|---|")
-    means, zero = {}, {}
-    for arm, runs in results.items():
-        means[arm] = statistics.mean(r["heldout_after"] for r in runs)
-        zero[arm] = statistics.mean(r["zero"] for r in runs)
-        per_seed = " / ".join(f"{r['heldout_after']:.3f}" for r in runs)
-        greedy = statistics.mean(r["heldout_greedy_after"] for r in runs)
-        print(f"| {arm} | {per_seed} | {means[arm]:.3f} | {greedy:.3f} | {zero[arm]:.3f} |")
+    table = heldout_table(results, zero_advantage_groups="zero")
+    means, zero = table["heldout_after"], table["zero"]
     posterior = statistics.mean(r["posterior"] for r in results["ravr"])
     prior = statistics.mean(r["prior"] for r in results["ravr"])
     start = results["grpo"][0]["heldout_before"]
