@@ -26,7 +26,6 @@ grpo=<mean> palette=<mean>`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
@@ -71,11 +70,7 @@ def latent_answers(model, tokenizer, job: dict, k: int, limit: int, prefixed: bo
         def build_request(self, task, request, tokenizer):
             j = self.seen[task.task_id] = self.seen.get(task.task_id, -1) + 1
             z = self.latents(f"heldout/{task.task_id}/{j}", self.params.prefixLength)
-            return dataclasses.replace(
-                request,
-                prompt_ids=[tokenizer.pad_token_id] * len(z) + request.prompt_ids,
-                prompt_embeds=self.prefix(z),
-            )
+            return self.prefixed(request, z, tokenizer)
 
     stages = None
     if prefixed:

@@ -60,6 +60,12 @@ class Palette(Method):
         if request.sample >= prefixed_samples(self.params.schedule, progress, task.group_size):
             return request
         z = self.latents(f"{task.group_id}/{request.sample}", self.params.prefixLength)
+        return self.prefixed(request, z, tokenizer)
+
+    def prefixed(self, request, z: torch.Tensor, tokenizer):
+        """`request` behind the prefix that latents z [L, latent dim] decode to: L
+        placeholder tokens in front of its prompt, their embeddings replaced, and the
+        latents recorded for the trainer."""
         return dataclasses.replace(
             request,
             prompt_ids=[tokenizer.pad_token_id] * len(z) + request.prompt_ids,

@@ -43,9 +43,9 @@ class PaletteVAE(nn.Module):
         self.register_buffer("mean", torch.zeros(hidden))
         self.register_buffer("std", torch.ones(hidden))
 
-    def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ, log σ²) of q(z | h)."""
-        mu, log_var = self.encoder((h - self.mean) / self.std).chunk(2, dim=-1)
+    def encode(self, standardised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of q(z | h), from h standardised."""
+        mu, log_var = self.encoder(standardised).chunk(2, dim=-1)
         return mu, log_var
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -55,9 +55,10 @@ class PaletteVAE(nn.Module):
     def loss(self, h: torch.Tensor, beta: float, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The negative ELBO per example, with `noise` ~ N(0, I) for the reparameterisation;
         the reconstruction is measured in standardised units."""
-        mu, log_var = self.encode(h)
+        target = (h - self.mean) / self.std
+        mu, log_var = self.encode(target)
         z = mu + (0.5 * log_var).exp() * noise
-        recon = ((self.decoder(z) - (h - self.mean) / self.std) ** 2).sum(-1).mean()
+        recon = ((self.decoder(z) - target) ** 2).sum(-1).mean()
         kl = (0.5 * (mu**2 + log_var.exp() - 1 - log_var)).sum(-1).mean()
         return recon + beta * kl, {"recon": recon.item(), "kl": kl.item()}
 
