@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-palette: $(STAMP)  ## Reasoning Palette: strategies behind latents, latent
 
 bench-fusedkv: $(STAMP)  ## FusedKV, Lite, Lite-Rev and vanilla: pretraining perplexity, cache bytes, decode speed; RL on FusedKV
 	$(BIN)/python benchmarks/fusedkv.py
+
+bench-nezha: $(STAMP)  ## NEZHA against autoregressive beam search: HR@10, invalid items, latency; RL on the draft head (~15 min)
+	$(BIN)/python benchmarks/nezha.py
 
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed

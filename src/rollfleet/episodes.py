@@ -31,12 +31,15 @@ class EpisodeRequest:
     ids, optional prefix embeddings the engine feeds instead of the embedded prompt, and
     the conditioning the trajectory carries to the trainer (`Trajectory.conditioning`).
     `sample` is the sample's index in its group, None in held-out evaluation, which samples
-    as a deployed model would (RAVR's answer-guided samples key on it)."""
+    as a deployed model would (RAVR's answer-guided samples key on it). `decoding`
+    selects an engine decode mode other than token by token (NEZHA's `ItemDecoding`),
+    None for plain generation."""
 
     prompt_ids: list[int]
     prompt_embeds: Any = None
     sample: int | None = None
     conditioning: Conditioning = field(default_factory=Conditioning)
+    decoding: Any = None
 
 
 @dataclass

@@ -94,11 +94,11 @@ class BatchedGenerate:
         self.model, self.tokenizer, self.live = model, tokenizer, live
         self.max_new_tokens, self.max_length, self.stop_ids = max_new_tokens, max_length, stop_ids
         self.temperature, self.top_p = temperature, top_p
-        self.pending: list[tuple[list[int], object, asyncio.Future]] = []
+        self.pending: list[tuple[list[int], EpisodeRequest, asyncio.Future]] = []
 
     async def __call__(self, context: list[int], request: EpisodeRequest, turn: int) -> Generated:
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((context, request.prompt_embeds, future))
+        self.pending.append((context, request, future))
         self._flush_when_all_asked()
         return await future
 
@@ -110,6 +110,12 @@ class BatchedGenerate:
         if not self.pending or len(self.pending) < self.live:
             return
         batch, self.pending = self.pending, []
+        decoding = batch[0][1].decoding
+        if decoding is not None:  # a draft decode mode (NEZHA), as the torch engine runs it
+            items = decoding.items(self.model, [c for c, _, _ in batch], self.temperature)
+            for (_, _, future), (tokens, logprobs) in zip(batch, items, strict=True):
+                future.set_result(Generated(tokens, logprobs, [0] * len(tokens), "stop"))
+            return
         outputs = _generate(
             self.model,
             self.tokenizer,
@@ -118,7 +124,7 @@ class BatchedGenerate:
             self.stop_ids,
             self.temperature,
             self.top_p,
-            [embeds for _, embeds, _ in batch],
+            [request.prompt_embeds for _, request, _ in batch],
         )
         for (context, _, future), tokens in zip(batch, outputs, strict=True):
             room = self.max_length - len(context)  # as the engines: the context is the limit

@@ -20,6 +20,7 @@ from typing import Any
 
 from rollfleet.tasks.chain_sum import final_number
 from rollfleet.tasks.countdown import verify
+from rollfleet.tasks.recommend import item_codes, verifier_for
 
 REWARDS: dict[str, Callable[..., float]] = {}
 
@@ -101,6 +102,26 @@ def bard(
     if form == "additive":
         return 0.5 * (accuracy + fidelity)
     raise ValueError(f"bard reward: form {form!r} must be multiplicative or additive")
+
+
+@register_reward("recommend")
+def recommend(response: str, answer: str, meta: dict[str, Any], later_hit: float = 0.5) -> float:
+    """A recommended item (`tkq`): 1 if it is the user's next item, `later_hit` if it is one
+    of the items after that (`meta["next"]`), else 0; an item not in the catalogue is never
+    a hit, so it earns 0."""
+    item = response.strip()
+    upcoming = meta.get("next") or [answer]
+    if item == upcoming[0]:
+        return 1.0
+    return later_hit if item in upcoming[1:] else 0.0
+
+
+@register_reward("item_valid")
+def item_valid(response: str, answer: str, meta: dict[str, Any]) -> float:
+    """1 if the response is an item of the task's catalogue (NEZHA's verifier; reported,
+    usually weighted 0)."""
+    codes = item_codes(response)
+    return float(codes is not None and verifier_for(**meta["catalogue"]).valid(codes))
 
 
 @register_reward("format")

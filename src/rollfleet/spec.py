@@ -140,7 +140,8 @@ class ModelSpec(Strict):
 
 class TaskSpec(Strict):
     name: TaskName = Field(
-        "countdown", description="registered task: countdown, chain_sum, jsonl, calculator"
+        "countdown",
+        description="registered task: countdown, chain_sum, jsonl, calculator, solve, recommend",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
     heldoutLimit: int | None = Field(

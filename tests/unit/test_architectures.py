@@ -33,7 +33,7 @@ def test_an_unregistered_model_type_is_named():
     with pytest.raises(
         ValueError,
         match=r"model type 'mamba' has no registered architecture; registered: "
-        r"\['llama', 'rollfleet_fusedkv'\]",
+        r"\['llama', 'rollfleet_fusedkv', 'rollfleet_nezha'\]",
     ):
         architecture_of(SimpleNamespace(config=SimpleNamespace(model_type="mamba")))
 
@@ -48,7 +48,7 @@ def test_the_manifest_refuses_an_unknown_architecture():
     with pytest.raises(
         ManifestError,
         match=r"spec\.model\.architecture.*unknown architecture 'mamba'; choose one of "
-        r"\['fusedkv', 'fusedkv_lite', 'fusedkv_lite_rev', 'llama'\]",
+        r"\['fusedkv', 'fusedkv_lite', 'fusedkv_lite_rev', 'llama', 'nezha'\]",
     ):
         parse_manifest(manifest)
     del manifest["spec"]["model"]

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from rollfleet.crd import _PLACEHOLDER, build_crd, model_schema, render_crd, render_rule
+from rollfleet.methods import METHODS, MethodParams
 from rollfleet.methods.attention_credit import AttentionCreditParams
 from rollfleet.methods.ravr import RavrParams
 from rollfleet.spec import (
@@ -176,6 +177,7 @@ RULES = {
     ("methods.attention_credit", ".horizon"): "must be [near, far] with 1 <= near <= far",
     ("methods.ravr", ".template"): "must contain {question} and {answer}",
     ("", ".methods.ravr.posteriorSamples"): "must be below rollout.sampling.groupSize",
+    ("", ".methods.nezha"): "needs model.architecture: nezha",
 }
 
 
@@ -235,7 +237,14 @@ def test_one_rule_per_cross_field_validator(spec):
         + len(m.__pydantic_decorators__.field_validators)
         for m in models
     }
-    assert validators == {m.__name__: len(m.__cel__) for m in models}
+    rules = {m.__name__: len(m.__cel__) for m in models}
+    # RLJobSpec's _methods_fit_the_job runs every method's check_job, each with its rules
+    method_rules = sum(len(info.params.__job_cel__) for info in METHODS.values())
+    rules["RLJobSpec"] -= method_rules - 1
+    assert validators == rules
+    for info in METHODS.values():
+        checks = info.params.check_job is not MethodParams.check_job
+        assert checks == bool(info.params.__job_cel__), info.name
 
 
 def test_rules_are_well_formed(spec):
@@ -366,6 +375,7 @@ def random_spec(rng: random.Random) -> dict:
             rng,
             {
                 "attention_credit": [_maybe(rng, {"horizon": [[1, 8], [5, 2], [0, 3], [10, 100]]})],
+                "nezha": [_maybe(rng, {"beam": [1, 10]})],
                 "ravr": [
                     _maybe(
                         rng,
@@ -378,8 +388,14 @@ def random_spec(rng: random.Random) -> dict:
             },
         ),
         "model": lambda: _maybe(
-            rng, {"hidden": [8, 12, 96, 100, 128, 130], "heads": [1, 2, 3, 4, 5, 8]}
+            rng,
+            {
+                "hidden": [8, 12, 96, 100, 128, 130],
+                "heads": [1, 2, 3, 4, 5, 8],
+                "architecture": ["llama", "nezha"],
+            },
         ),
+        "task": lambda: _maybe(rng, {"name": ["countdown", "recommend"]}),
         "rollout": lambda: _maybe(
             rng,
             {
@@ -439,6 +455,13 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
             if "rollout" in s:
                 sampling = s["rollout"].get("sampling")
                 alone["rollout"] = {} if sampling is None else {"sampling": sampling}
+            return alone
+        case ("", ".methods.nezha"):
+            alone = {k: s[k] for k in ("task",) if k in s}
+            if "nezha" in s.get("methods", {}):
+                alone["methods"] = {"nezha": s["methods"]["nezha"]}
+            if "model" in s:
+                alone["model"] = _pick(s["model"], "architecture")
             return alone
         case ("model", _) if "model" in s:
             return {"model": _pick(s["model"], "hidden", "heads")}

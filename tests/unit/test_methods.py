@@ -9,13 +9,16 @@ import torch
 from rollfleet.methods import METHODS, Method, Stages
 from rollfleet.spec import ManifestError, parse_manifest
 
+# What a method needs of the rest of the job (its check_job)
+NEEDS = {"nezha": {"task": {"name": "recommend"}, "model": {"architecture": "nezha"}}}
 
-def manifest(methods: dict) -> dict:
+
+def manifest(methods: dict, **spec) -> dict:
     return {
         "apiVersion": "rollfleet.io/v1alpha1",
         "kind": "RLJob",
         "metadata": {"name": "methods"},
-        "spec": {"methods": methods},
+        "spec": {"methods": methods, **spec},
     }
 
 
@@ -42,7 +45,7 @@ def test_unknown_method_and_parameter_are_refused_with_what_is_allowed():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_registered_method_loads_its_stages(name):
-    spec = parse_manifest(manifest({name: {}})).spec
+    spec = parse_manifest(manifest({name: {}}, **NEEDS.get(name, {}))).spec
     stages = Stages.for_spec(spec)
     assert [m.name for m in stages.methods] == [name]
     assert all(isinstance(m, Method) for m in stages.methods)

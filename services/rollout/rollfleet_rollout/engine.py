@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +33,10 @@ class GenerationRequest:
     for prefix-based methods (soft prompts, Reasoning Palette's latent prefix): the engine
     feeds these vectors instead of looking up the first n of `prompt_ids`, which stay the
     record of what the prompt was (placeholders there). Both engines take them.
+
+    `decoding` (or None) asks for another decode mode than token by token: NEZHA's
+    `rollfleet.models.nezha.ItemDecoding` (one backbone forward, then the model's draft
+    head), which the torch engine runs and vLLM refuses.
     """
 
     request_id: str
@@ -40,6 +44,7 @@ class GenerationRequest:
     params: SamplingParams
     # compare=False: a tensor has no single truth value, so it stays out of ==
     prompt_embeds: torch.Tensor | None = field(default=None, compare=False)
+    decoding: Any = field(default=None, compare=False)
 
 
 @dataclass

@@ -7,6 +7,10 @@ swapped in between steps, and every token records the policy version that produc
 
 The forward pass is written here over the modules of a Hugging Face Llama model (the
 same weights the trainer trains), because HF's caches give all rows one position.
+
+A request with `decoding` (NEZHA's `ItemDecoding`) takes no slot: the requests waiting
+in that mode run together between steps, one backbone forward each, then the model's
+draft head (`backbone_rows` counts the rows of those forwards).
 `tests/services/test_torch_engine.py` checks its log-probs against HF's own forward.
 """
 
@@ -245,6 +249,7 @@ class TorchEngine(Engine):
         self.policy_version = version
         self.generator = torch.Generator(device=self.runner.k_cache.device).manual_seed(seed)
         self._waiting: deque[_Sequence] = deque()
+        self._items: deque[_Sequence] = deque()  # requests in a draft decode mode
         self._active: dict[int, _Sequence] = {}
         self._by_id: dict[str, _Sequence] = {}
         self._pending_weights: tuple[int, dict] | None = None
@@ -255,6 +260,10 @@ class TorchEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.tokens_generated = 0
         self.steps = 0
+        self.backbone_rows = 0
+        backbone = getattr(model, "model", None)
+        if backbone is not None:  # only the draft decode mode runs the backbone's own forward
+            backbone.register_forward_hook(self._count_backbone, with_kwargs=True)
 
     # --- asyncio side -----------------------------------------------------------------
     async def start(self) -> None:
@@ -298,7 +307,7 @@ class TorchEngine(Engine):
             if request.request_id in self._by_id:
                 raise ValueError(f"request id {request.request_id!r} is already running")
             self._by_id[request.request_id] = seq
-            self._waiting.append(seq)
+            (self._items if request.decoding is not None else self._waiting).append(seq)
             self._wake.notify()
         while True:
             output = await seq.queue.get()
@@ -355,7 +364,8 @@ class TorchEngine(Engine):
             with self._wake:
                 # Paused: only a weight swap may happen; otherwise sleep until there is work.
                 while self._running and not (
-                    self._pending_weights or (not self._paused and (self._waiting or self._active))
+                    self._pending_weights
+                    or (not self._paused and (self._waiting or self._active or self._items))
                 ):
                     self._wake.wait()
                 if not self._running:
@@ -369,10 +379,13 @@ class TorchEngine(Engine):
                         self._reprefill(list(self._active.values()))
                 if self._paused:
                     continue
-                for seq in [s for s in (*self._waiting, *self._active.values()) if s.aborted]:
-                    if seq in self._waiting:
-                        self._waiting.remove(seq)
+                queued = (*self._waiting, *self._items, *self._active.values())
+                for seq in [s for s in queued if s.aborted]:
+                    for line in (self._waiting, self._items):
+                        if seq in line:
+                            line.remove(seq)
                     self._finish(seq, "abort")
+                items, self._items = list(self._items), deque()
                 free = [s for s in range(self.slots) if s not in self._active]
                 admitted = []
                 while self._waiting and free:
@@ -380,13 +393,36 @@ class TorchEngine(Engine):
                     seq.slot = free.pop(0)
                     self._active[seq.slot] = seq
                     admitted.append(seq)
+            if items:
+                self._decode_items(items)
             if admitted:
                 self._prefill(admitted)
             if self._active:
                 self._decode()
             self.steps += 1
-        for seq in [*self._waiting, *self._active.values()]:
+        for seq in [*self._waiting, *self._items, *self._active.values()]:
             self._finish(seq, "abort")
+
+    def _count_backbone(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.backbone_rows += 0 if ids is None else ids.shape[0]
+
+    def _decode_items(self, seqs: list[_Sequence]):
+        """Requests in a draft decode mode, batched per mode and temperature: the whole item
+        at once, every token carrying the current version."""
+        batches: dict[tuple, list[_Sequence]] = {}
+        for seq in seqs:
+            key = (seq.request.decoding, seq.request.params.temperature)
+            batches.setdefault(key, []).append(seq)
+        for (decoding, temperature), batch in batches.items():
+            prompts = [s.request.prompt_ids for s in batch]
+            items = decoding.items(self.model, prompts, temperature, self.generator)
+            with self._wake:
+                for seq, (tokens, logprobs) in zip(batch, items, strict=True):
+                    seq.output.token_ids, seq.output.logprobs = tokens, logprobs
+                    seq.output.versions = [self.policy_version] * len(tokens)
+                    self.tokens_generated += len(tokens)
+                    self._finish(seq, "stop")
 
     def _reprefill(self, seqs: list[_Sequence]):
         """Recompute the KV cache of every token but the last (the next decode step feeds

@@ -88,6 +88,11 @@ def to_vllm_prompt(
     require grad; vLLM serialises it to its engine process) and moved to the CPU, where
     vLLM's input processing puts it anyway.
     """
+    if request.decoding is not None:
+        raise ValueError(
+            f"request {request.request_id!r}: decode mode {type(request.decoding).__name__} "
+            "runs on the torch engine only (set the pool's engine: torch)"
+        )
     embeds = request.prompt_embeds
     if embeds is None:
         return {"prompt_token_ids": list(request.prompt_ids)}

@@ -259,7 +259,9 @@ class RolloutWorker:
             try:
                 out = await complete(
                     self.engine,
-                    GenerationRequest(request_id, context, params, request.prompt_embeds),
+                    GenerationRequest(
+                        request_id, context, params, request.prompt_embeds, request.decoding
+                    ),
                 )
             finally:
                 running.discard(request_id)

@@ -78,16 +78,25 @@ def _create_llama(folder, seed: int = 0, **config) -> Path:
     return create_tiny_model(folder, seed=seed, **config)
 
 
+def _llama_fields(vocab_size: int, config: dict) -> dict:
+    """The tiny Llama's configuration as keyword arguments of a LlamaConfig subclass."""
+    from rollfleet.models.tiny import tiny_config
+
+    fields = tiny_config(vocab_size, **config).to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    return fields
+
+
 def _create_fusedkv(kv_fusion: str):
     def create(folder, seed: int = 0, **config) -> Path:
         from rollfleet.models.fusedkv import FusedKVConfig, FusedKVForCausalLM
-        from rollfleet.models.tiny import create_tiny_model, tiny_config
+        from rollfleet.models.tiny import create_tiny_model
 
         def build(vocab_size: int):
-            llama = tiny_config(vocab_size, **config).to_dict()
-            for key in ("model_type", "architectures", "transformers_version"):
-                llama.pop(key, None)
-            return FusedKVForCausalLM(FusedKVConfig(kv_fusion=kv_fusion, **llama))
+            return FusedKVForCausalLM(
+                FusedKVConfig(kv_fusion=kv_fusion, **_llama_fields(vocab_size, config))
+            )
 
         return create_tiny_model(folder, seed=seed, build=build)
 
@@ -126,3 +135,33 @@ for _name, _fusion, _what in (
             module="rollfleet.models.fusedkv",
         )
     )
+
+
+def _create_nezha(folder, seed: int = 0, **config) -> Path:
+    from rollfleet.models.nezha import NezhaConfig, NezhaForCausalLM
+    from rollfleet.models.tiny import create_tiny_model
+    from rollfleet.models.tokenizer import build_char_tokenizer
+    from rollfleet.tasks.recommend import CODE_CHARS, LEVELS
+
+    def build(vocab_size: int):
+        llama = _llama_fields(vocab_size, config)
+        codes = build_char_tokenizer().convert_tokens_to_ids(list(CODE_CHARS))
+        return NezhaForCausalLM(
+            NezhaConfig(draft_levels=LEVELS, draft_code_token_ids=codes, **llama)
+        )
+
+    return create_tiny_model(folder, seed=seed, build=build)
+
+
+register_architecture(
+    Architecture(
+        name="nezha",
+        model_type="rollfleet_nezha",
+        create=_create_nezha,
+        blocks=lambda model: list(model.model.layers),
+        slot_runner="rollfleet_rollout.torch_engine:SlotLlama",
+        summary="the builtin Llama with NEZHA's draft head (arXiv 2511.18793): one backbone "
+        "forward and a small RNN head decode a semantic-ID item",
+        module="rollfleet.models.nezha",
+    )
+)

@@ -69,4 +69,11 @@ def make_task(name: str, params: dict[str, Any] | None = None, seed: int = 0) ->
 
 
 # Registration happens on import of the task modules.
-from rollfleet.tasks import calculator, chain_sum, countdown, jsonl, solve  # noqa: E402, F401
+from rollfleet.tasks import (  # noqa: E402, F401
+    calculator,
+    chain_sum,
+    countdown,
+    jsonl,
+    recommend,
+    solve,
+)
