@@ -18,7 +18,7 @@
 3. Latency of one request (a user at a time, one thread, as a recommender serves): the
    median over `--latency-users` users, both decoders alternating, beams 10 and 50.
 4. RL (`rollfleet run` of the example from the warm-up, `--rl-steps` steps, asynchronous):
-   held-out reward before and after, and NEZHA's HR@10 after.
+   held-out next-item hit rate before and after, and NEZHA's HR@10 after.
 
 Claims to test: HR@10 within 3 % of beam search; at least 2x faster at beam >= 50; 0
 invalid with the verifier (the paper: the valid share of drafts 43 % -> 93 %).
@@ -188,8 +188,9 @@ def main() -> None:
         with single_thread():
             after = quality(trained, prompts, answers, nezha_search, 50, verifier.allowed)
         print(
-            f"\nRL ({args.rl_steps} steps, asynchronous, {run['wall']:.0f} s): held-out reward of sampled items "
-            f"{result['heldout_before']:.3f} -> {result['heldout_after']:.3f}, greedy "
+            f"\nRL ({args.rl_steps} steps, asynchronous, {run['wall']:.0f} s): held-out next-item "
+            f"hit rate of sampled items {result['heldout_before']:.3f} -> "
+            f"{result['heldout_after']:.3f}, greedy (beam {spec['methods']['nezha']['beam']}) "
             f"{result['heldout_greedy_before']:.3f} -> {result['heldout_greedy_after']:.3f}; "
             f"NEZHA HR@10 at beam 50 {table[('nezha', 50)]['hr@10']:.3f} -> {after['hr@10']:.3f}"
         )
