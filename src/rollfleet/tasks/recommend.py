@@ -182,7 +182,8 @@ class Recommend(Task):
     def size(self, split: Split) -> int | None:
         return self.heldout_size if split == "heldout" else None
 
-    def _sequence(self, rng: random.Random) -> list[tuple[int, ...]]:
+    def sequence(self, rng: random.Random) -> list[tuple[int, ...]]:
+        """One user's items: `history` of them, then `next_items` (their future)."""
         cat = self.catalogue
         interests = rng.sample(sorted(cat.categories), 2)
         item = rng.choice(cat.categories[interests[0]])
@@ -201,7 +202,7 @@ class Recommend(Task):
 
     def example(self, split: Split, index: int) -> Example:
         rng = random.Random(zlib.crc32(f"{self.seed}/{split}/{index}".encode()))
-        sequence = [item_text(i) for i in self._sequence(rng)]
+        sequence = [item_text(i) for i in self.sequence(rng)]
         seen, upcoming = sequence[: self.history], sequence[self.history :]
         return Example(
             id=f"{split}-{index}",
