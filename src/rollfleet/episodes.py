@@ -98,6 +98,21 @@ class Limits:
     eos_token_id: int
 
 
+def turn_stops(tokenizer, strings) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """A task's turn stops (`Task.turn_stop`, strings) as the engines take them: the ids of
+    one-token stops, and the token runs of longer ones (`</search>`)."""
+    encoded = [tuple(tokenizer.encode(s, add_special_tokens=False)) for s in strings]
+    return (
+        tuple(e[0] for e in encoded if len(e) == 1),
+        tuple(e for e in encoded if len(e) > 1),
+    )
+
+
+def ends_with_stop(tokens: list[int], sequences: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether `tokens` end with one of the stop sequences."""
+    return any(len(tokens) >= len(s) and tuple(tokens[-len(s) :]) == s for s in sequences)
+
+
 Generate = Callable[[list[int], EpisodeRequest, int], Awaitable[Generated]]
 # Called before each turn (with its index) and once after the last (with None): a status
 # to stop the episode with (stale, cancelled), or None to go on.

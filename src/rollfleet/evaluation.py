@@ -15,8 +15,17 @@ from __future__ import annotations
 import asyncio
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits
+from rollfleet.episodes import (
+    EPISODES,
+    Episode,
+    EpisodeRequest,
+    Generated,
+    Limits,
+    ends_with_stop,
+    turn_stops,
+)
 from rollfleet.methods import Stages
 from rollfleet.protocol import RolloutTask
 from rollfleet.rewards import reward_item, score
@@ -33,9 +42,11 @@ def _generate(
     temperature: float,
     top_p: float = 1.0,
     embeds: list | None = None,
+    stop_sequences: tuple[tuple[int, ...], ...] = (),
 ):
     """Batched HF generate; `embeds[i]` ([n, hidden] or None) replaces the embedded first
-    n tokens of prompt i, as the engines' `prompt_embeds` do."""
+    n tokens of prompt i, as the engines' `prompt_embeds` do. A row ends at its first stop
+    token or stop sequence (kept)."""
     width = max(len(p) for p in prompts)
     # Left padding so that every prompt ends where generation starts.
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -66,12 +77,33 @@ def _generate(
             else {"do_sample": False}
         ),
         pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=StoppingCriteriaList([_StopSequences(stop_sequences, width)]),
     )[:, width:]
     results = []
     for row in out.tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        cut = next(
+            (
+                i + 1
+                for i, t in enumerate(row)
+                if t in stop_ids or ends_with_stop(row[: i + 1], stop_sequences)
+            ),
+            len(row),
+        )
         results.append(row[:cut])
     return results
+
+
+class _StopSequences(StoppingCriteria):
+    """Per row: done once its generated tokens end with one of the stop sequences."""
+
+    def __init__(self, sequences: tuple[tuple[int, ...], ...], start: int):
+        self.sequences, self.start = sequences, start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.tensor(
+            [ends_with_stop(row[self.start :].tolist(), self.sequences) for row in input_ids],
+            device=input_ids.device,
+        )
 
 
 class BatchedGenerate:
@@ -88,11 +120,13 @@ class BatchedGenerate:
         max_new_tokens: int,
         max_length: int,
         stop_ids: list[int],
+        stop_sequences: tuple[tuple[int, ...], ...] = (),
         temperature: float,
         top_p: float,
     ):
         self.model, self.tokenizer, self.live = model, tokenizer, live
-        self.max_new_tokens, self.max_length, self.stop_ids = max_new_tokens, max_length, stop_ids
+        self.max_new_tokens, self.max_length = max_new_tokens, max_length
+        self.stop_ids, self.stop_sequences = stop_ids, stop_sequences
         self.temperature, self.top_p = temperature, top_p
         self.pending: list[tuple[list[int], EpisodeRequest, asyncio.Future]] = []
 
@@ -125,11 +159,14 @@ class BatchedGenerate:
             self.temperature,
             self.top_p,
             [request.prompt_embeds for _, request, _ in batch],
+            self.stop_sequences,
         )
         for (context, _, future), tokens in zip(batch, outputs, strict=True):
             room = self.max_length - len(context)  # as the engines: the context is the limit
             tokens = tokens[:room]
-            stopped = bool(tokens) and tokens[-1] in self.stop_ids
+            stopped = bool(tokens) and (
+                tokens[-1] in self.stop_ids or ends_with_stop(tokens, self.stop_sequences)
+            )
             future.set_result(
                 Generated(
                     tokens, [0.0] * len(tokens), [0] * len(tokens), "stop" if stopped else "length"
@@ -138,15 +175,13 @@ class BatchedGenerate:
 
 
 class LocalEnvSession:
-    """The task's own env logic in-process (what the env service runs), as an EnvSession."""
+    """The task's own env in-process (what the env service runs), as an EnvSession."""
 
     def __init__(self, task: Task, meta: dict):
-        self.task, self.meta, self.turn = task, meta, 0
+        self.env = task.open_env(meta)
 
     async def step(self, action: str) -> tuple[str, bool, dict]:
-        observation, done = self.task.env_step(self.meta, self.turn, action)
-        self.turn += 1
-        return observation, done, {}
+        return self.env.step(action)
 
 
 async def _score_one(
@@ -211,10 +246,8 @@ def heldout_episodes(
     count = task.size("heldout") or 0
     count = min(count, limit) if limit else count
     examples = [(i, task.example("heldout", i)) for i in range(count) for _ in range(samples)]
-    stop_ids = [
-        tokenizer.eos_token_id,
-        *(tokenizer.convert_tokens_to_ids(t) for t in task.turn_stop),
-    ]
+    turn_ids, stop_sequences = turn_stops(tokenizer, task.turn_stop)
+    stop_ids = [tokenizer.eos_token_id, *turn_ids]
     stages = stages or Stages([])
     limits_length = max_length or model.config.max_position_embeddings
     scored = []
@@ -227,6 +260,7 @@ def heldout_episodes(
             max_new_tokens=max_new_tokens,
             max_length=limits_length,
             stop_ids=stop_ids,
+            stop_sequences=stop_sequences,
             temperature=temperature,
             top_p=top_p,
         )

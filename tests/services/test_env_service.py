@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import threading
 import time
 
+import httpx
 import pytest
 
 from rollfleet.service import TOKEN_ENV
-from rollfleet.tasks import make_task
+from rollfleet.tasks import Task, TaskEnv, make_task
 from rollfleet_env.app import create_app
 
 
@@ -29,9 +31,9 @@ def test_episode_tool_call_then_answer(serve_app, calculator):
     sid = new_session(client)
     response = client.post(f"/sessions/{sid}/step", json={"action": "c12*34;"})
     assert response.status_code == 200
-    assert response.json() == {"observation": "=408;", "done": False, "turn": 1}
+    assert response.json() == {"observation": "=408;", "done": False, "turn": 1, "info": {}}
     response = client.post(f"/sessions/{sid}/step", json={"action": "a413"})
-    assert response.json() == {"observation": "", "done": True, "turn": 2}
+    assert response.json() == {"observation": "", "done": True, "turn": 2, "info": {}}
     # stepping after the episode ended is a conflict
     after = client.post(f"/sessions/{sid}/step", json={"action": "c1+1;"})
     assert after.status_code == 409
@@ -43,7 +45,7 @@ def test_max_turns_from_session_meta_ends_the_episode(serve_app, calculator):
     sid = new_session(client, {"max_turns": 2})
     assert client.post(f"/sessions/{sid}/step", json={"action": "c2*3;"}).json()["done"] is False
     last = client.post(f"/sessions/{sid}/step", json={"action": "c2*4;"}).json()
-    assert last == {"observation": "=8;", "done": True, "turn": 2}
+    assert last == {"observation": "=8;", "done": True, "turn": 2, "info": {}}
 
 
 def test_sessions_are_independent(serve_app, calculator):
@@ -55,6 +57,7 @@ def test_sessions_are_independent(serve_app, calculator):
         "observation": "=81;",
         "done": False,
         "turn": 1,
+        "info": {},
     }
 
 
@@ -150,3 +153,60 @@ def test_token_is_required_when_set(serve_app, calculator, monkeypatch):
     assert client.delete(f"/sessions/{sid}").status_code == 401
     step = client.post(f"/sessions/{sid}/step", json={"action": "c1;"}, headers=auth)
     assert step.json()["observation"] == "=1;"
+
+
+class Lookup(Task):
+    """A multi-turn task whose env does blocking work (waits on `gate`, as a retrieval
+    index would compute) and keeps its own state, reported in `info`."""
+
+    name = "lookup"
+    multi_turn = True
+
+    def __init__(self):
+        self.gate = threading.Event()
+
+    def open_env(self, meta):
+        return LookupEnv(self, meta)
+
+
+class LookupEnv(TaskEnv):
+    def __init__(self, task, meta):
+        super().__init__(task, meta)
+        self.queries: list[str] = []
+
+    def step(self, action):
+        if action == "slow":
+            assert self.task.gate.wait(timeout=10)
+        self.queries.append(action)
+        return f"[{len(self.queries)}]", len(self.queries) >= 2, {"queries": list(self.queries)}
+
+
+def test_env_steps_run_off_the_event_loop_with_state_and_info(serve_app):
+    task = Lookup()
+    client = serve_app(create_app(task, session_timeout=30))
+    slow, fast = new_session(client), new_session(client)
+    replies = {}
+
+    def step_slowly():
+        with httpx.Client(base_url=str(client.base_url), timeout=20) as other:
+            replies["slow"] = other.post(f"/sessions/{slow}/step", json={"action": "slow"})
+
+    blocked = threading.Thread(target=step_slowly)
+    blocked.start()
+    try:
+        # While one session's step blocks in its thread, the service answers the others.
+        assert client.get("/healthz").status_code == 200
+        first = client.post(f"/sessions/{fast}/step", json={"action": "q1"}).json()
+        assert first == {
+            "observation": "[1]",
+            "done": False,
+            "turn": 1,
+            "info": {"queries": ["q1"]},
+        }
+        assert "slow" not in replies
+    finally:
+        task.gate.set()
+        blocked.join()
+    assert replies["slow"].json()["info"] == {"queries": ["slow"]}
+    second = client.post(f"/sessions/{fast}/step", json={"action": "q2"}).json()
+    assert second["done"] is True and second["info"] == {"queries": ["q1", "q2"]}

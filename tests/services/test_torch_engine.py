@@ -248,6 +248,30 @@ async def test_stop_token_ends_with_stop_and_max_new_tokens_with_length(make_eng
     assert stopped.token_ids == free.token_ids[: first + 1]  # the stop token is included
 
 
+async def test_a_stop_sequence_of_several_tokens_ends_the_turn_here_and_in_evaluation(
+    make_engine, model
+):
+    engine = await make_engine(slots=2, max_len=128, eos_token_id=NO_EOS)
+    prompt = random_prompt(random.Random(7), 6)
+    free = await complete(engine, request("a", prompt, max_new_tokens=12, temperature=0.0))
+    run = tuple(free.token_ids[4:6])  # ends at its first occurrence, the run included
+    end = next(i + 2 for i in range(11) if tuple(free.token_ids[i : i + 2]) == run)
+    stopped = await complete(
+        engine,
+        request("b", prompt, max_new_tokens=12, temperature=0.0, stop_sequences=(run,)),
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[:end]
+
+    class Tok:
+        pad_token_id = 0
+
+    from rollfleet.evaluation import _generate
+
+    (evaluated,) = _generate(model, Tok, [prompt], 12, [NO_EOS], 0.0, stop_sequences=(run,))
+    assert evaluated == stopped.token_ids
+
+
 async def test_eos_ends_with_stop(make_engine, model):
     prompt = random_prompt(random.Random(6), 5)
     probe = await make_engine(slots=1, max_len=128, eos_token_id=NO_EOS)

@@ -339,6 +339,16 @@ async def test_vllm_engine_generate_and_version_switch():
     assert rpc_chunks(llm.calls)[0]["w"] is tensors["w"]
 
 
+async def test_a_stop_sequence_aborts_the_vllm_request_where_it_ends():
+    llm = FakeAsyncLLM(tokens=(7, 8, 9, 10, 11))
+    engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=2)
+    req = GenerationRequest("r1", [1], SamplingParams(max_new_tokens=5, stop_sequences=((8, 9),)))
+    out = await complete(engine, req)
+    assert out.token_ids == [7, 8, 9] and out.finish_reason == "stop"
+    assert ("abort", "r1") in llm.calls
+    assert engine.free_capacity() == 2
+
+
 async def test_load_weights_sends_bounded_chunks_between_pause_and_resume():
     llm = FakeAsyncLLM()
     engine = VllmEngine(llm, FAKE_VLLM, version=4, slots=2, chunk_bytes=64)

@@ -70,3 +70,14 @@ def test_limit_evaluates_only_the_first_prompts(models, constant_task):
         )
         == 1.0
     )
+
+
+def test_turn_stops_split_into_single_tokens_and_runs():
+    from rollfleet.episodes import ends_with_stop, turn_stops
+    from rollfleet.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    ids, runs = turn_stops(tok, (";", "</s>"))
+    assert ids == (tok.convert_tokens_to_ids(";"),)
+    assert runs == (tuple(tok.encode("</s>", add_special_tokens=False)),) and len(runs[0]) == 4
+    assert ends_with_stop([5, *runs[0]], runs) and not ends_with_stop(list(runs[0][:3]), runs)

@@ -1,12 +1,15 @@
 """The env-sandbox service: stateful multi-turn sessions of the job's task.
 
     POST   /sessions            {"meta": {...}}      -> {"session_id": "...", "turn": 0}
-    POST   /sessions/{id}/step  {"action": "c12*34;"} -> {"observation": "=408;", "done": false}
+    POST   /sessions/{id}/step  {"action": "c12*34;"}
+                                -> {"observation": "=408;", "done": false, "turn": 1, "info": {}}
     DELETE /sessions/{id}
 
-Each step runs the task's own `env_step` (the calculator tool, say) after an optional
-latency with a Pareto tail (`env.stepLatencyMs`, `env.latencyTail`) for benchmarks.
-Sessions idle longer than `env.sessionTimeoutSeconds` are closed by a sweeper.
+A session holds the task's env of one episode (`Task.open_env`: the calculator tool, a
+retrieval index's results). Its steps run one at a time in a worker thread, so an env
+doing real work never stalls the other sessions; an optional latency with a Pareto tail
+(`env.stepLatencyMs`, `env.latencyTail`) is added for benchmarks. Sessions idle longer
+than `env.sessionTimeoutSeconds` are closed by a sweeper.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from rollfleet.service import make_app, require_token
-from rollfleet.tasks import Task
+from rollfleet.tasks import Task, TaskEnv
 
 SESSIONS = Gauge("rollfleet_env_sessions", "Open env sessions")
 STEP_SECONDS = Histogram(
@@ -48,10 +51,11 @@ class StepRequest(BaseModel):
 
 @dataclass
 class Session:
-    meta: dict[str, Any]
+    env: TaskEnv
     turn: int = 0
     done: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    stepping: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time
 
 
 def create_app(
@@ -107,7 +111,7 @@ def create_app(
     @app.post("/sessions", dependencies=auth)
     async def create(body: CreateSession):
         session_id = uuid.uuid4().hex
-        sessions[session_id] = Session(meta=body.meta)
+        sessions[session_id] = Session(env=task.open_env(body.meta))
         CREATED.inc()
         SESSIONS.set(len(sessions))
         return {"session_id": session_id, "turn": 0}
@@ -117,17 +121,18 @@ def create_app(
         session = get(session_id)
         if not task.multi_turn:
             raise HTTPException(400, f"task {task.name!r} is single-turn: it has no env steps")
-        if session.done:
-            raise HTTPException(409, f"session {session_id!r} has ended; create a new one")
-        started = time.perf_counter()
-        delay = latency()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        observation, done = task.env_step(session.meta, session.turn, body.action)
-        session.turn += 1
-        session.done = done
-        STEP_SECONDS.observe(time.perf_counter() - started)
-        return {"observation": observation, "done": done, "turn": session.turn}
+        async with session.stepping:
+            if session.done:
+                raise HTTPException(409, f"session {session_id!r} has ended; create a new one")
+            started = time.perf_counter()
+            delay = latency()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            observation, done, info = await asyncio.to_thread(session.env.step, body.action)
+            session.turn += 1
+            session.done = done
+            STEP_SECONDS.observe(time.perf_counter() - started)
+        return {"observation": observation, "done": done, "turn": session.turn, "info": info}
 
     @app.delete("/sessions/{session_id}", dependencies=auth)
     async def close(session_id: str):

@@ -19,10 +19,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """`stop_token_ids` end a turn on one token; `stop_sequences` on a run of several (a
+    multi-token stop string such as `</search>`, as token ids). Either is kept in the
+    output."""
+
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)

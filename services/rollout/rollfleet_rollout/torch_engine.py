@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rollfleet.episodes import ends_with_stop
 from rollfleet.models.architectures import architecture_of, load_slot_runner
 from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest
 
@@ -464,7 +465,9 @@ class TorchEngine(Engine):
                 seq.position = len(seq.request.prompt_ids) + len(out.token_ids) - 1
                 seq.next_token = token
                 self.tokens_generated += 1
-                if token in seq.stop_ids:
+                if token in seq.stop_ids or ends_with_stop(
+                    out.token_ids, seq.request.params.stop_sequences
+                ):
                     self._finish(seq, "stop")
                 elif (
                     len(out.token_ids) >= seq.request.params.max_new_tokens

@@ -35,7 +35,13 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from rollfleet.episodes import ends_with_stop
+from rollfleet_rollout.engine import (
+    Engine,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +296,17 @@ class VllmEngine(Engine):
                 sampling_params=to_vllm_sampling(request.params, self.vllm),
                 request_id=request.request_id,
             ):
-                yield from_vllm_output(output, request.request_id, versions, self.policy_version)
+                out = from_vllm_output(output, request.request_id, versions, self.policy_version)
+                # vLLM stops on single tokens or on strings (which need detokenizing): a
+                # run of stop tokens is checked here and the request aborted at it.
+                if not out.finished and ends_with_stop(
+                    out.token_ids, request.params.stop_sequences
+                ):
+                    await self.engine.abort(request.request_id)
+                    out.finished, out.finish_reason = True, "stop"
+                yield out
+                if out.finished:
+                    return
         finally:
             self.running -= 1
 

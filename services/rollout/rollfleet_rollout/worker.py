@@ -32,7 +32,7 @@ import httpx
 from prometheus_client import Counter, Gauge, Histogram
 
 from rollfleet.bus import Bus
-from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits
+from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits, turn_stops
 from rollfleet.methods import Stages
 from rollfleet.models.architectures import import_architectures
 from rollfleet.models.files import fetch_model_files
@@ -247,10 +247,10 @@ class RolloutWorker:
             ),
             tok,
         )
-        stop = (
-            tuple(tok.convert_tokens_to_ids(t) for t in self._turn_stop) if task.multi_turn else ()
+        stop_ids, stop_sequences = turn_stops(tok, self._turn_stop if task.multi_turn else ())
+        params = SamplingParams(
+            self.max_new_tokens, self.temperature, self.top_p, stop_ids, stop_sequences
         )
-        params = SamplingParams(self.max_new_tokens, self.temperature, self.top_p, stop)
 
         async def generate(context: list[int], request: EpisodeRequest, turn: int) -> Generated:
             request_id = f"{task.task_id}/{index}/{turn}"

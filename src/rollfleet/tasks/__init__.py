@@ -35,7 +35,8 @@ class Task:
     name: str = ""
     multi_turn: bool = False
     default_reward: str = "exact_match"
-    # Tokens that end a model turn in a multi-turn episode (besides end-of-sequence).
+    # Strings that end a model turn in a multi-turn episode (besides end-of-sequence), one
+    # token (`;`) or several (`</search>`).
     turn_stop: tuple[str, ...] = ()
 
     def example(self, split: Split, index: int) -> Example:
@@ -47,8 +48,28 @@ class Task:
 
     def env_step(self, meta: dict[str, Any], turn: int, action: str) -> tuple[str, bool]:
         """Multi-turn tasks: the env's observation after the model's `action` in turn `turn`
-        (0-based), and whether the episode has ended. The env service calls this."""
+        (0-based), and whether the episode has ended (the default `TaskEnv` calls this)."""
         raise NotImplementedError(f"task {self.name!r} is single-turn")
+
+    def open_env(self, meta: dict[str, Any]) -> TaskEnv:
+        """The env of one episode (one env-service session). A task whose env keeps more
+        state than the turn (retrieved passages, other agents) returns its own TaskEnv."""
+        return TaskEnv(self, meta)
+
+
+class TaskEnv:
+    """One episode's env: `step(action)` -> (observation, done, info). `info` (JSON) goes
+    into the step reply and the transcript the reward sees. `step` may block on real work
+    (a retrieval index): the env service runs it off its event loop, one step of a session
+    at a time. The default plays the task's `env_step` turn by turn."""
+
+    def __init__(self, task: Task, meta: dict[str, Any]):
+        self.task, self.meta, self.turn = task, meta, 0
+
+    def step(self, action: str) -> tuple[str, bool, dict[str, Any]]:
+        observation, done = self.task.env_step(self.meta, self.turn, action)
+        self.turn += 1
+        return observation, done, {}
 
 
 TASKS: dict[str, Callable[..., Task]] = {}
