@@ -212,8 +212,10 @@ def _strip_null(node: dict) -> tuple[dict, bool]:
 
 
 def _is_open_map(node: dict) -> bool:
+    """An object of any fields (`dict[str, Any]`); a typed map (`dict[str, str]`) is not."""
+    extra = node.get("additionalProperties")
     return node.get("type") == "object" and (
-        node.get("additionalProperties") is True or "properties" not in node
+        extra is True or ("properties" not in node and not isinstance(extra, dict))
     )
 
 
@@ -245,8 +247,8 @@ def _convert(node: dict, defs: dict, seen: tuple[str, ...] = ()) -> dict:
             out[key] = [{k: rule[k] for k in _RULE_KEYS if k in rule} for rule in value]
         elif key == "properties":
             out[key] = {name: _convert(sub, defs, seen) for name, sub in value.items()}
-        elif key == "items":
-            out[key] = _convert(value, defs, seen)
+        elif key == "items" or (key == "additionalProperties" and isinstance(value, dict)):
+            out[key] = _convert(value, defs, seen)  # a list's items, a typed map's values
         elif key not in _DROPPED:
             raise ValueError(f"JSON Schema keyword {key!r} has no CRD equivalent: {node}")
     if nullable:

@@ -8,6 +8,12 @@ the same functions for held-out evaluation.
 
     item = {"response": "3*5+7", "answer": "22", "meta": {"numbers": [3, 5, 7], "target": 22}}
     total, parts = compose([("countdown", 1.0, {})], item)
+
+Model-based functions (a reader, a judge) are registered with `batched=True`: they take
+the whole batch of items and the reward service's models (`reward.models`, Hugging Face
+folders loaded once by name, `RewardModels`), and return one value per item;
+`compose_batch` scores a batch with both kinds. They run in the reward service only: the
+trainer's held-out verifier (the first function) must be rule-based.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ from rollfleet.tasks.countdown import verify
 from rollfleet.tasks.recommend import item_codes, verifier_for
 
 REWARDS: dict[str, Callable[..., float]] = {}
+BATCHED: set[str] = set()  # model-based functions: (items, models, **params) -> values
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def register_reward(name: str):
+def register_reward(name: str, batched: bool = False):
     def wrap(fn):
         REWARDS[name] = fn
+        if batched:
+            BATCHED.add(name)
         return fn
 
     return wrap
@@ -132,6 +141,62 @@ def format_reward(
     return float(re.fullmatch(pattern, response.strip()) is not None)
 
 
+class RewardModels:
+    """The reward service's models by name (`reward.models`: name -> Hugging Face folder),
+    each loaded once, frozen, with its tokenizer. `answer(name, prompts)` decodes greedily
+    in one batch, up to end-of-sequence."""
+
+    def __init__(self, folders: dict[str, str]):
+        import threading
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rollfleet.models.architectures import import_architectures
+
+        import_architectures()
+        self.loaded = {}
+        for name, folder in folders.items():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(folder).eval()
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            except OSError as e:
+                raise ValueError(
+                    f"reward.models.{name}: cannot load a Hugging Face model folder from "
+                    f"{folder!r} ({e})"
+                ) from None
+            self.loaded[name] = (model, tokenizer)
+        self._lock = threading.Lock()  # the service scores requests in several threads
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.loaded
+
+    def answer(self, name: str, prompts: list[str], max_new_tokens: int) -> list[str]:
+        from rollfleet.evaluation import _generate
+
+        model, tok = self.loaded[name]
+        ids = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
+        with self._lock:
+            out = _generate(model, tok, ids, max_new_tokens, [tok.eos_token_id], 0.0)
+        return [tok.decode([t for t in row if t != tok.eos_token_id]) for row in out]
+
+
+@register_reward("model_exact_match", batched=True)
+def model_exact_match(
+    items: list[dict[str, Any]],
+    models: RewardModels,
+    model: str,
+    template: str,
+    max_new_tokens: int = 16,
+) -> list[float]:
+    """A frozen model answers each item from a prompt made by `template` (formatted with
+    the item's `response` and its meta's fields, e.g. `{response}|{question}>`: QAgent's
+    reader answering from what the agent retrieved); 1 where its answer equals the item's
+    reference answer."""
+    prompts = [template.format(response=i["response"], **i.get("meta", {})) for i in items]
+    answers = models.answer(model, prompts, max_new_tokens)
+    return [float(a.strip() == i["answer"].strip()) for a, i in zip(answers, items, strict=True)]
+
+
 EPISODE_FIELDS = ("response_tokens", "turns")  # what a function may ask of the episode
 
 
@@ -158,27 +223,75 @@ def reward_item(task, episode) -> dict[str, Any]:
 
 
 def score(name: str, item: dict[str, Any], params: dict[str, Any] | None = None) -> float:
-    """One reward function on one item (a reward_item-shaped dict)."""
+    """One rule-based reward function on one item (a reward_item-shaped dict)."""
+    if name in BATCHED:
+        raise ValueError(
+            f"reward function {name!r} is model-based: it scores batches in the reward "
+            "service; list a rule-based function first (the held-out verifier)"
+        )
     extra = {f: item[f] for f in _episode_fields(name) if item.get(f) is not None}
     return REWARDS[name](
         item["response"], item["answer"], item.get("meta", {}), **(params or {}), **extra
     )
 
 
+def _part_names(functions) -> list[str]:
+    """Each function's name in the parts; one listed twice (with other params) is
+    reported as `name`, `name#2`, ..."""
+    names: list[str] = []
+    for name, _, _ in functions:
+        key, n = name, 1
+        while key in names:
+            n += 1
+            key = f"{name}#{n}"
+        names.append(key)
+    return names
+
+
 def compose(
     functions: list[tuple[str, float, dict[str, Any]]], item: dict[str, Any]
 ) -> tuple[float, dict[str, float]]:
-    """Weighted sum of reward functions on one item; returns (total, {name: unweighted value}).
-
-    A function listed twice (with other params) is reported as `name`, `name#2`, ...
-    """
-    total, parts = 0.0, {}
-    for name, weight, params in functions:
-        value = score(name, item, params)
-        total += weight * value
-        key, n = name, 1
-        while key in parts:
-            n += 1
-            key = f"{name}#{n}"
-        parts[key] = value
+    """Weighted sum of rule-based reward functions on one item; returns (total, {name:
+    unweighted value})."""
+    parts = {
+        key: score(name, item, params)
+        for key, (name, _, params) in zip(_part_names(functions), functions, strict=True)
+    }
+    total = sum(w * parts[k] for k, (_, w, _) in zip(parts, functions, strict=True))
     return total, parts
+
+
+def compose_batch(
+    functions: list[tuple[str, float, dict[str, Any]]],
+    items: list[dict[str, Any]],
+    models: RewardModels | None = None,
+) -> list[tuple[float, dict[str, float], str | None]]:
+    """`compose` over a batch, model-based functions included: (total, parts, error) per
+    item. An item a function fails on scores 0 with the error (a batched function failing
+    fails its whole batch); the other items keep their scores."""
+    values: dict[str, list[float | None]] = {}
+    errors: list[str | None] = [None] * len(items)
+    for key, (name, _, params) in zip(_part_names(functions), functions, strict=True):
+        if name in BATCHED:
+            try:
+                values[key] = list(REWARDS[name](items, models, **params))
+            except Exception as e:  # reported per item, counted by the service
+                values[key] = [None] * len(items)
+                errors = [err or f"{name}: {type(e).__name__}: {e}" for err in errors]
+            continue
+        values[key] = []
+        for i, item in enumerate(items):
+            try:
+                values[key].append(score(name, item, params))
+            except Exception as e:  # a bad item must not fail its batch
+                values[key].append(None)
+                errors[i] = errors[i] or f"{type(e).__name__}: {e}"
+    results = []
+    for i in range(len(items)):
+        if errors[i] is not None:
+            results.append((0.0, {}, errors[i]))
+            continue
+        parts = {key: values[key][i] for key in values}
+        total = sum(w * parts[k] for k, (_, w, _) in zip(parts, functions, strict=True))
+        results.append((total, parts, None))
+    return results

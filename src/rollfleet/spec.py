@@ -324,6 +324,11 @@ class RewardSpec(Strict):
     functions: list[RewardFunctionSpec] = Field(
         default_factory=list, description="weighted reward functions; empty = the task's verifier"
     )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="models the reward service loads for model-based functions (a reader, a "
+        "judge): name -> Hugging Face model folder; a function's params.model names one",
+    )
     replicas: int = Field(1, ge=1)
     maxScale: int = Field(4, ge=1, description="Knative max scale")
     targetConcurrency: int = Field(16, ge=1, description="Knative target concurrency")

@@ -16,6 +16,7 @@ def test_healthz_names_the_functions(serve_app):
         "status": "ok",
         "service": "reward",
         "functions": ["countdown", "format"],
+        "models": [],
     }
 
 
@@ -123,3 +124,53 @@ def test_metrics_exposes_reward_counters(serve_app):
 def test_unknown_function_is_rejected_at_startup():
     with pytest.raises(ValueError, match=r"unknown reward functions \['vibes'\]"):
         create_app([("vibes", 1.0, {})])
+
+
+def test_a_model_based_function_scores_the_batch_with_the_model_it_names(serve_app, tiny_model_dir):
+    """`model_exact_match` with a real (untrained) model: an item whose reference is what
+    the model answers scores 1, the others 0; rule-based parts beside it are kept."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollfleet.evaluation import _generate
+
+    template = "{response}|{question}>"
+    meta = {"question": "ab"}
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = [tok.bos_token_id, *tok.encode(template.format(response="7", **meta))]
+    (said,) = _generate(model, tok, [prompt], 6, [tok.eos_token_id], 0.0)
+    said = tok.decode([t for t in said if t != tok.eos_token_id]).strip()
+    assert said  # the untrained model answers something, so the match below is informative
+    reader = (
+        "model_exact_match",
+        1.0,
+        {"model": "reader", "template": template, "max_new_tokens": 6},
+    )
+    client = serve_app(
+        create_app([("exact_match", 0.0, {}), reader], {"reader": str(tiny_model_dir)})
+    )
+    items = [
+        {"response": "7", "answer": said, "meta": meta},
+        {"response": "7", "answer": said + "x", "meta": meta},
+    ]
+    rewards = client.post("/score", json={"items": items}).json()["rewards"]
+    assert [r["reward"] for r in rewards] == [1.0, 0.0]
+    assert rewards[0]["parts"] == {"exact_match": 0.0, "model_exact_match": 1.0}
+    assert client.get("/healthz").json()["models"] == ["reader"]
+
+
+def test_a_model_based_function_needs_a_loaded_model():
+    reader = ("model_exact_match", 1.0, {"model": "judge", "template": "{response}"})
+    with pytest.raises(
+        ValueError, match=r"reward.functions\[0\] \(model_exact_match\): params.model 'judge'"
+    ):
+        create_app([reader])
+    with pytest.raises(ValueError, match=r"reward.models.judge: cannot load"):
+        create_app([reader], {"judge": "/nonexistent/folder"})
+
+
+def test_a_model_based_function_is_not_a_held_out_verifier():
+    from rollfleet.rewards import score
+
+    with pytest.raises(ValueError, match="model-based"):
+        score("model_exact_match", {"response": "", "answer": "", "meta": {}})

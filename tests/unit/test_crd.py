@@ -54,6 +54,8 @@ def walk(node: dict, path: str = ""):
         yield from walk(sub, f"{path}.{name}")
     if "items" in node:
         yield from walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk(node["additionalProperties"], f"{path}{{}}")
 
 
 def test_checked_in_file_is_current():
@@ -96,9 +98,10 @@ def test_schema_is_structural(version):
     for path, node in walk(root):
         assert "type" in node or node.get(PRESERVE), f"{path} has no type"
         assert not FORBIDDEN & node.keys(), f"{path} keeps {FORBIDDEN & node.keys()}"
-        # The API server forbids additionalProperties next to properties; pruning plus
-        # strict field validation reject unknown fields instead.
-        assert "additionalProperties" not in node, path
+        # The API server forbids additionalProperties next to properties (pruning plus
+        # strict field validation reject unknown fields instead); a typed map has only it.
+        extra = node.get("additionalProperties")
+        assert extra is None or ("properties" not in node and "type" in extra), path
         for key in ("exclusiveMinimum", "exclusiveMaximum"):
             assert node.get(key, True) is True, f"{path}.{key} must be a boolean"
 

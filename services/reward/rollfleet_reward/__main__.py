@@ -14,7 +14,7 @@ def main() -> None:
     setup_logging("reward")
     env = ServiceEnv.from_environ()
     job = load_manifest(env.job_file)
-    app = create_app(job.spec.reward_functions())
+    app = create_app(job.spec.reward_functions(), job.spec.reward.models)
     uvicorn.Server(uvicorn_config(app, env.http_port, env.http_host)).run()
 
 

@@ -5,6 +5,8 @@
 
 An item may also carry the episode (`response_tokens`, `turns`: what the rollout worker's
 `reward_input` stage sends), for reward functions that score more than the final answer.
+Model-based functions (`model_exact_match`: a reader, a judge) score the whole batch with
+models the service loads at start from `reward.models` (Hugging Face folders by name).
 
 Runs as a Knative Service in a cluster (stateless, scales on concurrency) and as a local
 uvicorn process under `rollfleet run`. A payload that does not validate gets a 422 that
@@ -20,7 +22,7 @@ from fastapi import Depends
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from rollfleet.rewards import REWARDS, compose
+from rollfleet.rewards import BATCHED, REWARDS, RewardModels, compose_batch
 from rollfleet.service import make_app, require_token
 
 SCORED = Counter("rollfleet_reward_items_total", "Responses scored")
@@ -69,11 +71,25 @@ class ScoreResponse(BaseModel):
     rewards: list[ScoredItem]
 
 
-def create_app(functions: list[tuple[str, float, dict[str, Any]]]):
+def create_app(
+    functions: list[tuple[str, float, dict[str, Any]]], models: dict[str, str] | None = None
+):
+    """The service for the job's reward `functions`, with `models` (name -> model folder)
+    loaded for the model-based ones."""
     unknown = [name for name, _, _ in functions if name not in REWARDS]
     if unknown:
         raise ValueError(f"unknown reward functions {unknown}; registered: {sorted(REWARDS)}")
-    app = make_app("reward", health=lambda: {"functions": [f[0] for f in functions]})
+    loaded = RewardModels(models or {})
+    for i, (name, _, params) in enumerate(functions):
+        if name in BATCHED and params.get("model") not in loaded:
+            raise ValueError(
+                f"reward.functions[{i}] ({name}): params.model {params.get('model')!r} must "
+                f"name one of reward.models {sorted(loaded.loaded)}"
+            )
+    app = make_app(
+        "reward",
+        health=lambda: {"functions": [f[0] for f in functions], "models": sorted(loaded.loaded)},
+    )
     label = "+".join(f[0] for f in functions)
     ERRORS.labels(function=label)  # exported as 0 from the start, not only after an error
 
@@ -81,14 +97,12 @@ def create_app(functions: list[tuple[str, float, dict[str, Any]]]):
     def score(request: ScoreRequest) -> ScoreResponse:
         started = time.perf_counter()
         results = []
-        for item in request.items:
-            try:
-                total, parts = compose(functions, item.model_dump())
-                results.append(ScoredItem(reward=total, parts=parts))
-            except Exception as e:  # a bad item must not fail its whole batch
+        items = [item.model_dump() for item in request.items]
+        for total, parts, error in compose_batch(functions, items, loaded):
+            if error is not None:  # scored 0; the other items keep theirs
                 ERRORS.labels(function=label).inc()
-                results.append(ScoredItem(reward=0.0, parts={}, error=f"{type(e).__name__}: {e}"))
-            REWARD.observe(results[-1].reward)
+            results.append(ScoredItem(reward=total, parts=parts, error=error))
+            REWARD.observe(total)
         SCORED.inc(len(results))
         LATENCY.observe(time.perf_counter() - started)
         return ScoreResponse(rewards=results)
