@@ -1,6 +1,6 @@
-"""NEZHA's stages: backbone and head trained together on demonstrations (warmup), the engine's draft decode
-mode on every request (build_request), and the drawn codes scored by the same
-verifier-masked head in the trainer (policy_logprobs)."""
+"""NEZHA's stages: backbone and head trained together on demonstrations (warmup), the
+engine's draft decode mode on every request (build_request), and the drawn codes scored
+by the same verifier-masked head in the trainer (policy_logprobs)."""
 
 from __future__ import annotations
 
