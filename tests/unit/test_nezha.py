@@ -260,3 +260,32 @@ def test_the_method_needs_its_architecture_and_task():
             "model": {"architecture": "nezha"},
         }
     )
+
+
+def test_joint_warmup_trains_the_text_and_the_head_together(tmp_path):
+    from rollfleet.methods.nezha.stages import train_jointly
+
+    folder = ARCHITECTURES["nezha"].create(
+        tmp_path, seed=0, hidden=32, layers=2, heads=2, max_len=64
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = train_jointly(
+        model,
+        build_char_tokenizer(),
+        make_task("recommend", TASK, seed=0),
+        steps=40,
+        batch_size=16,
+        lr=3e-3,
+        embedding_multiplier=100.0,
+        cell_multiplier=10.0,
+        seed=0,
+    )
+    (text_first, head_first), (text_last, head_last) = losses[0], losses[-1]
+    assert text_last < text_first and head_last < head_first
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {
+        "draft.embed.0.weight",
+        "draft.cell_input.0.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    } <= moved

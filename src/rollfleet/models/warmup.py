@@ -79,10 +79,7 @@ def warmup_sft(
             context = prefix_embeddings(model, torch.arange(len(batch)), prefix)
         with context:
             logits = model(input_ids=ids, attention_mask=attention).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        ).view(ids.shape[0], -1)
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        loss = sft_loss(logits, ids, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -93,6 +90,14 @@ def warmup_sft(
             on_step(step, losses[-1])
     model.eval()
     return losses
+
+
+def sft_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens `mask` marks (the model's own turns)."""
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], -1)
+    return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
 
 def _with_placeholders(ids, attention, mask, length: int, pad_id: int):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from rollfleet.methods import Method
 from rollfleet.models.batching import TrainBatch
 from rollfleet.models.nezha import ItemDecoding, draft_logprobs, draft_positions
-from rollfleet.models.warmup import sft_batch
+from rollfleet.models.warmup import sft_batch, sft_loss
 from rollfleet.tasks import make_task
 from rollfleet.tasks.recommend import PrefixVerifier, item_codes
 
@@ -144,11 +144,7 @@ def train_jointly(
             1 + len(tokenizer.encode(ex.prompt, add_special_tokens=False)) for ex in examples
         ]
         hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
-        logits = model.lm_head(hidden).float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        ).view(ids.shape[0], -1)
-        text_loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        text_loss = sft_loss(model.lm_head(hidden).float(), ids, mask)
         positions = draft_positions(prompt_lengths, levels)
         states = hidden[torch.arange(len(examples))[:, None], positions]
         draft = head.teacher_forced(states[:, -1], states[:, :-1], codes)
