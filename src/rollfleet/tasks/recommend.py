@@ -25,6 +25,7 @@ reward share it.
 from __future__ import annotations
 
 import functools
+import math
 import random
 import zlib
 from dataclasses import dataclass
@@ -143,8 +144,6 @@ def hit_rate(ranked: list[str], target: str, k: int) -> float:
 
 def ndcg(ranked: list[str], target: str, k: int) -> float:
     """NDCG@k with one relevant item: 1 / log2(rank + 1) if it is ranked within k."""
-    import math
-
     for rank, item in enumerate(ranked[:k], start=1):
         if item == target:
             return 1.0 / math.log2(rank + 1)

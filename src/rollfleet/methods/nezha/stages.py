@@ -16,7 +16,7 @@ from rollfleet.models.batching import TrainBatch
 from rollfleet.models.nezha import ItemDecoding, draft_logprobs, draft_positions
 from rollfleet.models.warmup import sft_batch, sft_loss
 from rollfleet.tasks import make_task
-from rollfleet.tasks.recommend import PrefixVerifier, item_codes
+from rollfleet.tasks.recommend import item_codes, verifier_for
 
 log = logging.getLogger("trainer")
 
@@ -27,7 +27,7 @@ class Nezha(Method):
     def __init__(self, params, spec):
         super().__init__(params, spec)
         task = make_task(spec.task.name, spec.task.params, spec.seed)
-        self.verifier = PrefixVerifier(task.catalogue.items, task.catalogue.codes)
+        self.verifier = verifier_for(task.seed, task.codes, task.items)  # the reward's too
         self.decoding = ItemDecoding(
             beam=params.beam, verifier=self.verifier if params.verifier else None
         )
@@ -67,10 +67,11 @@ class Nezha(Method):
         the rollout temperature), at the positions of its response tokens."""
         config = getattr(model, "module", model).config
         levels = config.draft_levels
+        table = {token: code for code, token in enumerate(config.draft_code_token_ids)}
         codes = torch.zeros(len(batch), levels, dtype=torch.long)
         rows = []
         for row, t in enumerate(batch.trajectories):
-            if (found := _codes(t.response_ids, config)) is not None:
+            if (found := _codes(t.response_ids, table, levels)) is not None:
                 codes[row] = torch.tensor(found)
                 rows.append(row)
         device = batch.input_ids.device
@@ -89,10 +90,10 @@ class Nezha(Method):
         return out
 
 
-def _codes(token_ids: list[int], config) -> tuple[int, ...] | None:
-    """The codes of a response that is one item's code tokens, else None."""
-    table = {token: code for code, token in enumerate(config.draft_code_token_ids)}
-    if len(token_ids) != config.draft_levels or any(t not in table for t in token_ids):
+def _codes(token_ids: list[int], table: dict[int, int], levels: int) -> tuple[int, ...] | None:
+    """The codes of a response that is one item's code tokens (`table`: token -> code),
+    else None."""
+    if len(token_ids) != levels or any(t not in table for t in token_ids):
         return None
     return tuple(table[t] for t in token_ids)
 
