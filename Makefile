@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-fusedkv: $(STAMP)  ## FusedKV, Lite, Lite-Rev and vanilla: pretraining per
 
 bench-nezha: $(STAMP)  ## NEZHA against autoregressive beam search: HR@10, invalid items, latency; RL on the draft head (~15 min)
 	$(BIN)/python benchmarks/nezha.py
+
+bench-qagent: $(STAMP)  ## QAgent: Stage-1 against Stage-2 agents, retrieval hit rate and a swapped reader, 3 seeds (~60 min)
+	$(BIN)/python benchmarks/qagent.py
 
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed

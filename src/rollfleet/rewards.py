@@ -22,8 +22,10 @@ import functools
 import inspect
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from rollfleet.tasks import qagent
 from rollfleet.tasks.chain_sum import final_number
 from rollfleet.tasks.countdown import verify
 from rollfleet.tasks.recommend import item_codes, verifier_for
@@ -141,38 +143,110 @@ def format_reward(
     return float(re.fullmatch(pattern, response.strip()) is not None)
 
 
-class RewardModels:
-    """The reward service's models by name (`reward.models`: name -> Hugging Face folder),
-    each loaded once, frozen, with its tokenizer. `answer(name, prompts)` decodes greedily
-    in one batch, up to end-of-sequence."""
+BUILTIN_MODELS: dict[str, Callable[..., Any]] = {
+    # name -> trainer(folder): the builtin tasks' reward models, created where they are
+    # served (`reward.models: {reader: "builtin:qagent-reader"}`), as the builtin policy is.
+    name: functools.partial(qagent.train_reader, name=name)
+    for name in qagent.READERS
+}
+BUILTIN = "builtin:"
 
-    def __init__(self, folders: dict[str, str]):
+
+def builtin_model_error(source: str) -> str | None:
+    """Why a `reward.models` entry naming a builtin model is wrong, or None."""
+    if source.startswith(BUILTIN) and source[len(BUILTIN) :] not in BUILTIN_MODELS:
+        return f"{source!r} is no builtin model; choose one of {sorted(BUILTIN_MODELS)}"
+    return None
+
+
+class RewardModels:
+    """The reward service's models by name (`reward.models`: name -> Hugging Face folder,
+    or `builtin:<name>`, a model of `BUILTIN_MODELS` trained into `cache` on first start),
+    each loaded once, frozen, with its tokenizer. `answer(name, prompts)` decodes greedily
+    in one batch, up to end-of-sequence.
+
+    Folders load before the constructor returns (a bad one is an error naming its entry).
+    A builtin model not yet in the cache is trained in a background thread, so the service
+    answers /healthz meanwhile; `answer` waits for it (`ready` says whether it is done)."""
+
+    def __init__(self, folders: dict[str, str], cache: str | Path = "reward-models"):
         import threading
 
+        self.loaded = {}
+        self._lock = threading.Lock()  # the service scores requests in several threads
+        self._built = threading.Event()
+        self._build_error: str | None = None
+        to_build = {}
+        for name, source in folders.items():
+            if (error := builtin_model_error(source)) is not None:
+                raise ValueError(f"reward.models.{name}: {error}")
+            if source.startswith(BUILTIN):
+                folder = Path(cache) / source[len(BUILTIN) :]
+                if not (folder / "config.json").is_file():
+                    to_build[name] = (source[len(BUILTIN) :], folder)
+                    continue
+                source = str(folder)
+            self.loaded[name] = self._load(name, source)
+        self.names = sorted(folders)
+        if to_build:
+            threading.Thread(target=self._build, args=(to_build,), daemon=True).start()
+        else:
+            self._built.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._built.is_set() and self._build_error is None
+
+    @staticmethod
+    def _load(name: str, folder: str | Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rollfleet.models.architectures import import_architectures
 
         import_architectures()
-        self.loaded = {}
-        for name, folder in folders.items():
-            try:
-                model = AutoModelForCausalLM.from_pretrained(folder).eval()
-                tokenizer = AutoTokenizer.from_pretrained(folder)
-            except OSError as e:
-                raise ValueError(
-                    f"reward.models.{name}: cannot load a Hugging Face model folder from "
-                    f"{folder!r} ({e})"
-                ) from None
-            self.loaded[name] = (model, tokenizer)
-        self._lock = threading.Lock()  # the service scores requests in several threads
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except OSError as e:
+            raise ValueError(
+                f"reward.models.{name}: cannot load a Hugging Face model folder from "
+                f"{str(folder)!r} ({e})"
+            ) from None
+        return model, tokenizer
+
+    def _build(self, to_build: dict[str, tuple[str, Path]]) -> None:
+        """Train each builtin model into a scratch folder renamed when done (a crash leaves
+        no half model in the cache), then load it."""
+        import logging
+        import shutil
+        import tempfile
+
+        try:
+            for name, (builtin, folder) in to_build.items():
+                logging.getLogger("reward").info(
+                    "training builtin model %s into %s", builtin, folder
+                )
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                scratch = Path(tempfile.mkdtemp(prefix=f".{builtin}-", dir=folder.parent))
+                BUILTIN_MODELS[builtin](scratch)
+                shutil.rmtree(folder, ignore_errors=True)
+                scratch.rename(folder)
+                self.loaded[name] = self._load(name, folder)
+        except Exception as e:  # every model-based score then fails with this reason
+            self._build_error = f"building reward.models.{name} failed: {type(e).__name__}: {e}"
+            logging.getLogger("reward").exception(self._build_error)
+        finally:
+            self._built.set()
 
     def __contains__(self, name: str) -> bool:
-        return name in self.loaded
+        return name in self.names
 
     def answer(self, name: str, prompts: list[str], max_new_tokens: int) -> list[str]:
         from rollfleet.evaluation import _generate
 
+        self._built.wait()
+        if self._build_error is not None:
+            raise RuntimeError(self._build_error)
         model, tok = self.loaded[name]
         ids = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
         with self._lock:
@@ -195,6 +269,66 @@ def model_exact_match(
     prompts = [template.format(response=i["response"], **i.get("meta", {})) for i in items]
     answers = models.answer(model, prompts, max_new_tokens)
     return [float(a.strip() == i["answer"].strip()) for a, i in zip(answers, items, strict=True)]
+
+
+def _qagent_format(turns, meta) -> bool:
+    return qagent.follows_protocol(turns, max_rounds=int(meta.get("max_turns", 6)) - 1)
+
+
+@register_reward("qagent_answer")
+def qagent_answer(response: str, answer: str, meta: dict[str, Any]) -> float:
+    """QAgent: 1 if the agent's own `<a>answer</a>` equals the reference answer."""
+    return float(qagent.parse_answer(response) == answer.strip())
+
+
+@register_reward("qagent_format")
+def qagent_format(
+    response: str, answer: str, meta: dict[str, Any], turns: list[dict[str, Any]]
+) -> float:
+    """QAgent: 1 if the episode follows the protocol (`tasks.qagent.follows_protocol`)."""
+    return float(_qagent_format(turns, meta))
+
+
+@register_reward("qagent_stage1")
+def qagent_stage1(
+    response: str, answer: str, meta: dict[str, Any], turns: list[dict[str, Any]]
+) -> float:
+    """QAgent's Stage-1 reward: exact match of the agent's answer times the format flag."""
+    return qagent_answer(response, answer, meta) * float(_qagent_format(turns, meta))
+
+
+@register_reward("qagent_hit")
+def qagent_hit(
+    response: str, answer: str, meta: dict[str, Any], turns: list[dict[str, Any]]
+) -> float:
+    """QAgent: 1 if the gold answer appears in a passage the agent retrieved."""
+    return float(any(answer.strip() in p for p in qagent.retrieved(turns)))
+
+
+@register_reward("qagent_reader", batched=True)
+def qagent_reader(
+    items: list[dict[str, Any]],
+    models: RewardModels,
+    model: str,
+    gold_bonus: float = 0.5,
+    passages: int = 6,
+    max_new_tokens: int = 8,
+) -> list[float]:
+    """QAgent's Stage-2 reward: a frozen reader (`model`) answers each question from the
+    passages the agent retrieved (`tasks.qagent.reader_prompt`), 1 for its exact match,
+    plus `gold_bonus` if the gold answer appears in them. The agent's own answer does
+    not count: what is rewarded is retrieval that serves any reader."""
+    found = [qagent.retrieved(i["turns"]) for i in items]
+    prompts = [
+        qagent.reader_prompt(i["meta"]["question"], p, passages)
+        for i, p in zip(items, found, strict=True)
+    ]
+    answers = models.answer(model, prompts, max_new_tokens)
+    return [
+        float(a.strip() == i["answer"].strip())
+        + gold_bonus * any(i["answer"].strip() in text for text in p)
+        for a, i, p in zip(answers, items, found, strict=True)
+    ]
 
 
 EPISODE_FIELDS = ("response_tokens", "turns")  # what a function may ask of the episode

@@ -141,7 +141,7 @@ class ModelSpec(Strict):
 class TaskSpec(Strict):
     name: TaskName = Field(
         "countdown",
-        description="registered task: countdown, chain_sum, jsonl, calculator, solve, recommend",
+        description="registered task: countdown, chain_sum, jsonl, calculator, solve, recommend, qagent",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
     heldoutLimit: int | None = Field(
@@ -327,11 +327,23 @@ class RewardSpec(Strict):
     models: dict[str, str] = Field(
         default_factory=dict,
         description="models the reward service loads for model-based functions (a reader, a "
-        "judge): name -> Hugging Face model folder; a function's params.model names one",
+        "judge): name -> Hugging Face model folder, or builtin:<name> (a builtin task's model, "
+        "e.g. builtin:qagent-reader, trained where it is served); a function's params.model "
+        "names one",
     )
     replicas: int = Field(1, ge=1)
     maxScale: int = Field(4, ge=1, description="Knative max scale")
     targetConcurrency: int = Field(16, ge=1, description="Knative target concurrency")
+
+    @field_validator("models")
+    @classmethod
+    def _builtin_models_exist(cls, models: dict[str, str]) -> dict[str, str]:
+        from rollfleet.rewards import builtin_model_error
+
+        for name, source in models.items():
+            if (error := builtin_model_error(source)) is not None:
+                raise ValueError(f"models.{name}: {error}")
+        return models
 
 
 class EnvSpec(Strict):

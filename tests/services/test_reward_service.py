@@ -17,6 +17,7 @@ def test_healthz_names_the_functions(serve_app):
         "service": "reward",
         "functions": ["countdown", "format"],
         "models": [],
+        "models_ready": True,
     }
 
 

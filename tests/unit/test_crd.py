@@ -181,6 +181,8 @@ RULES = {
     ("methods.ravr", ".template"): "must contain {question} and {answer}",
     ("", ".methods.ravr.posteriorSamples"): "must be below rollout.sampling.groupSize",
     ("", ".methods.nezha"): "needs model.architecture: nezha",
+    ("", ".methods.qagent"): "needs task.name: qagent",
+    ("", ".methods.qagent.reader"): "stage 2 needs the reader in reward.models",
 }
 
 
@@ -379,6 +381,7 @@ def random_spec(rng: random.Random) -> dict:
             {
                 "attention_credit": [_maybe(rng, {"horizon": [[1, 8], [5, 2], [0, 3], [10, 100]]})],
                 "nezha": [_maybe(rng, {"beam": [1, 10]})],
+                "qagent": [_maybe(rng, {"stage": [1, 2], "reader": ["reader", "judge"]})],
                 "ravr": [
                     _maybe(
                         rng,
@@ -398,7 +401,14 @@ def random_spec(rng: random.Random) -> dict:
                 "architecture": ["llama", "nezha"],
             },
         ),
-        "task": lambda: _maybe(rng, {"name": ["countdown", "recommend"]}),
+        "task": lambda: _maybe(rng, {"name": ["countdown", "recommend", "qagent"]}),
+        "reward": lambda: _maybe(
+            rng,
+            {
+                "models": [{}, {"reader": "builtin:qagent-reader"}],
+                "functions": [[], [{"name": "exact_match"}]],
+            },
+        ),
         "rollout": lambda: _maybe(
             rng,
             {
@@ -465,6 +475,17 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
                 alone["methods"] = {"nezha": s["methods"]["nezha"]}
             if "model" in s:
                 alone["model"] = _pick(s["model"], "architecture")
+            return alone
+        case ("", ".methods.qagent"):
+            alone = {k: s[k] for k in ("task",) if k in s}
+            if "qagent" in s.get("methods", {}):
+                alone["methods"] = {"qagent": {}}  # stage 1: the reader's rule holds
+            return alone
+        case ("", ".methods.qagent.reader"):
+            alone = {k: s[k] for k in ("reward",) if k in s}
+            if "qagent" in s.get("methods", {}):
+                alone["methods"] = {"qagent": s["methods"]["qagent"]}
+                alone["task"] = {"name": "qagent"}  # the method's other rule holds
             return alone
         case ("model", _) if "model" in s:
             return {"model": _pick(s["model"], "hidden", "heads")}

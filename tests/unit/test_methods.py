@@ -10,7 +10,10 @@ from rollfleet.methods import METHODS, Method, Stages
 from rollfleet.spec import ManifestError, parse_manifest
 
 # What a method needs of the rest of the job (its check_job)
-NEEDS = {"nezha": {"task": {"name": "recommend"}, "model": {"architecture": "nezha"}}}
+NEEDS = {
+    "nezha": {"task": {"name": "recommend"}, "model": {"architecture": "nezha"}},
+    "qagent": {"task": {"name": "qagent"}},
+}
 
 
 def manifest(methods: dict, **spec) -> dict:

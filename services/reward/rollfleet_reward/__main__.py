@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import uvicorn
 
 from rollfleet.plan import ServiceEnv
@@ -14,7 +16,8 @@ def main() -> None:
     setup_logging("reward")
     env = ServiceEnv.from_environ()
     job = load_manifest(env.job_file)
-    app = create_app(job.spec.reward_functions(), job.spec.reward.models)
+    cache = Path(env.run_dir) / "reward-models"
+    app = create_app(job.spec.reward_functions(), job.spec.reward.models, cache)
     uvicorn.Server(uvicorn_config(app, env.http_port, env.http_host)).run()
 
 

@@ -6,7 +6,8 @@
 An item may also carry the episode (`response_tokens`, `turns`: what the rollout worker's
 `reward_input` stage sends), for reward functions that score more than the final answer.
 Model-based functions (`model_exact_match`: a reader, a judge) score the whole batch with
-models the service loads at start from `reward.models` (Hugging Face folders by name).
+models the service loads at start from `reward.models` (Hugging Face folders by name, or
+builtin models such as QAgent's reader, trained into the run directory on first start).
 
 Runs as a Knative Service in a cluster (stateless, scales on concurrency) and as a local
 uvicorn process under `rollfleet run`. A payload that does not validate gets a 422 that
@@ -16,6 +17,7 @@ names the field.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends
@@ -72,23 +74,29 @@ class ScoreResponse(BaseModel):
 
 
 def create_app(
-    functions: list[tuple[str, float, dict[str, Any]]], models: dict[str, str] | None = None
+    functions: list[tuple[str, float, dict[str, Any]]],
+    models: dict[str, str] | None = None,
+    cache: str | Path = "reward-models",
 ):
-    """The service for the job's reward `functions`, with `models` (name -> model folder)
-    loaded for the model-based ones."""
+    """The service for the job's reward `functions`, with `models` (name -> model folder
+    or builtin model, trained into `cache` if missing) loaded for the model-based ones."""
     unknown = [name for name, _, _ in functions if name not in REWARDS]
     if unknown:
         raise ValueError(f"unknown reward functions {unknown}; registered: {sorted(REWARDS)}")
-    loaded = RewardModels(models or {})
+    loaded = RewardModels(models or {}, cache)
     for i, (name, _, params) in enumerate(functions):
         if name in BATCHED and params.get("model") not in loaded:
             raise ValueError(
                 f"reward.functions[{i}] ({name}): params.model {params.get('model')!r} must "
-                f"name one of reward.models {sorted(loaded.loaded)}"
+                f"name one of reward.models {loaded.names}"
             )
     app = make_app(
         "reward",
-        health=lambda: {"functions": [f[0] for f in functions], "models": sorted(loaded.loaded)},
+        health=lambda: {
+            "functions": [f[0] for f in functions],
+            "models": loaded.names,
+            "models_ready": loaded.ready,
+        },
     )
     label = "+".join(f[0] for f in functions)
     ERRORS.labels(function=label)  # exported as 0 from the start, not only after an error

@@ -229,4 +229,4 @@ def load_method(name: str, params: MethodParams, spec: RLJobSpec) -> Method:
 
 
 # Registration happens on import of each method's folder.
-from rollfleet.methods import attention_credit, bard, nezha, palette, ravr  # noqa: E402, F401
+from rollfleet.methods import attention_credit, bard, nezha, palette, qagent, ravr  # noqa: E402, F401

@@ -95,6 +95,7 @@ from rollfleet.tasks import (  # noqa: E402, F401
     chain_sum,
     countdown,
     jsonl,
+    qagent,
     recommend,
     solve,
 )

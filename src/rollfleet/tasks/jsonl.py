@@ -17,10 +17,11 @@ from pathlib import Path
 from rollfleet.tasks import Example, Split, Task, register_task
 
 
-def _read_rows(path: Path, prompt_field: str, answer_field: str) -> list[dict]:
+def read_jsonl(path: Path, field: str):
+    """(line number, object) for each non-empty line of a JSON Lines file; errors name the
+    file and line, and `field`, the task parameter that named the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"task.params.path: dataset file {str(path)!r} does not exist")
-    rows = []
+        raise FileNotFoundError(f"{field}: file {str(path)!r} does not exist")
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -29,15 +30,28 @@ def _read_rows(path: Path, prompt_field: str, answer_field: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            for name in (prompt_field, answer_field):
-                if name not in row:
-                    raise ValueError(
-                        f"{path}:{number}: missing field {name!r}; set task.params."
-                        f"{'prompt' if name == prompt_field else 'answer'}_field to the right name"
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object per line")
+            yield number, row
+
+
+def _read_rows(path: Path, prompt_field: str, answer_field: str, field="task.params.path"):
+    rows = []
+    for number, row in read_jsonl(path, field):
+        for name in (prompt_field, answer_field):
+            if name not in row:
+                hint = "prompt" if name == prompt_field else "answer"
+                raise ValueError(
+                    f"{path}:{number}: missing field {name!r}"
+                    + (
+                        f"; set task.params.{hint}_field to the right name"
+                        if field.endswith("path")
+                        else ""
                     )
-            rows.append(row)
+                )
+        rows.append(row)
     if not rows:
-        raise ValueError(f"task.params.path: {path} holds no rows")
+        raise ValueError(f"{field}: {path} holds no rows")
     return rows
 
 
