@@ -258,11 +258,24 @@ def _checkpoint_mount() -> dict[str, str]:
     return {"name": "checkpoints", "mountPath": RUN_DIR}
 
 
+def _task_files(rljob, container: dict) -> list[dict[str, Any]]:
+    """Mount `task.volume` (a corpus, datasets) read-only in `container`; its pod volume."""
+    volume = rljob.spec.task.volume
+    if volume is None:
+        return []
+    container["volumeMounts"].append(
+        {"name": "task-files", "mountPath": volume.mountPath, "readOnly": True}
+    )
+    claim = {"claimName": volume.claimName, "readOnly": True}
+    return [{"name": "task-files", "persistentVolumeClaim": claim}]
+
+
 def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any]]:
     job, spec = rljob.metadata.name, rljob.spec
     name = names(job)["trainer"]
     container = _container(component, config.images.trainer, config, job, "nvidia.com/gpu")
     container["volumeMounts"].append(_checkpoint_mount())
+    task_files = _task_files(rljob, container)  # held-out evaluation and warm-up read them
     storage = {"requests": {"storage": config.trainer.checkpointStorage}}
     claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": storage}
     if config.trainer.storageClassName:
@@ -280,7 +293,7 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
                     "selector": {"matchLabels": selector(job, "trainer")},
                     "template": {
                         "metadata": {"labels": labels(job, "trainer")},
-                        "spec": _pod(job, [container]),
+                        "spec": _pod(job, [container], task_files),
                     },
                     "volumeClaimTemplates": [
                         {"metadata": {"name": "checkpoints"}, "spec": claim_spec}
@@ -335,7 +348,7 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
                         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                         "template": {
                             "metadata": {"labels": pod_labels},
-                            "spec": _pod(job, [head], [volume]),
+                            "spec": _pod(job, [head], [volume, *task_files]),
                         },
                     },
                     "workerGroupSpecs": [
@@ -347,7 +360,7 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
                             "rayStartParams": {},
                             "template": {
                                 "metadata": {"labels": pod_labels},
-                                "spec": _pod(job, [ray_container], [volume]),
+                                "spec": _pod(job, [ray_container], [volume, *task_files]),
                             },
                         }
                     ],
@@ -361,6 +374,10 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
     job = rljob.metadata.name
     name = names(job)["reward"]
     container = _container(component, config.images.reward, config, job, "nvidia.com/gpu")
+    # The run directory is scratch here: builtin reward models (`builtin:qagent-reader`)
+    # are trained into it when the pod starts; model folders are read from where they are.
+    container["volumeMounts"].append({"name": "run", "mountPath": RUN_DIR})
+    run_volume = [{"name": "run", "emptyDir": {}}]
     pod_labels = labels(job, "reward")
     if knative:
         # Knative names the serving port itself and probes it; it scales the revision on
@@ -390,7 +407,7 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
                                 ),
                             },
                         },
-                        "spec": _pod(job, [container]),
+                        "spec": _pod(job, [container], run_volume),
                     }
                 },
             }
@@ -404,7 +421,10 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
             "spec": {
                 "replicas": 0 if stopped else component.replicas,
                 "selector": {"matchLabels": selector(job, "reward")},
-                "template": {"metadata": {"labels": pod_labels}, "spec": _pod(job, [container])},
+                "template": {
+                    "metadata": {"labels": pod_labels},
+                    "spec": _pod(job, [container], run_volume),
+                },
             },
         },
     ]
@@ -414,6 +434,7 @@ def _env_sandboxes(rljob, component, namespace, config, stopped) -> list[dict[st
     job = rljob.metadata.name
     name = names(job)["env"]
     container = _container(component, config.images.env, config, job, "nvidia.com/gpu")
+    task_files = _task_files(rljob, container)  # a search env's corpus
     return [
         _service(name, namespace, job, "env"),
         {
@@ -427,7 +448,7 @@ def _env_sandboxes(rljob, component, namespace, config, stopped) -> list[dict[st
                 "selector": {"matchLabels": selector(job, "env")},
                 "template": {
                     "metadata": {"labels": labels(job, "env")},
-                    "spec": _pod(job, [container]),
+                    "spec": _pod(job, [container], task_files),
                 },
             },
         },

@@ -138,6 +138,19 @@ class ModelSpec(Strict):
         return self
 
 
+class TaskVolume(Strict):
+    """Where a cluster keeps the task's files (a corpus, datasets): a PersistentVolumeClaim
+    the operator mounts read-only in the trainer and env pods; `task.params` paths then
+    point below `mountPath`. `rollfleet run` reads local paths and ignores it."""
+
+    claimName: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="the PersistentVolumeClaim in the job's namespace",
+    )
+    mountPath: str = Field("/data", pattern=r"^/", description="where the pods see it")
+
+
 class TaskSpec(Strict):
     name: TaskName = Field(
         "countdown",
@@ -146,6 +159,9 @@ class TaskSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
     heldoutLimit: int | None = Field(
         None, ge=1, description="evaluate on at most this many held-out prompts"
+    )
+    volume: TaskVolume | None = Field(
+        None, description="a cluster's volume holding the task's files (mounted read-only)"
     )
 
 

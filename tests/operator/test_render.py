@@ -186,3 +186,48 @@ def test_rendering_is_deterministic_but_tokens_are_not():
     first, second = (token_secret("countdown", "ns", None) for _ in range(2))
     assert first["stringData"]["service-token"] != second["stringData"]["service-token"]
     assert "nats-token" not in first["stringData"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_search_corpus_on_a_volume_reaches_the_trainer_and_env(workers):
+    """QAgent on a user corpus: the task's volume is mounted read-only where the task's
+    files are read (trainer pods, env sandboxes) and nowhere else; the reward pod gets a
+    scratch run directory for its builtin reader."""
+    job = parse_manifest(
+        {
+            "apiVersion": "rollfleet.io/v1alpha1",
+            "kind": "RLJob",
+            "metadata": {"name": "search"},
+            "spec": {
+                "task": {
+                    "name": "qagent",
+                    "params": {
+                        "corpus": "/corpus/passages.jsonl",
+                        "questions": "/corpus/train.jsonl",
+                        "heldout": "/corpus/test.jsonl",
+                    },
+                    "volume": {"claimName": "wiki-passages", "mountPath": "/corpus"},
+                },
+                "trainer": {"workers": workers, "promptsPerStep": 8},
+                "methods": {"qagent": {"stage": 2}},
+                "reward": {"models": {"reader": "builtin:qagent-reader"}},
+            },
+        }
+    )
+    children = render(job, "ns", CONFIG, knative=True)
+    with_files = set()
+    for child in children:
+        if child["apiVersion"] in CUSTOM:
+            validate_custom_resource(child)
+        else:
+            kubernetes_validate.validate(child, "1.37", strict=True)
+        for pod in pod_specs(child):
+            mounts = [m for c in pod["containers"] for m in c["volumeMounts"]]
+            if {"name": "task-files", "mountPath": "/corpus", "readOnly": True} in mounts:
+                claim = {"claimName": "wiki-passages", "readOnly": True}
+                assert {"name": "task-files", "persistentVolumeClaim": claim} in pod["volumes"]
+                with_files.add(child["metadata"]["name"])
+            if child["metadata"]["name"] == names("search")["reward"]:
+                assert {"name": "run", "emptyDir": {}} in pod["volumes"]
+                assert {"name": "run", "mountPath": "/var/lib/rollfleet"} in mounts
+    assert with_files == {names("search")["trainer"], names("search")["env"]}

@@ -210,3 +210,21 @@ def test_env_steps_run_off_the_event_loop_with_state_and_info(serve_app):
     assert replies["slow"].json()["info"] == {"queries": ["slow"]}
     second = client.post(f"/sessions/{fast}/step", json={"action": "q2"}).json()
     assert second["done"] is True and second["info"] == {"queries": ["q1", "q2"]}
+
+
+def test_search_env_answers_with_passages_in_info(serve_app):
+    """QAgent's search env behind the real service: each search turn's reply carries the
+    queries and the passages they found; the answer ends the session."""
+    task = make_task("qagent")
+    example = task.example("train", 1)
+    client = serve_app(create_app(task, session_timeout=30))
+    sid = new_session(client, example.meta)
+    model = [text for speaker, text in example.demonstration if speaker == "model"]
+    env = [text for speaker, text in example.demonstration if speaker == "env"]
+    for turn, (action, observation) in enumerate(zip(model, env, strict=False), start=1):
+        body = client.post(f"/sessions/{sid}/step", json={"action": action}).json()
+        assert body["observation"] == observation and body["turn"] == turn
+        assert body["info"]["passages"] == [observation[3:-4]]
+        assert len(body["info"]["queries"]) == 1
+    body = client.post(f"/sessions/{sid}/step", json={"action": model[-1]}).json()
+    assert body == {"observation": "", "done": True, "turn": 3, "info": {"answer": example.answer}}

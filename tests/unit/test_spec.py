@@ -125,7 +125,10 @@ def test_unknown_task_lists_allowed_names():
     message = error_of(manifest(task={"name": "chess"}))
     assert "spec.task.name" in message
     assert "'chess'" in message
-    assert "['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recommend', 'solve']" in message
+    assert (
+        "['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recommend', 'solve']"
+        in message
+    )
 
 
 def test_unknown_reward_function_is_named():

@@ -21,7 +21,15 @@ from rollfleet.tasks.countdown import eval_expression, verify
 
 
 def test_task_registry_and_unknown_task():
-    assert sorted(TASKS) == ["calculator", "chain_sum", "countdown", "jsonl", "qagent", "recommend", "solve"]
+    assert sorted(TASKS) == [
+        "calculator",
+        "chain_sum",
+        "countdown",
+        "jsonl",
+        "qagent",
+        "recommend",
+        "solve",
+    ]
     with pytest.raises(
         ValueError,
         match=r"unknown task 'chess'.*\['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recommend', 'solve'\]",
