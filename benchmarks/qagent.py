@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="RL steps (x 40 samples) per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=800)
-    parser.add_argument("--reader-steps", type=int, default=800)
+    parser.add_argument("--reader-steps", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 seed")
     args = parser.parse_args()
     base = example("qagent.yaml")
