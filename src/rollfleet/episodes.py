@@ -63,9 +63,25 @@ class Turn:
 
 
 @dataclass
+class Segment:
+    """One agent's part of a multi-agent episode, as `protocol.Segment` carries it: the
+    agent's own prompt and everything after it, aligned lists as in `Episode`."""
+
+    agent: str
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    loss_mask: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Episode:
     """A finished (or stopped) sample: every token after the prompt, aligned lists as the
-    Trajectory carries them, and the transcript for the reward."""
+    Trajectory carries them, and the transcript for the reward. A multi-agent runner
+    fills `segments` instead (one per agent turn owner, each with its own prompt) and
+    leaves the episode's own lists empty; `turns` is then every agent's transcript, each
+    model turn's `info` naming its agent."""
 
     request: EpisodeRequest
     status: TrajectoryStatus = TrajectoryStatus.COMPLETED
@@ -74,6 +90,7 @@ class Episode:
     versions: list[int] = field(default_factory=list)
     loss_mask: list[float] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
 
     @property
     def final_text(self) -> str:
