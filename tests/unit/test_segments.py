@@ -1,9 +1,11 @@
-"""Multi-agent samples (`Trajectory.segments`): validation on the wire, one batch row per
-segment, a sample cut into segments trained exactly as the same tokens uncut, and
-per-agent advantages on hand-computed values."""
+"""Multi-agent samples (`Trajectory.segments`): the `agents` episode runner giving each
+agent a segment of its own, validation on the wire, one batch row per segment, a sample
+cut into segments trained exactly as the same tokens uncut, and per-agent advantages on
+hand-computed values."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import msgpack
@@ -12,7 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollfleet.algorithms import ADVANTAGES
+from rollfleet.episodes import EpisodeRequest, Generated, Limits, run_agents
 from rollfleet.models.batching import TrainBatch
+from rollfleet.models.tokenizer import build_char_tokenizer
 from rollfleet.protocol import ProtocolError, Segment, Trajectory, decode, encode
 from rollfleet.spec import parse_manifest
 from rollfleet_trainer.loop import Group, Trainer
@@ -57,7 +61,7 @@ def test_segments_travel_whole_and_are_checked():
     assert back.oldest_version() == 2  # across every segment
     raw = t.model_dump(mode="json")
     raw["segments"][0]["loss_mask"] = [1.0]
-    with pytest.raises(ProtocolError, match="segments.0: .*loss_mask has 1 entries for 2"):
+    with pytest.raises(ProtocolError, match=r"segments\.0: .*loss_mask has 1 entries for 2"):
         decode(Trajectory, msgpack.packb(raw))
     with pytest.raises(ValueError, match="carries its tokens in them"):
         Trajectory(**{**t.model_dump(), "response_ids": [3], "behaviour_logprobs": [0.0],
@@ -167,3 +171,61 @@ def test_a_sample_cut_into_segments_trains_exactly_as_uncut(tiny_model_dir, tmp_
     assert seg["response_tokens"] == plain["response_tokens"]
     for name, grad in plain_grads.items():
         torch.testing.assert_close(seg_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+class Relay:
+    """A coordinator env: the planner's word goes to two experts in turn, the second
+    expert also gets one observation of its own, then the episode ends."""
+
+    def __init__(self):
+        self.steps = []
+
+    async def step(self, action: str):
+        self.steps.append(action)
+        if len(self.steps) == 1:
+            return f"e1:{action}>", False, {"agent": "expert1"}
+        if len(self.steps) == 2:
+            return "e2>", False, {"agent": "expert2"}
+        if len(self.steps) == 3:
+            return "=7;", False, {"tool": "calc"}
+        return "", True, {"final": action}
+
+
+def test_agents_runner_gives_each_agent_a_segment_of_its_own():
+    tok = build_char_tokenizer()
+    eos = tok.eos_token_id
+    replies = iter(["ab", "cd", "ef", "gh"])
+
+    async def generate(context, request, turn):
+        ids = [*tok.encode(next(replies), add_special_tokens=False), eos]
+        generate.contexts.append(tok.decode(context[1:]))
+        return Generated(ids, [-0.5] * len(ids), [turn] * len(ids), "stop")
+
+    generate.contexts = []
+    request = EpisodeRequest([tok.bos_token_id, *tok.encode("q>", add_special_tokens=False)])
+    request.agent = "planner"
+    episode = asyncio.run(
+        run_agents(
+            request,
+            generate=generate,
+            env=Relay(),
+            limits=Limits(5, 64, eos),
+            decode=tok.decode,
+            encode=lambda s: tok.encode(s, add_special_tokens=False),
+        )
+    )
+    assert [s.agent for s in episode.segments] == ["planner", "expert1", "expert2"]
+    # Each agent saw only its own prompt and turns, never another agent's.
+    assert generate.contexts == ["q>", "e1:ab>", "e2>", "e2>ef<eos>=7;"]
+    expert2 = episode.segments[2]
+    assert tok.decode(expert2.prompt_ids[1:]) == "e2>"
+    assert expert2.loss_mask == [1.0] * 3 + [0.0] * 3 + [1.0] * 3  # the env reply masked
+    assert expert2.versions == [2, 2, 2, -1, -1, -1, 3, 3, 3]
+    assert episode.response_ids == [] and episode.all_versions[:3] == [0, 0, 0]
+    assert episode.turns[-1].info == {"final": "gh"}
+    assert [t.info.get("agent") for t in episode.turns if t.role == "model"] == [
+        "planner",
+        "expert1",
+        "expert2",
+        "expert2",
+    ]

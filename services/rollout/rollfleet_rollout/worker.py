@@ -276,7 +276,7 @@ class RolloutWorker:
         async def check(turn: int | None, episode: Episode) -> TrajectoryStatus | None:
             if turn and gate is not None:
                 await gate.arrive(turn)  # env lockstep: wait for the group's other sessions
-            if self._stale(episode.versions):
+            if self._stale(episode.all_versions):
                 return TrajectoryStatus.STALE
             if turn is not None and task.group_id in self.cancelled:
                 CANCELLED.labels(self.pool.name).inc()
