@@ -33,13 +33,15 @@ class EpisodeRequest:
     `sample` is the sample's index in its group, None in held-out evaluation, which samples
     as a deployed model would (RAVR's answer-guided samples key on it). `decoding`
     selects an engine decode mode other than token by token (NEZHA's `ItemDecoding`),
-    None for plain generation."""
+    None for plain generation. `agent` names who answers the prompt when a runner plays
+    several agents (`run_agents`)."""
 
     prompt_ids: list[int]
     prompt_embeds: Any = None
     sample: int | None = None
     conditioning: Conditioning = field(default_factory=Conditioning)
     decoding: Any = None
+    agent: str = "policy"  # who answers the prompt, for runners of several agents
 
 
 @dataclass
@@ -63,9 +65,25 @@ class Turn:
 
 
 @dataclass
+class Segment:
+    """One agent's part of a multi-agent episode, as `protocol.Segment` carries it: the
+    agent's own prompt and everything after it, aligned lists as in `Episode`."""
+
+    agent: str
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    loss_mask: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Episode:
     """A finished (or stopped) sample: every token after the prompt, aligned lists as the
-    Trajectory carries them, and the transcript for the reward."""
+    Trajectory carries them, and the transcript for the reward. A multi-agent runner
+    fills `segments` instead (one per agent turn owner, each with its own prompt) and
+    leaves the episode's own lists empty; `turns` is then every agent's transcript, each
+    model turn's `info` naming its agent."""
 
     request: EpisodeRequest
     status: TrajectoryStatus = TrajectoryStatus.COMPLETED
@@ -74,6 +92,7 @@ class Episode:
     versions: list[int] = field(default_factory=list)
     loss_mask: list[float] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
 
     @property
     def final_text(self) -> str:
@@ -84,6 +103,11 @@ class Episode:
     def response_tokens(self) -> int:
         """Tokens the model generated (env observations not counted)."""
         return sum(t.tokens for t in self.turns if t.role == "model")
+
+    @property
+    def all_versions(self) -> list[int]:
+        """The policy version of every token so far, the segments' included (-1: env)."""
+        return self.versions + [v for s in self.segments for v in s.versions]
 
 
 class EnvSession(Protocol):
@@ -171,4 +195,69 @@ async def run_turns(
     return episode
 
 
-EPISODES: dict[str, Callable[..., Awaitable[Episode]]] = {"turns": run_turns}
+async def run_agents(
+    request: EpisodeRequest,
+    *,
+    generate: Generate,
+    env: EnvSession | None,
+    limits: Limits,
+    decode: Callable[[list[int]], str],
+    encode: Callable[[str], list[int]],
+    check: Check = _go_on,
+) -> Episode:
+    """Several agents of one policy, coordinated by the env (RecGPT-V2's planner, experts
+    and arbiter). The first agent answers the request's prompt; after each model turn
+    the env's reply either hands over to the next agent (`info["agent"]`: the
+    observation is that agent's whole prompt, a segment of its own) or is an observation
+    for the same agent (appended, outside the loss). `limits.max_turns` counts model
+    turns across agents. The episode's tokens are in `segments`."""
+    if env is None:
+        raise ValueError("the agents episode runner needs the task's env (a multi-turn task)")
+    if request.prompt_embeds is not None:
+        raise ValueError(
+            "the agents episode runner takes no prefix embeddings (each agent has its own prompt)"
+        )
+    episode = Episode(request)
+    current = Segment(request.agent, list(request.prompt_ids))
+    episode.segments.append(current)
+    for turn in range(limits.max_turns):
+        if (stop := await check(turn, episode)) is not None:
+            episode.status = stop
+            return episode
+        context = current.prompt_ids + current.response_ids
+        if len(context) + 1 >= limits.max_length:
+            episode.status = TrajectoryStatus.TRUNCATED
+            break
+        out = await generate(context, request, turn)
+        if out.finish_reason == "abort":
+            episode.status = TrajectoryStatus.ABORTED
+            return episode
+        text = decode([t for t in out.token_ids if t != limits.eos_token_id])
+        current.response_ids += out.token_ids
+        current.logprobs += out.logprobs
+        current.versions += out.versions
+        current.loss_mask += [1.0] * len(out.token_ids)
+        episode.turns.append(Turn("model", text, len(out.token_ids), {"agent": current.agent}))
+        if out.finish_reason == "length":
+            episode.status = TrajectoryStatus.TRUNCATED
+        observation, done, info = await env.step(text)
+        if done:
+            episode.turns.append(Turn("env", observation, 0, info))
+            break
+        if "agent" in info:  # the next agent starts from its own prompt
+            current = Segment(str(info["agent"]), [request.prompt_ids[0], *encode(observation)])
+            episode.segments.append(current)
+            episode.turns.append(Turn("env", observation, 0, info))
+            continue
+        tokens = encode(observation)
+        current.response_ids += tokens
+        current.logprobs += [0.0] * len(tokens)
+        current.versions += [-1] * len(tokens)
+        current.loss_mask += [0.0] * len(tokens)
+        episode.turns.append(Turn("env", observation, len(tokens), info))
+    if (stop := await check(None, episode)) is not None:
+        episode.status = stop
+    return episode
+
+
+EPISODES: dict[str, Callable[..., Awaitable[Episode]]] = {"turns": run_turns, "agents": run_agents}

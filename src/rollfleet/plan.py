@@ -108,6 +108,12 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
         http_port=8080,
         http_host=endpoints.http_host,
     )
+    # A reward service with models holds them in memory (and may train a builtin one).
+    reward_resources = (
+        {"cpu": "1", "memory": "2Gi"} if spec.reward.models else {"cpu": "500m", "memory": "512Mi"}
+    )
+    if spec.reward.gpus:
+        reward_resources["nvidia.com/gpu"] = str(spec.reward.gpus)
     components = [
         Component(
             "reward",
@@ -115,7 +121,7 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
             spec.reward.replicas,
             "rollfleet_reward",
             base.to_env(),
-            resources={"cpu": "500m", "memory": "512Mi"},
+            resources=reward_resources,
         ),
         Component(
             "env",

@@ -16,7 +16,7 @@ from typing import Any, Literal, Self, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 5  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights; 4: typed Conditioning; 5: Conditioning.palette
+SCHEMA_VERSION = 6  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights; 4: typed Conditioning; 5: Conditioning.palette; 6: Trajectory.segments
 
 
 class ProtocolError(ValueError):
@@ -98,6 +98,38 @@ class Conditioning(BaseModel):
     palette: PaletteSample | None = None  # Reasoning Palette: the prefix's latents, if any
 
 
+def _check_aligned(tokens) -> None:
+    """The per-token lists of a trajectory or segment are as long as its response."""
+    n = len(tokens.response_ids)
+    for name in ("behaviour_logprobs", "token_versions", "loss_mask"):
+        if len(getattr(tokens, name)) != n:
+            raise ValueError(
+                f"{name} has {len(getattr(tokens, name))} entries for {n} response tokens"
+            )
+
+
+class Segment(BaseModel):
+    """One agent's share of a multi-agent sample (RecGPT-V2's planner, experts and
+    arbiter): its own prompt and response, with the per-token lists a Trajectory carries,
+    trained as a row of its own. `reward` is the agent's own reward, or None for the
+    sample's (`Trajectory.reward`, shared by its agents)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str = Field(min_length=1, max_length=64)
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behaviour_logprobs: list[float]
+    token_versions: list[int]
+    loss_mask: list[float]
+    reward: float | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        _check_aligned(self)
+        return self
+
+
 class TrajectoryStatus(enum.StrEnum):
     COMPLETED = "completed"  # the model ended with end-of-sequence (or the episode ended)
     TRUNCATED = "truncated"  # hit the token limit
@@ -116,6 +148,11 @@ class Trajectory(Message):
     (credit assignment); it is kept apart from the mask, so it never enters the loss
     aggregation's denominator. `conditioning` is what method modules recorded about how
     the sample was drawn (e.g. BARD's budget).
+
+    A multi-agent sample carries its tokens in `segments` instead, one per agent turn
+    owner, each trained as its own row; its own token lists are then empty. The sample
+    travels whole in one message, so a group is complete when its samples are and no
+    sample is ever half trained. `rows()` gives either kind as segments.
     """
 
     task_id: str
@@ -134,16 +171,18 @@ class Trajectory(Message):
     reward_parts: dict[str, float] = Field(default_factory=dict)
     response_text: str = ""
     conditioning: Conditioning = Field(default_factory=Conditioning)
+    segments: list[Segment] = Field(default_factory=list, max_length=64)
     finished_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:
+        _check_aligned(self)
         n = len(self.response_ids)
-        for name in ("behaviour_logprobs", "token_versions", "loss_mask"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(
-                    f"{name} has {len(getattr(self, name))} entries for {n} response tokens"
-                )
+        if self.segments and (n or self.prompt_ids or self.advantage_weights is not None):
+            raise ValueError(
+                "a trajectory with segments carries its tokens in them: prompt_ids, "
+                "response_ids and advantage_weights must be empty"
+            )
         if self.advantage_weights is not None and len(self.advantage_weights) != n:
             raise ValueError(
                 f"advantage_weights has {len(self.advantage_weights)} entries for {n} response tokens"
@@ -152,10 +191,29 @@ class Trajectory(Message):
             raise ValueError(f"sample_index {self.sample_index} >= group_size {self.group_size}")
         return self
 
+    def rows(self) -> list[Segment]:
+        """What the trainer trains, one row each: the segments, or the trajectory itself
+        as one segment (agent "policy", the sample's reward)."""
+        if self.segments:
+            return self.segments
+        return [
+            Segment(
+                agent="policy",
+                prompt_ids=self.prompt_ids,
+                response_ids=self.response_ids,
+                behaviour_logprobs=self.behaviour_logprobs,
+                token_versions=self.token_versions,
+                loss_mask=self.loss_mask,
+            )
+        ]
+
     def oldest_version(self) -> int | None:
         """Version of the oldest model token (None if the model produced none)."""
         versions = [
-            v for v, m in zip(self.token_versions, self.loss_mask, strict=True) if m > 0 and v >= 0
+            v
+            for row in self.rows()
+            for v, m in zip(row.token_versions, row.loss_mask, strict=True)
+            if m > 0 and v >= 0
         ]
         return min(versions) if versions else None
 

@@ -199,6 +199,7 @@ class RewardModels:
 
     @staticmethod
     def _load(name: str, folder: str | Path):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rollfleet.models.architectures import import_architectures
@@ -212,6 +213,8 @@ class RewardModels:
                 f"reward.models.{name}: cannot load a Hugging Face model folder from "
                 f"{str(folder)!r} ({e})"
             ) from None
+        if torch.cuda.is_available():  # reward.gpus: the models share the first GPU
+            model = model.to("cuda")
         return model, tokenizer
 
     def _build(self, to_build: dict[str, tuple[str, Path]]) -> None:

@@ -348,6 +348,9 @@ class RewardSpec(Strict):
         "names one",
     )
     replicas: int = Field(1, ge=1)
+    gpus: int = Field(
+        0, ge=0, le=8, description="GPUs per reward replica; its models run on the first"
+    )
     maxScale: int = Field(4, ge=1, description="Knative max scale")
     targetConcurrency: int = Field(16, ge=1, description="Knative target concurrency")
 

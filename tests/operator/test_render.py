@@ -191,8 +191,9 @@ def test_rendering_is_deterministic_but_tokens_are_not():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_search_corpus_on_a_volume_reaches_the_trainer_and_env(workers):
     """QAgent on a user corpus: the task's volume is mounted read-only where the task's
-    files are read (trainer pods, env sandboxes) and nowhere else; the reward pod gets a
-    scratch run directory for its builtin reader."""
+    files are read (trainer pods, env sandboxes) and nowhere else; the reward pod (a
+    Knative Service with the GPU of `reward.gpus`) gets a scratch run directory for its
+    builtin reader."""
     job = parse_manifest(
         {
             "apiVersion": "rollfleet.io/v1alpha1",
@@ -210,11 +211,14 @@ def test_a_search_corpus_on_a_volume_reaches_the_trainer_and_env(workers):
                 },
                 "trainer": {"workers": workers, "promptsPerStep": 8},
                 "methods": {"qagent": {"stage": 2}},
-                "reward": {"models": {"reader": "builtin:qagent-reader"}},
+                "reward": {"models": {"reader": "builtin:qagent-reader"}, "gpus": 1},
             },
         }
     )
     children = render(job, "ns", CONFIG, knative=True)
+    reward = by_name(children)["Service", names("search")["reward"]]
+    [container] = reward["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
     with_files = set()
     for child in children:
         if child["apiVersion"] in CUSTOM:

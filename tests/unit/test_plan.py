@@ -96,3 +96,12 @@ def test_service_env_without_the_job_says_who_starts_services(monkeypatch):
     monkeypatch.delenv("ROLLFLEET_NATS_URL", raising=False)
     with pytest.raises(RuntimeError, match="rollfleet run"):
         ServiceEnv.from_environ()
+
+
+def test_a_reward_service_with_models_gets_memory_and_its_gpus():
+    plain = next(c for c in plan(job(), ENDPOINTS) if c.role == "reward")
+    assert plain.resources == {"cpu": "500m", "memory": "512Mi"}
+    spec = {"reward": {"models": {"judge": "/models/judge"}, "gpus": 1, "replicas": 2}}
+    reward = next(c for c in plan(job(**spec), ENDPOINTS) if c.role == "reward")
+    assert reward.replicas == 2
+    assert reward.resources == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}

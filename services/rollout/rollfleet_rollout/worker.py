@@ -42,6 +42,7 @@ from rollfleet.protocol import (
     GroupsCancelled,
     ProtocolError,
     RolloutTask,
+    Segment,
     Trajectory,
     TrajectoryStatus,
     WeightVersion,
@@ -275,7 +276,7 @@ class RolloutWorker:
         async def check(turn: int | None, episode: Episode) -> TrajectoryStatus | None:
             if turn and gate is not None:
                 await gate.arrive(turn)  # env lockstep: wait for the group's other sessions
-            if self._stale(episode.versions):
+            if self._stale(episode.all_versions):
                 return TrajectoryStatus.STALE
             if turn is not None and task.group_id in self.cancelled:
                 CANCELLED.labels(self.pool.name).inc()
@@ -312,13 +313,24 @@ class RolloutWorker:
             group_size=task.group_size,
             worker=self.name,
             status=episode.status,
-            prompt_ids=request.prompt_ids,
+            prompt_ids=[] if episode.segments else request.prompt_ids,
             response_ids=episode.response_ids,
             behaviour_logprobs=episode.logprobs,
             token_versions=episode.versions,
             loss_mask=episode.loss_mask,
             response_text=episode.final_text,
             conditioning=request.conditioning,
+            segments=[
+                Segment(
+                    agent=s.agent,
+                    prompt_ids=s.prompt_ids,
+                    response_ids=s.response_ids,
+                    behaviour_logprobs=s.logprobs,
+                    token_versions=s.versions,
+                    loss_mask=s.loss_mask,
+                )
+                for s in episode.segments
+            ],
         )
         return trajectory, self.stages.reward_input(task, episode, reward_item(task, episode))
 

@@ -367,6 +367,7 @@ class Trainer:
             ADVANTAGES[algo.advantage], eps=algo.advantageEpsilon, all_reduce=self.dp.all_reduce
         )
         advantages, method_metrics = self.stages.advantages(self.model, batch, rewards, estimate)
+        advantages = batch.row_advantages(advantages, estimate)  # multi-agent segments
         weights = self.stages.advantage_weights(self.model, batch, advantages.view(-1))
         if weights is not None:
             batch.advantage_weights = batch.advantage_weights * weights.detach()
@@ -397,10 +398,11 @@ class Trainer:
                     totals[name] = totals.get(name, 0.0) + value / updates
         self.train_model.eval()
         version = self.state["version"]
+        trained = [row for t in trajectories for row in t.rows()]
         staleness = [
             version - v
-            for t in trajectories
-            for v, m in zip(t.token_versions, t.loss_mask, strict=True)
+            for row in trained
+            for v, m in zip(row.token_versions, row.loss_mask, strict=True)
             if m > 0 and v >= 0
         ]
         weighted = batch.advantage_weights[batch.loss_mask > 0]
@@ -421,7 +423,7 @@ class Trainer:
                 sum(staleness),
                 len(staleness),
                 sum(1 for s in staleness if s > 0),
-                sum(len(t.response_ids) for t in trajectories),
+                sum(len(row.response_ids) for row in trained),
             ]
         )
         weight_mean, weight_share, reward_sum, samples, flat_groups, group_count = sums[

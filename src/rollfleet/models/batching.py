@@ -109,6 +109,11 @@ class TrainBatch:
     """One step's samples as [rows, tokens] tensors, rows in group order (the samples of
     group g are rows g·n … g·n + n − 1 for groups of n).
 
+    A multi-agent sample (`Trajectory.segments`) is several rows, one per segment, next
+    to each other; `row_sample[r]` is the sample (its index in group order) that row r
+    belongs to and `row_agent[r]` its agent, and `trajectories[r]` is that sample's
+    trajectory. Without segments rows and samples are one and the same.
+
     `loss_mask` is 1 on the tokens the loss trains (the model's response tokens) and 0
     elsewhere; `advantage_weights` scales each token's advantage (1 by default, credit
     assignment changes it) and never enters the loss's denominator. `extras` holds what a
@@ -125,36 +130,80 @@ class TrainBatch:
     prompt_lengths: list[int]
     pad_id: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    row_sample: list[int] = field(default_factory=list)
+    row_agent: list[str] = field(default_factory=list)
+    row_reward: list[float | None] = field(default_factory=list)  # a segment's own reward
 
     @classmethod
     def from_trajectories(
         cls, trajectories: list[Trajectory], group_size: int, pad_id: int, device=None
     ) -> TrainBatch:
-        sequences, masks, behaviour, weights = [], [], [], []
-        for t in trajectories:
-            prompt = [0.0] * len(t.prompt_ids)
-            sequences.append(t.prompt_ids + t.response_ids)
-            masks.append(prompt + t.loss_mask)
-            behaviour.append(prompt + t.behaviour_logprobs)
-            weights.append(
-                [1.0] * len(t.prompt_ids) + (t.advantage_weights or [1.0] * len(t.loss_mask))
-            )
+        sequences, masks, behaviour, weights, prompts = [], [], [], [], []
+        row_trajectories, row_sample, row_agent, row_reward = [], [], [], []
+        for index, t in enumerate(trajectories):
+            for row in t.rows():
+                prompt = [0.0] * len(row.prompt_ids)
+                sequences.append(row.prompt_ids + row.response_ids)
+                masks.append(prompt + row.loss_mask)
+                behaviour.append(prompt + row.behaviour_logprobs)
+                own = t.advantage_weights if not t.segments else None
+                weights.append([1.0] * len(row.prompt_ids) + (own or [1.0] * len(row.loss_mask)))
+                prompts.append(len(row.prompt_ids))
+                row_trajectories.append(t)
+                row_sample.append(index)
+                row_agent.append(row.agent)
+                row_reward.append(row.reward)
         tensors = pad_sequences(sequences, pad_id, masks, behaviour, weights)
         ids, attention, mask, behaviour_lp, advantage_weights = (t.to(device) for t in tensors)
         return cls(
-            trajectories,
+            row_trajectories,
             group_size,
             ids,
             attention,
             mask,
             behaviour_lp,
             advantage_weights,
-            [len(t.prompt_ids) for t in trajectories],
+            prompts,
             pad_id,
+            row_sample=row_sample,
+            row_agent=row_agent,
+            row_reward=row_reward,
         )
 
     def __len__(self) -> int:
         return len(self.trajectories)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether some sample is several rows (multi-agent segments)."""
+        return len(set(self.row_sample)) != len(self.row_sample)
+
+    def row_advantages(self, sample_advantages: torch.Tensor, estimate) -> torch.Tensor:
+        """Advantages per row from the samples' [samples in group order]: each row gets
+        its sample's, except the rows of an agent whose segments carry their own reward,
+        which get the estimator (`estimate`, over [groups, samples]) applied to that
+        agent's rewards: per-agent credit within each group."""
+        if not self.segmented:
+            return sample_advantages
+        out = sample_advantages.reshape(-1)[torch.tensor(self.row_sample)].clone()
+        agents = sorted(
+            {a for a, r in zip(self.row_agent, self.row_reward, strict=True) if r is not None}
+        )
+        for agent in agents:
+            rows = [i for i, a in enumerate(self.row_agent) if a == agent]
+            samples = [self.row_sample[i] for i in rows]
+            if sorted(samples) != list(range(len(sample_advantages.reshape(-1)))) or any(
+                self.row_reward[i] is None for i in rows
+            ):
+                raise ValueError(
+                    f"agent {agent!r}: a per-agent reward needs exactly one rewarded segment "
+                    "of that agent in every sample"
+                )
+            rewards = torch.tensor([self.row_reward[i] for i in rows])
+            order = torch.tensor(samples).argsort()  # rows in sample order
+            estimated = estimate(rewards[order].view(-1, self.group_size)).reshape(-1)
+            out[torch.tensor(rows)[order]] = estimated.to(out.dtype)
+        return out
 
     def rows(self, start: int, stop: int) -> TrainBatch:
         """Rows [start, stop) as a batch of their own (a mini-batch of whole groups)."""
@@ -176,6 +225,9 @@ class TrainBatch:
             self,
             trajectories=self.trajectories[start:stop],
             prompt_lengths=self.prompt_lengths[start:stop],
+            row_sample=self.row_sample[start:stop],
+            row_agent=self.row_agent[start:stop],
+            row_reward=self.row_reward[start:stop],
             extras=extras,
             **tensors,
         )
