@@ -147,6 +147,22 @@ async def _go_on(turn: int | None, episode: Episode) -> None:
     return None
 
 
+def _append_model(tokens: Episode | Segment, out: Generated) -> None:
+    """A model turn's tokens onto an episode's or a segment's lists, in the loss."""
+    tokens.response_ids += out.token_ids
+    tokens.logprobs += out.logprobs
+    tokens.versions += out.versions
+    tokens.loss_mask += [1.0] * len(out.token_ids)
+
+
+def _append_env(tokens: Episode | Segment, ids: list[int]) -> None:
+    """An env observation's tokens onto an episode's or a segment's lists, out of the loss."""
+    tokens.response_ids += ids
+    tokens.logprobs += [0.0] * len(ids)
+    tokens.versions += [-1] * len(ids)
+    tokens.loss_mask += [0.0] * len(ids)
+
+
 async def run_turns(
     request: EpisodeRequest,
     *,
@@ -172,10 +188,7 @@ async def run_turns(
             episode.status = TrajectoryStatus.ABORTED
             return episode
         text = decode([t for t in out.token_ids if t != limits.eos_token_id])
-        episode.response_ids += out.token_ids
-        episode.logprobs += out.logprobs
-        episode.versions += out.versions
-        episode.loss_mask += [1.0] * len(out.token_ids)
+        _append_model(episode, out)
         episode.turns.append(Turn("model", text, len(out.token_ids)))
         if out.finish_reason == "length":
             episode.status = TrajectoryStatus.TRUNCATED
@@ -183,10 +196,7 @@ async def run_turns(
             break
         observation, done, info = await env.step(text)
         tokens = encode(observation)
-        episode.response_ids += tokens
-        episode.logprobs += [0.0] * len(tokens)
-        episode.versions += [-1] * len(tokens)
-        episode.loss_mask += [0.0] * len(tokens)
+        _append_env(episode, tokens)
         episode.turns.append(Turn("env", observation, len(tokens), info))
         if done:
             break
@@ -233,10 +243,7 @@ async def run_agents(
             episode.status = TrajectoryStatus.ABORTED
             return episode
         text = decode([t for t in out.token_ids if t != limits.eos_token_id])
-        current.response_ids += out.token_ids
-        current.logprobs += out.logprobs
-        current.versions += out.versions
-        current.loss_mask += [1.0] * len(out.token_ids)
+        _append_model(current, out)
         episode.turns.append(Turn("model", text, len(out.token_ids), {"agent": current.agent}))
         if out.finish_reason == "length":
             episode.status = TrajectoryStatus.TRUNCATED
@@ -250,10 +257,7 @@ async def run_agents(
             episode.turns.append(Turn("env", observation, 0, info))
             continue
         tokens = encode(observation)
-        current.response_ids += tokens
-        current.logprobs += [0.0] * len(tokens)
-        current.versions += [-1] * len(tokens)
-        current.loss_mask += [0.0] * len(tokens)
+        _append_env(current, tokens)
         episode.turns.append(Turn("env", observation, len(tokens), info))
     if (stop := await check(None, episode)) is not None:
         episode.status = stop
