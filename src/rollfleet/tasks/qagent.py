@@ -352,8 +352,9 @@ class ReaderTask(Task):
     """A reader's SFT data: `reader_prompt(question, passages)` -> the answer. Every
     example invents its own names, so nothing can be memorised: a reader that knew the
     agent's facts would answer what the agent never retrieved, and its accuracy would no
-    longer measure retrieval. The two gold passages come last, after up to `distractors`
-    others; with more than one, the first gold passage sits among them."""
+    longer measure retrieval. The answer's passage comes last, after up to `distractors`
+    others; the first hop's passage just before it, or, with more than one distractor,
+    anywhere among them."""
 
     name = "qagent_reader"
 
@@ -369,8 +370,8 @@ class ReaderTask(Task):
             RELATIONS[rng.choice(sorted(RELATIONS))].format(a=random_name(rng), b=random_name(rng))
             for _ in range(rng.randint(0, self.distractors))
         ]
-        passages.insert(rng.randint(0, len(passages)) if self.distractors > 1 else len(passages),
-                        RELATIONS[first].format(a=person, b=bridge))  # fmt: skip
+        where = rng.randint(0, len(passages)) if self.distractors > 1 else len(passages)
+        passages.insert(where, RELATIONS[first].format(a=person, b=bridge))
         passages.append(RELATIONS[second].format(a=bridge, b=answer))
         prompt = reader_prompt(f"{person} {kind}", passages)
         return Example(
