@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rollfleet.tasks import qagent
+from rollfleet.tasks import qagent, recgpt
 from rollfleet.tasks.chain_sum import final_number
 from rollfleet.tasks.countdown import verify
 from rollfleet.tasks.recommend import item_codes, verifier_for
@@ -146,8 +146,8 @@ def format_reward(
 BUILTIN_MODELS: dict[str, Callable[..., Any]] = {
     # name -> trainer(folder): the builtin tasks' reward models, created where they are
     # served (`reward.models: {reader: "builtin:qagent-reader"}`), as the builtin policy is.
-    name: functools.partial(qagent.train_reader, name=name)
-    for name in qagent.READERS
+    **{name: functools.partial(qagent.train_reader, name=name) for name in qagent.READERS},
+    "recgpt-align": recgpt.train_align_model,
 }
 BUILTIN = "builtin:"
 
@@ -162,8 +162,9 @@ def builtin_model_error(source: str) -> str | None:
 class RewardModels:
     """The reward service's models by name (`reward.models`: name -> Hugging Face folder,
     or `builtin:<name>`, a model of `BUILTIN_MODELS` trained into `cache` on first start),
-    each loaded once, frozen, with its tokenizer. `answer(name, prompts)` decodes greedily
-    in one batch, up to end-of-sequence.
+    each loaded once, frozen, with its tokenizer. A causal LM (a reader, a judge) answers:
+    `answer(name, prompts)` decodes greedily in one batch, up to end-of-sequence. A
+    sequence classifier (a reward model) scores: `probability(name, texts)`.
 
     Folders load before the constructor returns (a bad one is an error naming its entry).
     A builtin model not yet in the cache is trained in a background thread, so the service
@@ -200,13 +201,25 @@ class RewardModels:
     @staticmethod
     def _load(name: str, folder: str | Path):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         from rollfleet.models.architectures import import_architectures
 
         import_architectures()
+        import rollfleet.models.bag_classifier  # noqa: F401  (registers the builtin scorer)
+
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            config = AutoConfig.from_pretrained(folder)
+            classifier = any(
+                a.endswith("ForSequenceClassification") for a in config.architectures or ()
+            )
+            auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+            model = auto.from_pretrained(folder).eval()
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except OSError as e:
             raise ValueError(
@@ -215,7 +228,7 @@ class RewardModels:
             ) from None
         if torch.cuda.is_available():  # reward.gpus: the models share the first GPU
             model = model.to("cuda")
-        return model, tokenizer
+        return model, tokenizer, classifier
 
     def _build(self, to_build: dict[str, tuple[str, Path]]) -> None:
         """Train each builtin model into a scratch folder renamed when done (a crash leaves
@@ -244,17 +257,47 @@ class RewardModels:
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
-    def answer(self, name: str, prompts: list[str], max_new_tokens: int) -> list[str]:
-        from rollfleet.evaluation import _generate
-
+    def _model(self, name: str, classifier: bool):
         self._built.wait()
         if self._build_error is not None:
             raise RuntimeError(self._build_error)
-        model, tok = self.loaded[name]
+        model, tokenizer, is_classifier = self.loaded[name]
+        if is_classifier != classifier:
+            kind = "a sequence classifier" if is_classifier else "a causal language model"
+            raise ValueError(
+                f"reward.models.{name} is {kind}; this function needs "
+                f"{'a sequence classifier' if classifier else 'a causal language model'}"
+            )
+        return model, tokenizer
+
+    def answer(self, name: str, prompts: list[str], max_new_tokens: int) -> list[str]:
+        from rollfleet.evaluation import _generate
+
+        model, tok = self._model(name, classifier=False)
         ids = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
         with self._lock:
             out = _generate(model, tok, ids, max_new_tokens, [tok.eos_token_id], 0.0)
         return [tok.decode([t for t in row if t != tok.eos_token_id]) for row in out]
+
+    def probability(self, name: str, texts: list[str]) -> list[float]:
+        """A sequence classifier's probability of its positive label for each text (the
+        sigmoid of a single logit, or the softmax's last label), in one batch."""
+        import torch
+
+        from rollfleet.models.batching import pad_sequences
+
+        model, tok = self._model(name, classifier=True)
+        if not texts:
+            return []
+        ids, attention = pad_sequences(
+            [tok.encode(t, add_special_tokens=False) for t in texts], tok.pad_token_id
+        )
+        with self._lock, torch.no_grad():
+            logits = model(
+                input_ids=ids.to(model.device), attention_mask=attention.to(model.device)
+            ).logits.float()
+        p = torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else logits.softmax(-1)[:, -1]
+        return p.tolist()
 
 
 @register_reward("model_exact_match", batched=True)
@@ -398,6 +441,28 @@ def compose(
     return total, parts
 
 
+def _values(
+    name: str, params: dict[str, Any], items: list[dict[str, Any]], models: RewardModels | None
+) -> tuple[list[float | None], list[str | None]]:
+    """One function over a batch: (value or None, error or None) per item. A batched
+    function failing fails its whole batch; a rule-based one fails only its item."""
+    if name in BATCHED:
+        try:
+            return list(REWARDS[name](items, models, **params)), [None] * len(items)
+        except Exception as e:  # reported per item, counted by the service
+            return [None] * len(items), [f"{name}: {type(e).__name__}: {e}"] * len(items)
+    values: list[float | None] = []
+    errors: list[str | None] = []
+    for item in items:
+        try:
+            values.append(score(name, item, params))
+            errors.append(None)
+        except Exception as e:  # a bad item must not fail its batch
+            values.append(None)
+            errors.append(f"{type(e).__name__}: {e}")
+    return values, errors
+
+
 def compose_batch(
     functions: list[tuple[str, float, dict[str, Any]]],
     items: list[dict[str, Any]],
@@ -409,20 +474,8 @@ def compose_batch(
     values: dict[str, list[float | None]] = {}
     errors: list[str | None] = [None] * len(items)
     for key, (name, _, params) in zip(_part_names(functions), functions, strict=True):
-        if name in BATCHED:
-            try:
-                values[key] = list(REWARDS[name](items, models, **params))
-            except Exception as e:  # reported per item, counted by the service
-                values[key] = [None] * len(items)
-                errors = [err or f"{name}: {type(e).__name__}: {e}" for err in errors]
-            continue
-        values[key] = []
-        for i, item in enumerate(items):
-            try:
-                values[key].append(score(name, item, params))
-            except Exception as e:  # a bad item must not fail its batch
-                values[key].append(None)
-                errors[i] = errors[i] or f"{type(e).__name__}: {e}"
+        values[key], failed = _values(name, params, items, models)
+        errors = [old or new for old, new in zip(errors, failed, strict=True)]
     results = []
     for i in range(len(items)):
         if errors[i] is not None:
@@ -432,3 +485,147 @@ def compose_batch(
         total = sum(w * parts[k] for k, (_, w, _) in zip(parts, functions, strict=True))
         results.append((total, parts, None))
     return results
+
+
+@register_reward("gated", batched=True)
+def gated(
+    items: list[dict[str, Any]],
+    models: RewardModels | None,
+    main: str,
+    gates: dict[str, float],
+    params: dict[str, dict[str, Any]] | None = None,
+) -> list[float]:
+    """Constrained composition (RecGPT-V2): the `main` reward where every gate function
+    reaches its threshold, else 0: R = main x prod 1[gate >= threshold]. `params` holds
+    each named function's own parameters. Beside the weighted sum, which lets one term
+    pay for another, a gate cannot be traded against accuracy."""
+    params = params or {}
+    unknown = [n for n in (main, *gates) if n not in REWARDS]
+    if unknown:
+        raise ValueError(
+            f"gated: unknown reward functions {unknown}; registered: {sorted(REWARDS)}"
+        )
+    totals, errors = _values(main, params.get(main, {}), items, models)
+    for name, threshold in gates.items():
+        values, failed = _values(name, params.get(name, {}), items, models)
+        errors = [old or new for old, new in zip(errors, failed, strict=True)]
+        totals = [
+            None if t is None or v is None else t * float(v >= threshold)
+            for t, v in zip(totals, values, strict=True)
+        ]
+    if any(e is not None for e in errors):
+        raise ValueError(next(e for e in errors if e is not None))
+    return totals
+
+
+# --- RecGPT-V2: the team's output is the last env turn's info (tasks.recgpt.Coordinator) -
+
+
+def _recgpt_team(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plan, the experts' tags and the final tags of an episode (empty when it ended
+    before the coordinator summed it up: a truncated turn)."""
+    for turn in reversed(turns):
+        if turn["role"] == "env" and "final" in turn.get("info", {}):
+            return turn["info"]
+    return {"plan": [], "experts": [], "final": []}
+
+
+@register_reward("recgpt_acc")
+def recgpt_acc(
+    response: str, answer: str, meta: dict[str, Any], turns: list[dict[str, Any]]
+) -> float:
+    """RecGPT-V2's accuracy: recall of the target tags by the arbiter's final top N."""
+    final = _recgpt_team(turns)["final"][: int(meta["top_n"])]
+    return recgpt.recall(final, meta["target"])
+
+
+@register_reward("recgpt_diversity")
+def recgpt_diversity(
+    response: str, answer: str, meta: dict[str, Any], turns: list[dict[str, Any]]
+) -> float:
+    """RecGPT-V2's diversity: mean pairwise distance of all the experts' tags together
+    (tasks.recgpt.tag_distance: 0 the same tag, 0.5 the same category, 1 otherwise)."""
+    return recgpt.diversity([t for tags in _recgpt_team(turns)["experts"] for t in tags])
+
+
+@register_reward("recgpt_length")
+def recgpt_length(
+    response: str,
+    answer: str,
+    meta: dict[str, Any],
+    turns: list[dict[str, Any]],
+    min_tags: int = 2,
+    max_tags: int = 4,
+) -> float:
+    """RecGPT-V2's length band: 1 if the plan is two intents, each expert gives between
+    `min_tags` and `max_tags` distinct tags and the arbiter exactly top N of theirs (it
+    selects, it does not invent), else 0."""
+    team = _recgpt_team(turns)
+    experts, final = team["experts"], team["final"]
+    proposed = {t for tags in experts for t in tags}
+    return float(
+        len(set(team["plan"])) == 2
+        and len(experts) == recgpt.EXPERTS
+        and all(min_tags <= len(set(tags)) == len(tags) <= max_tags for tags in experts)
+        and len(set(final)) == len(final) == int(meta["top_n"])
+        and set(final) <= proposed
+    )
+
+
+def _recgpt_tags(item: dict[str, Any]) -> list[str]:
+    team = _recgpt_team(item["turns"])
+    return [t for tags in team["experts"] for t in tags] + team["final"]
+
+
+@register_reward("recgpt_align", batched=True)
+def recgpt_align(items: list[dict[str, Any]], models: RewardModels, model: str) -> list[float]:
+    """RecGPT-V2's alignment: the reward model's (`model`, a sequence classifier) mean
+    probability that each tag the experts and the arbiter gave fits the user's history
+    (tasks.recgpt.align_prompt); 0 for an episode without tags."""
+    tags = [_recgpt_tags(i) for i in items]
+    texts = [
+        recgpt.align_prompt(i["meta"]["history"], t)
+        for i, ts in zip(items, tags, strict=True)
+        for t in ts
+    ]
+    scores = iter(models.probability(model, texts))
+    return [sum(next(scores) for _ in ts) / len(ts) if ts else 0.0 for ts in tags]
+
+
+GRADES = {"S": 1.0, "A": 0.5, "B": 0.0}
+
+
+def senior_review(relevant: bool, well_formed: bool, diverse: bool, covering: bool) -> str:
+    """Agent-as-a-Judge's senior reviewer over the sub-evaluators' verdicts: B when a
+    critical dimension fails (relevance, format), S when every dimension passes, else A."""
+    if not (relevant and well_formed):
+        return "B"
+    return "S" if diverse and covering else "A"
+
+
+@register_reward("recgpt_judge", batched=True)
+def recgpt_judge(
+    items: list[dict[str, Any]],
+    models: RewardModels,
+    model: str,
+    align: float = 0.75,
+    diversity: float = 0.5,
+) -> list[float]:
+    """RecGPT-V2's Agent-as-a-Judge: per-dimension sub-evaluators (relevance: the
+    alignment reward model >= `align`; format: the length band; diversity >= `diversity`;
+    coverage: the final tags cover both planned intents) and a senior reviewer's grade
+    (`senior_review`), S/A/B as 1/0.5/0. It sees no future items: a judge grades as
+    production would. Listwise use (S > A > B ranks in a group): methods.recgpt.judge."""
+    relevance = recgpt_align(items, models, model)
+    grades = []
+    for item, relevant in zip(items, relevance, strict=True):
+        turns, meta = item["turns"], item["meta"]
+        team = _recgpt_team(turns)
+        grade = senior_review(
+            relevant=relevant >= align,
+            well_formed=bool(recgpt_length("", "", meta, turns)),
+            diverse=recgpt_diversity("", "", meta, turns) >= diversity,
+            covering=bool(team["plan"]) and set(team["plan"]) <= {t[0] for t in team["final"]},
+        )
+        grades.append(GRADES[grade])
+    return grades

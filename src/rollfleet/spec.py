@@ -154,7 +154,7 @@ class TaskVolume(Strict):
 class TaskSpec(Strict):
     name: TaskName = Field(
         "countdown",
-        description="registered task: countdown, chain_sum, jsonl, calculator, solve, recommend, qagent",
+        description="registered task: countdown, chain_sum, jsonl, calculator, solve, recommend, qagent, recgpt",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
     heldoutLimit: int | None = Field(
@@ -460,8 +460,20 @@ class RLJobSpec(Strict):
             field_path=".async.partialRollout",
             reason="FieldValueForbidden",
         ),
-        # _methods_fit_the_job: each method's job-level rules
+        # _methods_fit_the_job: each method's job-level rules, and the methods that run alone
         *(rule for _, info in sorted(METHODS.items()) for rule in info.params.__job_cel__),
+        *(
+            Cel(
+                f"!has(self.methods) || !has(self.methods.{name}) || "
+                + " && ".join(
+                    f"!has(self.methods.{other})" for other in sorted(METHODS) if other != name
+                ),
+                f"methods.{name} runs alone: {info.params.__alone__}",
+                field_path=".methods",
+            )
+            for name, info in sorted(METHODS.items())
+            if info.params.__alone__
+        ),
     )
 
     @model_validator(mode="after")
@@ -496,7 +508,13 @@ class RLJobSpec(Strict):
 
     @model_validator(mode="after")
     def _methods_fit_the_job(self):
-        for _, params in self.enabled_methods():
+        enabled = self.enabled_methods()
+        for name, params in enabled:
+            if params.__alone__ and len(enabled) > 1:
+                others = [other for other, _ in enabled if other != name]
+                raise ValueError(
+                    f"methods.{name} runs alone: {params.__alone__}; {others} enabled beside it"
+                )
             params.check_job(self)
         return self
 

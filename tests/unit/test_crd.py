@@ -183,6 +183,9 @@ RULES = {
     ("", ".methods.nezha"): "needs model.architecture: nezha",
     ("", ".methods.qagent"): "needs task.name: qagent",
     ("", ".methods.qagent.reader"): "stage 2 needs the reader in reward.models",
+    ("", ".methods.recgpt"): "needs task.name: recgpt",
+    ("", ".methods.recgpt.alignModel"): "the alignment reward model must be in reward.models",
+    ("", ".methods"): "runs alone",
 }
 
 
@@ -243,8 +246,11 @@ def test_one_rule_per_cross_field_validator(spec):
         for m in models
     }
     rules = {m.__name__: len(m.__cel__) for m in models}
-    # RLJobSpec's _methods_fit_the_job runs every method's check_job, each with its rules
-    method_rules = sum(len(info.params.__job_cel__) for info in METHODS.values())
+    # RLJobSpec's _methods_fit_the_job runs every method's check_job, each with its rules,
+    # and refuses company to a method that runs alone (a rule each)
+    method_rules = sum(
+        len(info.params.__job_cel__) + bool(info.params.__alone__) for info in METHODS.values()
+    )
     rules["RLJobSpec"] -= method_rules - 1
     assert validators == rules
     for info in METHODS.values():
@@ -382,6 +388,7 @@ def random_spec(rng: random.Random) -> dict:
                 "attention_credit": [_maybe(rng, {"horizon": [[1, 8], [5, 2], [0, 3], [10, 100]]})],
                 "nezha": [_maybe(rng, {"beam": [1, 10]})],
                 "qagent": [_maybe(rng, {"stage": [1, 2], "reader": ["reader", "judge"]})],
+                "recgpt": [_maybe(rng, {"alignModel": ["align", "judge"]})],
                 "ravr": [
                     _maybe(
                         rng,
@@ -401,11 +408,15 @@ def random_spec(rng: random.Random) -> dict:
                 "architecture": ["llama", "nezha"],
             },
         ),
-        "task": lambda: _maybe(rng, {"name": ["countdown", "recommend", "qagent"]}),
+        "task": lambda: _maybe(rng, {"name": ["countdown", "recommend", "qagent", "recgpt"]}),
         "reward": lambda: _maybe(
             rng,
             {
-                "models": [{}, {"reader": "builtin:qagent-reader"}],
+                "models": [
+                    {},
+                    {"reader": "builtin:qagent-reader"},
+                    {"align": "builtin:recgpt-align"},
+                ],
                 "functions": [[], [{"name": "exact_match"}]],
             },
         ),
@@ -487,6 +498,27 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
                 alone["methods"] = {"qagent": s["methods"]["qagent"]}
                 alone["task"] = {"name": "qagent"}  # the method's other rule holds
             return alone
+        case ("", ".methods.recgpt"):
+            alone = {k: s[k] for k in ("task",) if k in s}
+            if "recgpt" in s.get("methods", {}):
+                alone["methods"] = {"recgpt": {}}
+                alone["reward"] = {"models": {"align": "builtin:recgpt-align"}}
+            return alone
+        case ("", ".methods.recgpt.alignModel"):
+            alone = {k: s[k] for k in ("reward",) if k in s}
+            if "recgpt" in s.get("methods", {}):
+                alone["methods"] = {"recgpt": s["methods"]["recgpt"]}
+                alone["task"] = {"name": "recgpt"}  # the method's other rule holds
+            return alone
+        case ("", ".methods"):
+            if "recgpt" not in s.get("methods", {}):
+                return {}
+            # Which methods are on, and what recgpt needs of the rest of the job.
+            return {
+                "methods": {k: {} for k in s["methods"]},
+                "task": {"name": "recgpt"},
+                "reward": {"models": {"align": "builtin:recgpt-align"}},
+            }
         case ("model", _) if "model" in s:
             return {"model": _pick(s["model"], "hidden", "heads")}
         case ("rollout", _) if "rollout" in s:

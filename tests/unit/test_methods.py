@@ -13,6 +13,7 @@ from rollfleet.spec import ManifestError, parse_manifest
 NEEDS = {
     "nezha": {"task": {"name": "recommend"}, "model": {"architecture": "nezha"}},
     "qagent": {"task": {"name": "qagent"}},
+    "recgpt": {"task": {"name": "recgpt"}, "reward": {"models": {"align": "builtin:recgpt-align"}}},
 }
 
 

@@ -126,7 +126,7 @@ def test_unknown_task_lists_allowed_names():
     assert "spec.task.name" in message
     assert "'chess'" in message
     assert (
-        "['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recommend', 'solve']"
+        "['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recgpt', 'recommend', 'solve']"
         in message
     )
 

@@ -27,12 +27,13 @@ def test_task_registry_and_unknown_task():
         "countdown",
         "jsonl",
         "qagent",
+        "recgpt",
         "recommend",
         "solve",
     ]
     with pytest.raises(
         ValueError,
-        match=r"unknown task 'chess'.*\['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recommend', 'solve'\]",
+        match=r"unknown task 'chess'.*\['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recgpt', 'recommend', 'solve'\]",
     ):
         make_task("chess")
 

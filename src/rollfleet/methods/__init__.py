@@ -55,6 +55,9 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # CEL rules on the whole RLJob spec that mirror `check_job` (the CRD carries them).
     __job_cel__: ClassVar[tuple] = ()
+    # Why the method cannot share a job with another, or "" when it can (the spec refuses
+    # such a job, and the CRD carries the rule).
+    __alone__: ClassVar[str] = ""
 
     def reward_functions(self, verifier: str) -> list[tuple[str, float, dict]] | None:
         """The job's reward when the manifest lists none (`spec.reward.functions` empty):
@@ -229,4 +232,12 @@ def load_method(name: str, params: MethodParams, spec: RLJobSpec) -> Method:
 
 
 # Registration happens on import of each method's folder.
-from rollfleet.methods import attention_credit, bard, nezha, palette, qagent, ravr  # noqa: E402, F401
+from rollfleet.methods import (  # noqa: E402, F401
+    attention_credit,
+    bard,
+    nezha,
+    palette,
+    qagent,
+    ravr,
+    recgpt,
+)

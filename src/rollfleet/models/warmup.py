@@ -50,7 +50,8 @@ def warmup_sft(
     on_step=None,
     prefixes=None,
 ) -> list[float]:
-    """Train on demonstrations of train examples; returns the loss of every step.
+    """Train on demonstrations of train examples (each one's `task.sft_examples`: every
+    agent's turn for a task of several agents); returns the loss of every step.
 
     `examples` limits SFT to the first N train examples (a small demonstration set, as
     when demonstrations are expensive); None samples the whole train split. `prefixes`,
@@ -69,6 +70,7 @@ def warmup_sft(
     for step in range(steps):
         pool = examples or 1_000_000
         batch = [task.example("train", rng.randrange(pool)) for _ in range(batch_size)]
+        batch = [pair for example in batch for pair in task.sft_examples(example)]
         ids, attention, mask = sft_batch(tokenizer, batch)
         context = contextlib.nullcontext()
         if prefixes is not None:

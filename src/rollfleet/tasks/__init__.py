@@ -46,6 +46,11 @@ class Task:
         """Number of examples in a split; None for an endless generated train split."""
         return None
 
+    def sft_examples(self, example: Example) -> list[Example]:
+        """What warm-up SFT trains on for one example: the example and its demonstration,
+        or, for a task of several agents, one example per agent turn (its own prompt)."""
+        return [example]
+
     def env_step(self, meta: dict[str, Any], turn: int, action: str) -> tuple[str, bool]:
         """Multi-turn tasks: the env's observation after the model's `action` in turn `turn`
         (0-based), and whether the episode has ended (the default `TaskEnv` calls this)."""
@@ -96,6 +101,7 @@ from rollfleet.tasks import (  # noqa: E402, F401
     countdown,
     jsonl,
     qagent,
+    recgpt,
     recommend,
     solve,
 )
