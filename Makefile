@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-nezha: $(STAMP)  ## NEZHA against autoregressive beam search: HR@10, inval
 
 bench-qagent: $(STAMP)  ## QAgent: Stage-1 against Stage-2 agents, retrieval hit rate and a swapped reader, 3 seeds (~60 min)
 	$(BIN)/python benchmarks/qagent.py
+
+bench-recgpt: $(STAMP)  ## RecGPT-V2: SFT against GRPO with summed and with gated rewards, tag hit rate and diversity, 3 seeds (~45 min)
+	$(BIN)/python benchmarks/recgpt.py
 
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -377,6 +377,23 @@ def qagent_reader(
     ]
 
 
+def models_needed(name: str, params: dict[str, Any]) -> list[str | None]:
+    """The `reward.models` names function `name` scores with: its `model` parameter (None
+    where a model-based function is not given one), and for `gated` those of the
+    functions it composes."""
+    if name == "gated":
+        own = params.get("params") or {}
+        return [
+            model
+            for sub in (params.get("main"), *(params.get("gates") or {}))
+            if sub in REWARDS
+            for model in models_needed(sub, own.get(sub, {}))
+        ]
+    if "model" in inspect.signature(REWARDS[name]).parameters:
+        return [params.get("model")]
+    return []
+
+
 EPISODE_FIELDS = ("response_tokens", "turns")  # what a function may ask of the episode
 
 

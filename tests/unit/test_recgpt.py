@@ -21,6 +21,7 @@ from rollfleet.rewards import (
     GRADES,
     RewardModels,
     compose_batch,
+    models_needed,
     score,
     senior_review,
 )
@@ -140,24 +141,24 @@ def test_agents_runner_makes_each_agent_a_segment(task):
 
 
 def test_accuracy_diversity_and_length_on_hand_made_teams(task):
-    ex = task.example("train", 0)  # history k5k1 j3j5 k3k1 g1g4 g3g1 g1g3; target c4c2l3l4g3g1
-    answers = ["gk", "g1g3g4", "k1k5k3", "g1k1g3", "g1g3k1g4"]
+    ex = task.example("train", 0)  # history f15 e35 f13 g14 g13 g13; target c2c4e3e4g1g3
+    answers = ["fg", "f1f3f5", "g1g3g4", "f1g1g3", "f1f3g1g3"]
     it = item(task, ex, answers)
-    target = ex.meta["target"]
-    assert score("recgpt_acc", it) == pytest.approx(recall(["g1", "g3", "k1", "g4"], target))
+    assert ex.meta["target"] == ["c2", "c4", "e3", "e4", "g1", "g3"]
+    assert score("recgpt_acc", it) == pytest.approx(2 / 6)
     assert recall(["g1", "g3", "k1", "g4"], ["g1", "g3", "c4"]) == pytest.approx(2 / 3)
-    pooled = ["g1", "g3", "g4", "k1", "k5", "k3", "g1", "k1", "g3"]
+    pooled = ["f1", "f3", "f5", "g1", "g3", "g4", "f1", "g1", "g3"]
     assert score("recgpt_diversity", it) == pytest.approx(diversity(pooled))
     assert diversity(["a1", "a1"]) == 0 and diversity(["a1", "a2"]) == 0.5
     assert diversity(["a1", "b1", "c1"]) == 1.0
     assert score("recgpt_length", it) == 1.0
-    too_long = item(task, ex, ["gk", "g1g3g4g5g2", *answers[2:]])
-    repeated = item(task, ex, [*answers[:4], "g1g1k1g4"])
-    short_final = item(task, ex, [*answers[:4], "g1g3k1"])
-    invented = item(task, ex, [*answers[:4], "g1g3k1c4"])  # c4 no expert proposed
+    too_long = item(task, ex, ["fg", "f1f2f3f4f5", *answers[2:]])
+    repeated = item(task, ex, [*answers[:4], "f1f1g1g3"])
+    short_final = item(task, ex, [*answers[:4], "f1f3g1"])
+    invented = item(task, ex, [*answers[:4], "f1f3g1c4"])  # c4 no expert proposed
     for bad in (too_long, repeated, short_final, invented):
         assert score("recgpt_length", bad) == 0.0
-    assert score("recgpt_acc", item(task, ex, [*answers[:4], "g1g3k1g4c4"])) == score(
+    assert score("recgpt_acc", item(task, ex, [*answers[:4], "f1f3g1g3c4"])) == score(
         "recgpt_acc", it
     )  # only the top N count
 
@@ -170,7 +171,7 @@ def test_alignment_model_is_trained_for_real_and_scores_tags(task, models):
     assert accuracy / len(examples) > 0.9
     ex = task.example("train", 0)
     honest = item(task, ex, teacher_answers(task, ex))
-    off = item(task, ex, ["gk", "a1b2c3", "d1e2f3", "h1i2l3", "a1b2d1e2"])  # no history category
+    off = item(task, ex, ["fg", "a1b2c3", "d1h2a3", "b1c2d3", "a1b2c3d1"])  # no history category
     functions = [("recgpt_align", 1.0, {"model": "align"})]
     (h, _, e1), (o, _, e2) = compose_batch(functions, [honest, off], models)
     assert e1 is None and e2 is None and h > 0.8 and o < 0.2
@@ -185,7 +186,7 @@ def test_gated_is_zero_when_any_gate_fails_and_summed_pays_for_diversity(task, m
     honest = item(task, ex, teacher_answers(task, ex))
     # The experts spread over every category of the history (so alignment holds) and
     # the arbiter picks across them: more diverse, fewer hits.
-    hacked = item(task, ex, ["gk", "g1k1j3", "g4k5j5", "g3k3j1", "g1j3j5k1"])
+    hacked = item(task, ex, ["fg", "e3f1g1", "e5f5g4", "e1f3g3", "e5f1f5g1"])
     spec = lambda reward: RLJobSpec.model_validate(  # noqa: E731
         {
             "task": {"name": "recgpt"},
@@ -230,8 +231,8 @@ def test_senior_reviewer_truth_table():
 def test_judge_grades_teams_and_listwise_ranks_them(task, models):
     ex = task.example("train", 0)
     s_team = item(task, ex, teacher_answers(task, ex))
-    a_team = item(task, ex, ["gk", "g1g3g4", "k1k5k3", "g1g3g5", "g1g3g4g5"])  # k not covered
-    b_team = item(task, ex, ["gk", "a1b2c3", "d1e2f3", "h1i2l3", "a1b2d1e2"])  # irrelevant
+    a_team = item(task, ex, ["fg", "f1f3f5", "g1g3g4", "f1f3f4", "f1f3f4f5"])  # g not covered
+    b_team = item(task, ex, ["fg", "a1b2c3", "d1h2a3", "b1c2d3", "a1b2c3d1"])  # irrelevant
     params = {"model": "align", "align": 0.75, "diversity": 0.5}
     grades = [
         r[0]
@@ -260,3 +261,13 @@ def test_method_checks_the_job():
         RLJobSpec.model_validate(
             {**base, "reward": models, "methods": {"recgpt": {}, "bard": {"budgets": [8]}}}
         )
+
+
+def test_the_reward_service_finds_the_models_a_gated_reward_needs():
+    gated = {"main": "recgpt_acc", "gates": {"recgpt_align": 0.5, "recgpt_length": 1.0}}
+    assert models_needed("gated", {**gated, "params": {"recgpt_align": {"model": "align"}}}) == [
+        "align"
+    ]
+    assert models_needed("gated", gated) == [None]  # the service refuses: no model named
+    assert models_needed("recgpt_judge", {"model": "judge"}) == ["judge"]
+    assert models_needed("recgpt_acc", {}) == []

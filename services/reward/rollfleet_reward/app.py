@@ -24,7 +24,7 @@ from fastapi import Depends
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from rollfleet.rewards import BATCHED, REWARDS, RewardModels, compose_batch
+from rollfleet.rewards import REWARDS, RewardModels, compose_batch, models_needed
 from rollfleet.service import make_app, require_token
 
 SCORED = Counter("rollfleet_reward_items_total", "Responses scored")
@@ -85,11 +85,12 @@ def create_app(
         raise ValueError(f"unknown reward functions {unknown}; registered: {sorted(REWARDS)}")
     loaded = RewardModels(models or {}, cache)
     for i, (name, _, params) in enumerate(functions):
-        if name in BATCHED and params.get("model") not in loaded:
-            raise ValueError(
-                f"reward.functions[{i}] ({name}): params.model {params.get('model')!r} must "
-                f"name one of reward.models {loaded.names}"
-            )
+        for model in models_needed(name, params):
+            if model not in loaded:
+                raise ValueError(
+                    f"reward.functions[{i}] ({name}): params.model {model!r} must "
+                    f"name one of reward.models {loaded.names}"
+                )
     app = make_app(
         "reward",
         health=lambda: {

@@ -1,19 +1,20 @@
 """RecGPT-V2's task: predict the tags of a user's next items, by a team of agents.
 
 Tags are two characters, a category letter and a number (`c4`: tag 4 of category c;
-12 categories of 5 tags). An item carries two tags of one category. A user has two
-interest categories and, in each, three tags they like; their history is 6 items, most
-from their interests (mostly liked tags), some noise. The target is the tags of their
-next 3 items, drawn the same way, so a good prediction reads the history.
+8 categories of 5 tags). An item carries two tags of one category, written as the
+category and both numbers (`c24`: tags c2 and c4). A user has two interest categories
+and, in each, three tags they like; their history is 6 items, most from their interests
+(mostly liked tags), some noise. The target is the tags of their next 3 items, drawn the
+same way, so a good prediction reads the history. Agents answer sets, in sorted order.
 
 One episode is five turns of one policy, each its own agent (the `agents` episode runner
 and the env here coordinate them; each agent's turn is a segment of the trajectory):
 
-    planner   plan:a1a3 c2c5 a3a4 f1f2 c2c3 a1a4>        -> ac        two intents
-    expert1   exp1:a:a1a3 c2c5 ...>                      -> a1a3a4    tags for intent 1
-    expert2   exp2:c:a1a3 c2c5 ...>                      -> c2c5c3    tags for intent 2
-    expert3   exp3:ac:a1a3 c2c5 ...>                     -> a1a3c2    tags for both
-    arbiter   arb:a1a3 c2c5 ...=a1a3a4;c2c5c3;a1a3c2>    -> a1a3c2a4  the final top 4
+    planner   plan:a13 c25 a34 f12 c23 a14>          -> ac        two intents
+    expert1   exp1:a:a13 c25 ...>                    -> a1a3a4    tags for intent 1
+    expert2   exp2:c:a13 c25 ...>                    -> c2c3c5    tags for intent 2
+    expert3   exp3:ac:a13 c25 ...>                   -> a1a3c2    tags for both
+    arbiter   arb:a13 c25 ...=a1a3a4;c2c3c5;a1a3c2>  -> a1a3a4c2  the final top 4
 
     task = make_task("recgpt", seed=0)
     ex = task.example("train", 0)
@@ -37,7 +38,7 @@ from typing import Any
 
 from rollfleet.tasks import Example, Split, Task, TaskEnv, register_task
 
-CATEGORIES = "abcdefghijkl"
+CATEGORIES = "abcdefgh"
 TAG_NUMBERS = "12345"
 HISTORY_ITEMS, FUTURE_ITEMS = 6, 3
 EXPERTS = 3  # expert1: the first intent, expert2: the second, expert3: both
@@ -88,7 +89,7 @@ class User:
 
     @property
     def history_text(self) -> str:
-        return " ".join(a + b for a, b in self.history)
+        return " ".join(a + b[1] for a, b in self.history)
 
     @property
     def target(self) -> list[str]:
@@ -102,17 +103,22 @@ def make_user(rng: random.Random, noise: float) -> User:
     def item() -> tuple[str, str]:
         if rng.random() < noise:
             c = rng.choice(CATEGORIES)
-            return tuple(c + n for n in rng.sample(TAG_NUMBERS, 2))
+            return tuple(sorted(c + n for n in rng.sample(TAG_NUMBERS, 2)))
         c = interests[0] if rng.random() < 0.6 else interests[1]
         tags = (
             rng.sample(liked[c], 2)
             if rng.random() < 0.8
             else rng.sample([c + n for n in TAG_NUMBERS], 2)
         )
-        return tuple(tags)
+        return tuple(sorted(tags))
 
     history = tuple(item() for _ in range(HISTORY_ITEMS))
     return User(interests, liked, history, tuple(item() for _ in range(FUTURE_ITEMS)))
+
+
+def history_tags(history: str) -> list[str]:
+    """The tags of a history's items, in order (`a13 c25` -> a1 a3 c2 c5)."""
+    return [item[0] + n for item in history.split() for n in item[1:]]
 
 
 def _ranked(counts: Counter, order: list[str]) -> list[str]:
@@ -122,26 +128,26 @@ def _ranked(counts: Counter, order: list[str]) -> list[str]:
 
 def teacher_plan(history: str) -> list[str]:
     """The two most frequent categories (a one-category history: the next letter too)."""
-    cats = [t[0] for t in _TAG.findall(history)]
+    cats = [t[0] for t in history_tags(history)]
     plan = _ranked(Counter(cats), cats)[:2]
-    return plan + [c for c in CATEGORIES if c not in plan][: 2 - len(plan)]
+    return sorted(plan + [c for c in CATEGORIES if c not in plan][: 2 - len(plan)])
 
 
 def teacher_expert(history: str, intents: list[str], size: int = 3) -> list[str]:
     """The intents' most frequent tags in the history, topped up with unseen ones."""
-    seen = [t for t in _TAG.findall(history) if t[0] in intents]
+    seen = [t for t in history_tags(history) if t[0] in intents]
     tags = _ranked(Counter(seen), seen)[:size]
     for c in intents:
         tags += [c + n for n in TAG_NUMBERS if c + n not in tags][: size - len(tags)]
-    return tags[:size]
+    return sorted(tags[:size])
 
 
 def teacher_arbiter(history: str, proposals: list[list[str]], top_n: int) -> list[str]:
     """The proposed tags most backed by the history and the experts together."""
-    counts = Counter(_TAG.findall(history))
+    counts = Counter(history_tags(history))
     pool = [t for tags in proposals for t in tags]
     backing = Counter({t: counts[t] + pool.count(t) for t in pool})
-    return _ranked(backing, pool)[:top_n]
+    return sorted(_ranked(backing, pool)[:top_n])
 
 
 def expert_intents(k: int, intents: list[str]) -> list[str]:
@@ -260,7 +266,7 @@ class AlignTask(Task):
     def example(self, split: Split, index: int) -> Example:
         rng = random.Random(f"recgpt-align/{self.seed}/{split}/{index}")
         history = make_user(rng, noise=0.15).history_text
-        present = sorted({t[0] for t in _TAG.findall(history)})
+        present = sorted({t[0] for t in history_tags(history)})
         absent = [c for c in CATEGORIES if c not in present]
         label = "y" if rng.random() < 0.5 else "n"
         category = rng.choice(present if label == "y" else absent)
