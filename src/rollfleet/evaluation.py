@@ -28,7 +28,7 @@ from rollfleet.episodes import (
 )
 from rollfleet.methods import Stages
 from rollfleet.protocol import RolloutTask
-from rollfleet.rewards import reward_item, score
+from rollfleet.rewards import GRADED, reward_item, score
 from rollfleet.tasks import Task
 
 
@@ -272,6 +272,9 @@ def heldout_episodes(
 
 def heldout_accuracy(model, tokenizer, task: Task, verifier: str, **options) -> float:
     """Share of held-out answers (`samples` per prompt) that the reward function `verifier`
-    scores 1; `options` as for `heldout_episodes`."""
+    scores 1, or their mean score for a graded verifier (a recall: `rewards.GRADED`);
+    `options` as for `heldout_episodes`."""
     scored = heldout_episodes(model, tokenizer, task, verifier, **options)
+    if verifier in GRADED:
+        return sum(value for value, _ in scored) / max(len(scored), 1)
     return sum(value >= 1.0 for value, _ in scored) / max(len(scored), 1)

@@ -32,15 +32,20 @@ from rollfleet.tasks.recommend import item_codes, verifier_for
 
 REWARDS: dict[str, Callable[..., float]] = {}
 BATCHED: set[str] = set()  # model-based functions: (items, models, **params) -> values
+# Functions whose value is a degree (a recall), not a pass mark: held-out accuracy is
+# their mean rather than the share of answers scoring 1.
+GRADED: set[str] = set()
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def register_reward(name: str, batched: bool = False):
+def register_reward(name: str, batched: bool = False, graded: bool = False):
     def wrap(fn):
         REWARDS[name] = fn
         if batched:
             BATCHED.add(name)
+        if graded:
+            GRADED.add(name)
         return fn
 
     return wrap
@@ -547,7 +552,7 @@ def _recgpt_team(turns: list[dict[str, Any]]) -> dict[str, Any]:
     return {"plan": [], "experts": [], "final": []}
 
 
-@register_reward("recgpt_acc")
+@register_reward("recgpt_acc", graded=True)
 def recgpt_acc(
     response: str, answer: str, meta: dict[str, Any], turns: list[dict[str, Any]]
 ) -> float:

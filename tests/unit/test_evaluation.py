@@ -81,3 +81,13 @@ def test_turn_stops_split_into_single_tokens_and_runs():
     assert ids == (tok.convert_tokens_to_ids(";"),)
     assert runs == (tuple(tok.encode("</s>", add_special_tokens=False)),) and len(runs[0]) == 4
     assert ends_with_stop([5, *runs[0]], runs) and not ends_with_stop(list(runs[0][:3]), runs)
+
+
+def test_a_graded_verifier_reports_its_mean_and_a_pass_mark_its_share(monkeypatch):
+    """Recall (RecGPT-V2's tag hit rate) averages; exact match counts the answers at 1."""
+    import rollfleet.evaluation as evaluation
+
+    values = [1.0, 0.5, 0.25, 0.0]
+    monkeypatch.setattr(evaluation, "heldout_episodes", lambda *a, **k: [(v, None) for v in values])
+    assert heldout_accuracy(None, None, None, "recgpt_acc") == pytest.approx(1.75 / 4)
+    assert heldout_accuracy(None, None, None, "exact_match") == pytest.approx(1 / 4)
