@@ -4,9 +4,14 @@ For two model sizes (the builtin tiny Llama, ~1 M parameters, and a 134 M-parame
 of the same family, both with random weights) it prints:
 - torch engine: generated tokens/s with continuous batching over its slots;
 - trainer: milliseconds per optimizer step (GRPO + PPO-clip, the real `Trainer.train_step`);
-- vLLM engine: tokens/s for the same requests, if vLLM is importable.
+- vLLM engine: tokens/s for the same requests, if vLLM is importable;
+- reward models (`rollfleet.rewards.RewardModels`, as the reward service loads them with
+  `reward.gpus`): a sequence classifier's probabilities (RecGPT-V2's alignment model) and
+  a reader's greedy answers (QAgent's, untrained) on the GPU against the same models on
+  the CPU: the largest difference, the share of equal answers, and each side's time.
 Without a CUDA GPU it prints what it skipped and exits 0. `--cpu` runs the same code on the
-CPU (how the test suite checks this script); `--quick` shrinks every run.
+CPU (how the test suite checks this script); `--quick` shrinks every run; `--rewards`
+runs only the reward models.
 """
 
 from __future__ import annotations
@@ -124,10 +129,50 @@ def trainer_step_ms(model, tokenizer, run_dir: Path, gpus: int, steps: int) -> t
     return statistics.median(times) * 1000, tokens
 
 
+def reward_models_check(folder: Path, texts: int, prompts: int) -> str:
+    """The reward models on their device (the GPU when there is one) against the CPU."""
+    from rollfleet.models.tiny import create_tiny_model
+    from rollfleet.rewards import RewardModels
+    from rollfleet.tasks.qagent import ReaderTask
+    from rollfleet.tasks.recgpt import AlignTask, train_align_model
+
+    align = train_align_model(folder / "align", steps=100)
+    reader = create_tiny_model(folder / "reader", seed=0, max_len=256)
+    models = RewardModels({"align": str(align), "reader": str(reader)})
+    classify = [AlignTask(0).example("heldout", i).prompt for i in range(texts)]
+    ask = [ReaderTask(0, 1).example("heldout", i).prompt for i in range(prompts)]
+
+    def timed(fn, *args):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out, (time.perf_counter() - t0) * 1000
+
+    device = next(models.loaded["align"][0].parameters()).device
+    models.probability("align", classify[:8])  # warm-up: kernels, allocator
+    p_dev, p_ms = timed(models.probability, "align", classify)
+    a_dev, a_ms = timed(models.answer, "reader", ask, 8)
+    for name, (model, tokenizer, classifier) in list(models.loaded.items()):
+        models.loaded[name] = (model.cpu(), tokenizer, classifier)
+    p_cpu, p_cpu_ms = timed(models.probability, "align", classify)
+    a_cpu, a_cpu_ms = timed(models.answer, "reader", ask, 8)
+    gap = max(abs(a - b) for a, b in zip(p_dev, p_cpu, strict=True))
+    same = sum(a == b for a, b in zip(a_dev, a_cpu, strict=True))
+    return (
+        f"reward-models on {device.type}: classifier {texts:,} texts {p_ms:,.1f} ms "
+        f"(cpu {p_cpu_ms:,.1f} ms), max |p - p_cpu| {gap:.2e}; reader {prompts:,} prompts x 8 "
+        f"tokens {a_ms:,.1f} ms (cpu {a_cpu_ms:,.1f} ms), answers equal {same}/{prompts}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (checks the script)")
     parser.add_argument("--quick", action="store_true", help="small runs, tiny model only")
+    parser.add_argument("--rewards", action="store_true", help="only the reward models")
     args = parser.parse_args()
     torch.manual_seed(0)
     skipped = []
@@ -165,7 +210,12 @@ def main() -> int:
             print(f"gpu-check: FAILED {what}:\n{traceback.format_exc()}")
 
     with tempfile.TemporaryDirectory(prefix="rollfleet-gpu-check-") as tmp:
-        for size in sizes:
+        texts, asks = (64, 16) if args.quick else (4096, 512)
+        attempt(
+            "reward models",
+            lambda: print(reward_models_check(Path(tmp) / "rewards", texts, asks)),
+        )
+        for size in [] if args.rewards else sizes:
             for dtype in (torch.float32, torch.bfloat16) if gpus else (torch.float32,):
                 model, tokenizer = build(Path(tmp) / size, size, device, dtype)
                 params = sum(p.numel() for p in model.parameters()) / 1e6
