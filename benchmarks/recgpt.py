@@ -82,16 +82,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="RL steps (x 64 samples) per run")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: the example's")
+    parser.add_argument("--warmup-steps", type=int, default=800)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 seed")
     args = parser.parse_args()
     base = example("recgpt.yaml")
-    warmup = base["spec"]["model"]["warmup"]
     if args.quick:
         args.steps, args.seeds, args.warmup_steps = 2, 1, 20
         base = merged(base, {"task": {**base["spec"]["task"], "heldoutLimit": 20}})
-    if args.warmup_steps is not None:
-        warmup = {**warmup, "steps": args.warmup_steps}
+    warmup = {**base["spec"]["model"]["warmup"], "steps": args.warmup_steps}
     base = merged(base, {"model": {**base["spec"]["model"], "warmup": warmup}})
     quiet()
     print(f"machine: {machine()}", flush=True)
