@@ -129,14 +129,14 @@ def trainer_step_ms(model, tokenizer, run_dir: Path, gpus: int, steps: int) -> t
     return statistics.median(times) * 1000, tokens
 
 
-def reward_models_check(folder: Path, texts: int, prompts: int) -> str:
+def reward_models_check(folder: Path, texts: int, prompts: int, train_steps: int) -> str:
     """The reward models on their device (the GPU when there is one) against the CPU."""
     from rollfleet.models.tiny import create_tiny_model
     from rollfleet.rewards import RewardModels
     from rollfleet.tasks.qagent import ReaderTask
     from rollfleet.tasks.recgpt import AlignTask, train_align_model
 
-    align = train_align_model(folder / "align", steps=100)
+    align = train_align_model(folder / "align", steps=train_steps)
     reader = create_tiny_model(folder / "reader", seed=0, max_len=256)
     models = RewardModels({"align": str(align), "reader": str(reader)})
     classify = [AlignTask(0).example("heldout", i).prompt for i in range(texts)]
@@ -210,10 +210,10 @@ def main() -> int:
             print(f"gpu-check: FAILED {what}:\n{traceback.format_exc()}")
 
     with tempfile.TemporaryDirectory(prefix="rollfleet-gpu-check-") as tmp:
-        texts, asks = (64, 16) if args.quick else (4096, 512)
+        texts, asks, train_steps = (64, 16, 10) if args.quick else (4096, 512, 100)
         attempt(
             "reward models",
-            lambda: print(reward_models_check(Path(tmp) / "rewards", texts, asks)),
+            lambda: print(reward_models_check(Path(tmp) / "rewards", texts, asks, train_steps)),
         )
         for size in [] if args.rewards else sizes:
             for dtype in (torch.float32, torch.bfloat16) if gpus else (torch.float32,):

@@ -10,9 +10,10 @@ ordinary Hugging Face folder (`AutoModelForSequenceClassification`, model type
     model = BagForSequenceClassification(BagClassifierConfig(vocab_size=80, separator_id=tok.convert_tokens_to_ids("=")))
     model(input_ids=ids, attention_mask=mask).logits    # [batch, 1]
 
-Why not a tiny Llama: taught the same judgement (is the tag's category in the history?)
-at 3e-4 to 3e-3 for up to 1,600 steps, two sizes of tiny Llama stayed at chance: matching
-a token against earlier ones by content is a circuit they did not form in that time.
+Why not a tiny Llama: taught the same judgement (is the tag's category in the history?),
+tiny Llamas of hidden size 64 and 128 stayed at chance for 400 to 2,500 steps at learning
+rates 3e-4 to 3e-3: matching a token against earlier ones by content is a circuit they
+did not form in that time. This model learns it in 300 steps.
 """
 
 from __future__ import annotations

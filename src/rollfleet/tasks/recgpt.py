@@ -22,9 +22,12 @@ and the env here coordinate them; each agent's turn is a segment of the trajecto
     task.sft_examples(ex)      # the teacher's turn for each agent (warm-up SFT)
 
 The teacher is history counting: the two most frequent categories, each expert's most
-frequent tags of its intent, the arbiter's most backed tags. `ALIGN_MODEL` is the small
-reward model of the alignment reward (`builtin:recgpt-align`): it judges whether a tag
-fits a history (its category occurs there), trained here like QAgent's readers.
+frequent tags of its intent, the arbiter's most backed tags. `train_align_model` makes
+the alignment reward's small reward model (`builtin:recgpt-align`, trained by the reward
+service on its first start, as QAgent's readers are): it judges whether a tag fits a
+history (its category occurs there).
+
+    python -m rollfleet.tasks.recgpt align OUT    # the reward model into folder OUT
 """
 
 from __future__ import annotations
