@@ -137,6 +137,41 @@ def run_job(job: dict, run_dir: Path) -> dict:
     }
 
 
+def heldout_items(model, tokenizer, job: dict, verifier: str, stages: bool = False) -> list[dict]:
+    """The model's greedy held-out episodes of `job`'s task, each as the item the reward
+    service would score (`rewards.reward_item`: response, answer, meta, transcript);
+    `stages`: through the job's methods (their episode runner), as the workers run them."""
+    from rollfleet.evaluation import heldout_episodes
+    from rollfleet.methods import Stages
+    from rollfleet.protocol import RolloutTask
+    from rollfleet.rewards import reward_item
+    from rollfleet.spec import parse_manifest
+    from rollfleet.tasks import make_task
+
+    spec = parse_manifest(job).spec
+    task = make_task(spec.task.name, spec.task.params, spec.seed)
+    with single_thread():
+        scored = heldout_episodes(
+            model,
+            tokenizer,
+            task,
+            verifier,
+            max_new_tokens=spec.rollout.sampling.maxNewTokens,
+            limit=spec.task.heldoutLimit,
+            max_length=spec.model.maxLength,
+            stages=Stages.for_spec(spec) if stages else None,
+        )
+    return [
+        reward_item(
+            RolloutTask.for_example(
+                task.example("heldout", index), index=index, group_id=str(index), samples=1
+            ),
+            episode,
+        )
+        for index, (_, episode) in enumerate(scored)
+    ]
+
+
 def heldout_table(results: dict[str, list[dict]], **columns: str) -> dict[str, dict[str, float]]:
     """Print the arms' held-out table (avg@4 per seed, its mean, the greedy mean, and the
     mean of each extra `columns` entry: title=key of a run's dict); return the means, by

@@ -33,6 +33,7 @@ from pathlib import Path
 from harness import (
     example,
     from_model,
+    heldout_items,
     load_model,
     machine,
     merged,
@@ -48,31 +49,10 @@ TRAINING_READER, SWAPPED_READER = "qagent-reader", "qagent-reader-swapped"
 def evaluate(model, tokenizer, job: dict, readers) -> dict[str, float]:
     """Greedy held-out episodes of the agent: hit rate, own exact match, format, and each
     reader's accuracy on the passages the agent retrieved."""
-    from rollfleet.evaluation import heldout_episodes
-    from rollfleet.protocol import RolloutTask
-    from rollfleet.rewards import reward_item, score
-    from rollfleet.spec import parse_manifest
-    from rollfleet.tasks import make_task
+    from rollfleet.rewards import score
     from rollfleet.tasks.qagent import reader_prompt, retrieved
 
-    spec = parse_manifest(job).spec
-    task = make_task(spec.task.name, spec.task.params, spec.seed)
-    with single_thread():
-        scored = heldout_episodes(
-            model,
-            tokenizer,
-            task,
-            "qagent_answer",
-            max_new_tokens=spec.rollout.sampling.maxNewTokens,
-            limit=spec.task.heldoutLimit,
-            max_length=spec.model.maxLength,
-        )
-    items = []
-    for index, (_, episode) in enumerate(scored):
-        message = RolloutTask.for_example(
-            task.example("heldout", index), index=index, group_id=str(index), samples=1
-        )
-        items.append(reward_item(message, episode))
+    items = heldout_items(model, tokenizer, job, "qagent_answer")
     out = {
         "hit": statistics.mean(score("qagent_hit", i) for i in items),
         "own_em": statistics.mean(score("qagent_answer", i) for i in items),

@@ -30,6 +30,7 @@ from pathlib import Path
 from harness import (
     example,
     from_model,
+    heldout_items,
     load_model,
     machine,
     merged,
@@ -46,32 +47,9 @@ KEYS = ("recgpt_acc", "recgpt_diversity", "recgpt_align", "recgpt_length")
 def evaluate(model, tokenizer, job: dict, models) -> dict[str, float]:
     """Greedy held-out episodes of the team, scored by the reward functions (the
     alignment through the reward model `models` serves)."""
-    from rollfleet.evaluation import heldout_episodes
-    from rollfleet.methods import Stages
-    from rollfleet.protocol import RolloutTask
-    from rollfleet.rewards import compose_batch, reward_item
-    from rollfleet.spec import parse_manifest
-    from rollfleet.tasks import make_task
+    from rollfleet.rewards import compose_batch
 
-    spec = parse_manifest(job).spec
-    task = make_task(spec.task.name, spec.task.params, spec.seed)
-    with single_thread():
-        scored = heldout_episodes(
-            model,
-            tokenizer,
-            task,
-            "recgpt_acc",
-            max_new_tokens=spec.rollout.sampling.maxNewTokens,
-            limit=spec.task.heldoutLimit,
-            max_length=spec.model.maxLength,
-            stages=Stages.for_spec(spec),
-        )
-    items = []
-    for index, (_, episode) in enumerate(scored):
-        message = RolloutTask.for_example(
-            task.example("heldout", index), index=index, group_id=str(index), samples=1
-        )
-        items.append(reward_item(message, episode))
+    items = heldout_items(model, tokenizer, job, "recgpt_acc", stages=True)
     functions = [(k, 1.0, {"model": "align"} if k == "recgpt_align" else {}) for k in KEYS]
     with single_thread():
         parts = [p for _, p, _ in compose_batch(functions, items, models)]
