@@ -3,8 +3,9 @@
 1. Prometheus is Debian's `prometheus` package (2.42). Where the binary is missing and this
    runs as root with apt-get, it installs the package (`apt-get install -y
    --no-install-recommends prometheus`); elsewhere it stops and names the package.
-2. A short local job runs (`rollfleet run`, the multi-turn calculator task so the env
-   sandboxes work too, two rollout pools, 60 steps). Once every service has started, the
+2. A short local job runs (`rollfleet run`, 60 steps): a mix of the multi-turn calculator
+   task, so the env sandboxes work too, and single-turn countdown, routed by affinity to
+   two rollout pools (one prefers prefill work, one decode). Once every service has started, the
    run directory's services.json gives each one's URL.
 3. Our own Prometheus, on a free loopback port with its TSDB in a temporary folder, scrapes
    every service's /metrics each second, with the target labels the chart's PodMonitor
@@ -216,14 +217,25 @@ def job_manifest(steps: int) -> dict:
         "metadata": {"name": JOB_NAME},
         "spec": {
             "seed": 0,
-            # multi-turn: every sample opens an env session and calls the calculator tool
-            "task": {"name": "calculator", "params": {"max_turns": 3}, "heldoutLimit": 16},
+            # calculator samples open env sessions and call the tool; countdown's do not
+            "task": {
+                "name": "mixed",
+                "params": {
+                    "tasks": [
+                        {"name": "calculator", "params": {"max_turns": 3}},
+                        {"name": "countdown"},
+                    ]
+                },
+                "heldoutLimit": 16,
+            },
             "model": {"warmup": {"steps": 5, "examples": 64}},
             "env": {"stepLatencyMs": 5, "latencyTail": 0},
+            "reward": {"replicas": 2},  # two local processes; the workers spread calls over them
             "rollout": {
+                "routing": "affinity",
                 "pools": [
-                    {"name": "compute", "replicas": 1, "maxBatch": 32},
-                    {"name": "bandwidth", "replicas": 1, "maxBatch": 32},
+                    {"name": "compute", "replicas": 1, "maxBatch": 32, "prefers": "prefill"},
+                    {"name": "bandwidth", "replicas": 1, "maxBatch": 32, "prefers": "decode"},
                 ],
                 "sampling": {"groupSize": 4, "maxNewTokens": 10},
             },

@@ -42,11 +42,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @contextmanager
-def serving(app, start_timeout: float = 10.0) -> Iterator[str]:
-    """Serve `app` on a free local port in a thread; yields the base URL."""
+def serving(app, start_timeout: float = 10.0, port: int = 0) -> Iterator[str]:
+    """Serve `app` on a free local port (or `port`, to bring a service back where it was)
+    in a thread; yields the base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # bound before the server starts: no race for the port
+    sock.bind(("127.0.0.1", port))  # bound before the server starts: no race for the port
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -1,8 +1,9 @@
 """NATS JetStream plumbing for one job: streams, durable consumers, weights and progress.
 
-- tasks: a work-queue stream; all rollout workers share one durable pull consumer, so
+- tasks: a work-queue stream; the rollout workers share one durable pull consumer, so
   each task goes to exactly one worker, which acks it once its trajectories are out
-  (a worker that dies mid-task gets its tasks redelivered after `ack_wait`).
+  (a worker that dies mid-task gets its tasks redelivered after `ack_wait`). With
+  affinity routing (rollfleet.routing) each pool has its own subject and consumer.
 - trajectories: a stream with the trainer's durable consumer; acked after use.
 - dead letters: anything a consumer cannot decode goes here with the reason, counted.
 - weights: safetensors bytes in the object store, one object per policy version, plus
@@ -67,7 +68,12 @@ def nats_token() -> str | None:
     return os.environ.get(NATS_TOKEN_ENV) or None
 
 
-TASK_CONSUMER = "rollout"  # one durable consumer shared by every rollout worker
+TASK_CONSUMER = "rollout"  # the durable consumer shared by every rollout worker
+
+
+def task_consumer_name(pool: str | None) -> str:
+    """The durable task consumer of one pool (affinity routing), or the shared one."""
+    return TASK_CONSUMER if pool is None else f"{TASK_CONSUMER}-{pool}"
 
 
 def trajectory_consumer_name(rank: int) -> str:
@@ -131,7 +137,9 @@ class Bus:
         s = self.subjects
         configs = [
             api.StreamConfig(
-                name=s.task_stream, subjects=[s.tasks], retention=api.RetentionPolicy.WORK_QUEUE
+                name=s.task_stream,
+                subjects=[s.tasks, f"{s.tasks}.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
             ),
             api.StreamConfig(name=s.trajectory_stream, subjects=[f"{s.trajectories}.>"]),
             api.StreamConfig(name=s.deadletter_stream, subjects=[f"{s.deadletter}.>"]),
@@ -180,10 +188,11 @@ class Bus:
     async def publish(self, subject: str, message: Message) -> None:
         await self.js.publish(subject, encode(message))
 
-    async def task_consumer(self):
+    async def task_consumer(self, pool: str | None = None):
+        """The consumer of one pool's own tasks (affinity routing), or of the shared queue."""
         return await self.js.pull_subscribe(
-            self.subjects.tasks,
-            durable=TASK_CONSUMER,
+            self.subjects.tasks_for(pool),
+            durable=task_consumer_name(pool),
             stream=self.subjects.task_stream,
             config=api.ConsumerConfig(ack_wait=TASK_ACK_WAIT_S, max_ack_pending=-1),
         )
@@ -197,13 +206,32 @@ class Bus:
             config=api.ConsumerConfig(ack_wait=TRAJECTORY_ACK_WAIT_S, max_ack_pending=-1),
         )
 
-    async def pending(self, ranks: int = 1) -> dict[str, int]:
-        """Messages waiting per stream: tasks no worker has pulled, trajectories no trainer
-        rank has pulled, dead letters stored. A stream or consumer not made yet is left out."""
+    async def task_backlog(self, pools: list[str] | None = None) -> dict[str | None, int]:
+        """Tasks no worker has pulled yet, per pool's own queue (or None: the shared one).
+        A consumer no worker has made yet holds the whole backlog of its subject."""
+        backlog: dict[str | None, int] = {}
+        for pool in pools or [None]:
+            try:
+                info = await self.js.consumer_info(
+                    self.subjects.task_stream, task_consumer_name(pool)
+                )
+                backlog[pool] = info.num_pending
+            except NotFoundError:
+                with contextlib.suppress(NotFoundError):
+                    state = await self.js.stream_info(
+                        self.subjects.task_stream, subjects_filter=self.subjects.tasks_for(pool)
+                    )
+                    backlog[pool] = sum((state.state.subjects or {}).values())
+        return backlog
+
+    async def pending(self, ranks: int = 1, pools: list[str] | None = None) -> dict[str, int]:
+        """Messages waiting per stream: tasks no worker has pulled (of every pool's queue
+        with affinity routing), trajectories no trainer rank has pulled, dead letters
+        stored. A stream or consumer not made yet is left out."""
         js, s = self.js, self.subjects
         pending: dict[str, int] = {}
-        with contextlib.suppress(NotFoundError):
-            pending["tasks"] = (await js.consumer_info(s.task_stream, TASK_CONSUMER)).num_pending
+        if backlog := await self.task_backlog(pools):
+            pending["tasks"] = sum(backlog.values())
         for rank in range(ranks):
             with contextlib.suppress(NotFoundError):
                 info = await js.consumer_info(s.trajectory_stream, trajectory_consumer_name(rank))

@@ -194,7 +194,7 @@ async def _score_one(
         task_id=f"heldout-{index}",
         group_id=f"heldout-{index}",
         samples=1,
-        multi_turn=task.multi_turn,
+        multi_turn=task.is_multi_turn(example),
     )
     prompt = [tokenizer.bos_token_id, *tokenizer.encode(example.prompt, add_special_tokens=False)]
     request = stages.build_request(message, EpisodeRequest(prompt), tokenizer)
@@ -202,7 +202,7 @@ async def _score_one(
         episode = await EPISODES[stages.episode](
             request,
             generate=generate,
-            env=LocalEnvSession(task, example.meta) if task.multi_turn else None,
+            env=LocalEnvSession(task, example.meta) if message.multi_turn else None,
             limits=Limits(
                 int(example.meta.get("max_turns", 1)), max_length, tokenizer.eos_token_id
             ),

@@ -133,8 +133,11 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
         ),
     ]
     for pool in spec.rollout.pools:
-        env = replace(base, pool=pool.name).to_env()
-        resources = {"cpu": "1", "memory": "2Gi"}
+        env = {
+            **replace(base, pool=pool.name).to_env(),
+            "ROLLFLEET_TORCH_THREADS": str(pool.threads),
+        }
+        resources = {"cpu": str(pool.threads), "memory": "2Gi"}
         placement = {}
         if pool.gpuClass:
             resources["nvidia.com/gpu"] = "1"

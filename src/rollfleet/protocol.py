@@ -311,7 +311,7 @@ class Subjects:
     def __init__(self, job: str):
         self.job = job
         token = job.replace("-", "_").replace(".", "__")  # stream names take no dots
-        self.tasks = f"rollfleet.{job}.tasks"
+        self.tasks = f"rollfleet.{job}.tasks"  # shared by every pool; .<pool> with affinity routing
         self.trajectories = f"rollfleet.{job}.trajectories"  # .<trainer rank>
         self.weights = f"rollfleet.{job}.weights"
         self.cancel = f"rollfleet.{job}.cancel"
@@ -322,6 +322,10 @@ class Subjects:
         self.weight_bucket = f"rf_{token}_weights"
         self.progress_bucket = f"rf_{token}_progress"
         self.swap_bucket = f"rf_{token}_swaps"  # rolling weight updates: who may pause now
+
+    def tasks_for(self, pool: str | None) -> str:
+        """A pool's own task subject (affinity routing), or the shared one (None)."""
+        return self.tasks if pool is None else f"{self.tasks}.{pool}"
 
     def trajectories_for(self, rank: int) -> str:
         """Each trainer rank consumes the trajectories of the tasks it issued."""

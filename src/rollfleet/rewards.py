@@ -77,6 +77,17 @@ def countdown(response: str, answer: str, meta: dict[str, Any]) -> float:
     return float(verify(response, meta["numbers"], int(meta["target"])))
 
 
+@register_reward("mixed")
+def mixed(response: str, answer: str, meta: dict[str, Any], **episode: Any) -> float:
+    """The `mixed` task: each example scored by its own task's verifier (meta.verifier),
+    with the episode fields (transcript, token count) that verifier asks for."""
+    name = meta.get("verifier")
+    if name not in REWARDS or name == "mixed":
+        raise ValueError(f"meta.verifier {name!r} is not a reward function")
+    wanted = {f: episode[f] for f in _episode_fields(name) if f in episode}
+    return REWARDS[name](response, answer, meta, **wanted)
+
+
 @register_reward("chain_sum")
 def chain_sum(response: str, answer: str, meta: dict[str, Any]) -> float:
     """1 if the response is a chain of numbers (`10,19,29`) whose last one is the answer."""
@@ -404,7 +415,10 @@ EPISODE_FIELDS = ("response_tokens", "turns")  # what a function may ask of the 
 
 @functools.cache
 def _episode_fields(name: str) -> tuple[str, ...]:
+    """The episode fields reward function `name` takes (all of them for `**kwargs`)."""
     wanted = inspect.signature(REWARDS[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in wanted.values()):
+        return EPISODE_FIELDS
     return tuple(f for f in EPISODE_FIELDS if f in wanted)
 
 

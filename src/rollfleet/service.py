@@ -96,6 +96,15 @@ def setup_logging(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
+def heavy_tailed_delay(mean_ms: float, tail: float, rng) -> float:
+    """Seconds of added latency (benchmarks): `mean_ms`, times a Pareto-distributed
+    multiplier with mean 1 when `tail` > 1 (most calls fast, a few very slow)."""
+    base = mean_ms / 1000
+    if tail > 1:
+        return base * rng.paretovariate(tail) * (tail - 1) / tail
+    return base
+
+
 class IdleMeter:
     """Share of wall time a service spent idle (the bubble), between two reads.
 

@@ -154,7 +154,7 @@ class TaskVolume(Strict):
 class TaskSpec(Strict):
     name: TaskName = Field(
         "countdown",
-        description="registered task: countdown, chain_sum, jsonl, calculator, solve, recommend, qagent, recgpt",
+        description="registered task: countdown, chain_sum, jsonl, calculator, solve, recommend, qagent, recgpt, mixed",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific parameters")
     heldoutLimit: int | None = Field(
@@ -265,6 +265,18 @@ class PoolSpec(Strict):
         None, description="GPU class for placement (e.g. H800, H20); none = CPU"
     )
     maxBatch: int = Field(64, ge=1, description="sequences decoded together (engine slots)")
+    threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="torch engine: CPU threads per worker (the pod requests as many CPUs)",
+    )
+    prefers: Literal["prefill", "decode", "any"] = Field(
+        "any",
+        description="affinity routing: the work this pool is best at; prefill = many turns and "
+        "long contexts (compute-bound: compute-optimised GPUs such as H800), decode = long "
+        "generations (bandwidth-bound: H20), any = no preference",
+    )
 
 
 MAX_POOLS = 16  # bounds the cost of the CRD's CEL rules that iterate over the pools
@@ -275,6 +287,24 @@ class RolloutSpec(Strict):
         default_factory=lambda: [PoolSpec()], min_length=1, max_length=MAX_POOLS
     )
     sampling: SamplingSpec = SamplingSpec()
+    routing: Literal["shared", "affinity"] = Field(
+        "shared",
+        description="shared: every pool pulls from one task queue; affinity: the trainer sends "
+        "each task to a pool that prefers its profile (prefill- or decode-heavy), or to another "
+        "pool while that one is saturated",
+    )
+    prefillRatio: float = Field(
+        4.0,
+        gt=0,
+        description="affinity routing: a task is prefill-heavy when its episodes hold more "
+        "than this many prompt and observation tokens per generated token",
+    )
+    saturatedBacklog: float = Field(
+        2.0,
+        gt=0,
+        description="affinity routing: a pool is saturated while its queue holds more than this "
+        "many times the tasks its workers run at once; its tasks then fall back",
+    )
 
     __cel__ = (
         Cel(
@@ -282,6 +312,14 @@ class RolloutSpec(Strict):
             "pool names must be unique",
             field_path=".pools",
             reason="FieldValueDuplicate",
+        ),
+        Cel(
+            '{self.routing} == "affinity" || !has(self.pools) || '
+            'self.pools.all(p, {p.prefers} == "any")',
+            "a pool that prefers prefill or decode work needs routing: affinity (with routing: "
+            "shared every pool pulls from one queue)",
+            field_path=".routing",
+            reason="FieldValueForbidden",
         ),
     )
 
@@ -292,6 +330,16 @@ class RolloutSpec(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
         return pools
+
+    @model_validator(mode="after")
+    def _preferences_need_affinity_routing(self):
+        preferring = [p.name for p in self.pools if p.prefers != "any"]
+        if preferring and self.routing != "affinity":
+            raise ValueError(
+                f"pools {preferring} prefer prefill or decode work, which needs routing: "
+                "affinity (with routing: shared every pool pulls from one queue)"
+            )
+        return self
 
 
 class TrainerSpec(Strict):
@@ -336,6 +384,27 @@ class RewardFunctionSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class RewardClientSpec(Strict):
+    """How rollout workers call the reward service (rollfleet_rollout.reward_client)."""
+
+    timeoutSeconds: float = Field(
+        30, gt=0, description="per call; a model-based reward on a cold replica needs the most"
+    )
+    attempts: int = Field(4, ge=1, le=20, description="tries per call before its samples fail")
+    backoffSeconds: float = Field(
+        0.2, gt=0, description="first wait between tries; doubles each time, fully jittered"
+    )
+    maxBackoffSeconds: float = Field(5, gt=0, description="longest wait between tries")
+    breakerFailures: int = Field(
+        5,
+        ge=1,
+        description="failed calls in a row that open the circuit: samples then fail at once",
+    )
+    breakerOpenSeconds: float = Field(
+        10, gt=0, description="how long the circuit stays open before one trial call"
+    )
+
+
 class RewardSpec(Strict):
     functions: list[RewardFunctionSpec] = Field(
         default_factory=list, description="weighted reward functions; empty = the task's verifier"
@@ -353,6 +422,14 @@ class RewardSpec(Strict):
     )
     maxScale: int = Field(4, ge=1, description="Knative max scale")
     targetConcurrency: int = Field(16, ge=1, description="Knative target concurrency")
+    client: RewardClientSpec = RewardClientSpec()
+    latencyMs: float = Field(
+        0,
+        ge=0,
+        description="emulated device time per scoring request (benchmarks): requests on a "
+        "replica take turns, as on one GPU",
+    )
+    latencyTail: float = Field(0, ge=0, description="Pareto tail of that time; 0 = constant")
 
     @field_validator("models")
     @classmethod

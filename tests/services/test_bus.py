@@ -133,7 +133,8 @@ async def test_ensure_streams_is_idempotent_and_creates_the_streams(nats_server)
             await other.close()
 
         tasks = await bus.js.stream_info(s.task_stream)
-        assert tasks.config.subjects == [s.tasks]
+        # the shared queue, and each pool's own under it (affinity routing)
+        assert tasks.config.subjects == [s.tasks, f"{s.tasks}.>"]
         assert tasks.config.retention == api.RetentionPolicy.WORK_QUEUE
         trajectories = await bus.js.stream_info(s.trajectory_stream)
         # one subject per trainer rank under the stream's wildcard

@@ -28,7 +28,7 @@ def gauge(stream: str) -> float | None:
 async def test_backlog_counts_what_waits_in_each_stream(bus):
     assert await bus.pending() == {}  # no streams yet: nothing to read, no error
     await bus.ensure_streams()
-    assert await bus.pending() == {"deadletter": 0}  # no consumers yet
+    assert await bus.pending() == {"tasks": 0, "deadletter": 0}  # no consumers yet
     s = bus.subjects
     tasks = await bus.task_consumer()
     await bus.trajectory_consumer(0)
@@ -54,3 +54,23 @@ async def test_backlog_counts_what_waits_in_each_stream(bus):
         watcher.cancel()
         with pytest.raises(asyncio.CancelledError):
             await watcher
+
+
+async def test_each_pool_has_its_own_task_queue(bus):
+    """Affinity routing: a pool's tasks wait on its own subject, counted before its
+    workers subscribe and after, and only its consumer receives them."""
+    await bus.ensure_streams()
+    s = bus.subjects
+    for pool, count in (("fast", 2), ("wide", 3)):
+        for _ in range(count):
+            await bus.js.publish(s.tasks_for(pool), pool.encode())
+    assert await bus.task_backlog(["fast", "wide"]) == {"fast": 2, "wide": 3}
+    fast = await bus.task_consumer("fast")
+    wide = await bus.task_consumer("wide")
+    (pulled,) = await fast.fetch(1, timeout=5)
+    assert pulled.data == b"fast"
+    await pulled.ack()
+    assert await bus.task_backlog(["fast", "wide"]) == {"fast": 1, "wide": 3}
+    assert (await bus.pending(pools=["fast", "wide"]))["tasks"] == 4
+    pulled = await wide.fetch(3, timeout=5)
+    assert [m.data for m in pulled] == [b"wide"] * 3

@@ -67,6 +67,7 @@ def calculator_spec(group: int = 4) -> RLJobSpec:
                 "sampling": {"groupSize": group, "maxNewTokens": 8, "temperature": 0.0},
             },
             "model": {"maxLength": 64},
+            "reward": {"client": {"attempts": 2, "backoffSeconds": 0.01}},
         }
     )
 
@@ -84,7 +85,6 @@ async def running_worker(
         spec,
         reward_url=reward_url,
         env_url=env_url,
-        reward_attempts=2,
     ) as (trainer, _):
         yield trainer
 

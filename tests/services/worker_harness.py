@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from nats.js.errors import NotFoundError
 
-from rollfleet.bus import Bus
+from rollfleet.bus import Bus, task_consumer_name
 from rollfleet.methods import Stages
 from rollfleet.models.files import publish_model_files
 from rollfleet.plan import ServiceEnv
@@ -51,7 +51,6 @@ async def running_worker(
     reward_url: str = NOWHERE,
     env_url: str = NOWHERE,
     run_dir: str = "",
-    reward_attempts: int | None = None,
 ):
     trainer = await Bus.connect(nats_server.url, job, token=NATS_TOKEN)
     await trainer.ensure_streams()
@@ -61,8 +60,6 @@ async def running_worker(
     worker_bus = await Bus.connect(nats_server.url, job, token=NATS_TOKEN)
     pool = spec.rollout.pools[0]
     worker = RolloutWorker(spec, pool, env, worker_bus, f"{pool.name}-0")
-    if reward_attempts is not None:
-        worker.reward_attempts, worker.reward_backoff_s = reward_attempts, 0.01
     running = asyncio.create_task(worker.run(engine_factory(pool, spec, seed=0)))
     try:
         # The worker makes its task consumer last (after its weights and cancel
@@ -72,7 +69,9 @@ async def running_worker(
             assert not running.done(), running.exception()
             assert time.monotonic() < deadline, "the worker did not start"
             with contextlib.suppress(NotFoundError):
-                await trainer.js.consumer_info(trainer.subjects.task_stream, "rollout")
+                routed = spec.rollout.routing == "affinity"
+                consumer = task_consumer_name(pool.name if routed else None)
+                await trainer.js.consumer_info(trainer.subjects.task_stream, consumer)
                 break
             await asyncio.sleep(0.02)
         yield trainer, worker

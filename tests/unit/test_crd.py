@@ -173,6 +173,7 @@ CEL = "x-kubernetes-validations"
 RULES = {
     ("model", ".heads"): "must divide model.hidden",
     ("rollout", ".pools"): "pool names must be unique",
+    ("rollout", ".routing"): "needs routing: affinity",
     ("trainer", ".promptsPerStep"): "must be a multiple of workers",
     ("", ".algorithm.miniBatches"): "must be a multiple of algorithm.miniBatches",
     ("", ".async.replicatePrompts"): "set replicatePrompts: false",
@@ -425,10 +426,18 @@ def random_spec(rng: random.Random) -> dict:
             {
                 "pools": [
                     [
-                        _maybe(rng, {"name": ["default", "a", "b"], "engine": ["torch", "vllm"]})
+                        _maybe(
+                            rng,
+                            {
+                                "name": ["default", "a", "b"],
+                                "engine": ["torch", "vllm"],
+                                "prefers": ["any", "prefill", "decode"],
+                            },
+                        )
                         for _ in range(rng.randint(1, 4))
                     ]
                 ],
+                "routing": ["shared", "affinity"],
                 "sampling": [_maybe(rng, {"groupSize": [2, 4, 8]})],
             },
         ),
@@ -521,6 +530,13 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
             }
         case ("model", _) if "model" in s:
             return {"model": _pick(s["model"], "hidden", "heads")}
+        case ("rollout", ".routing") if "rollout" in s:
+            alone = _pick(s["rollout"], "routing")
+            if pools is not None:
+                alone["pools"] = [
+                    {"name": f"p{i}", **_pick(p, "prefers")} for i, p in enumerate(pools)
+                ]
+            return {"rollout": alone}
         case ("rollout", _) if "rollout" in s:
             return {
                 "rollout": {} if pools is None else {"pools": [_pick(p, "name") for p in pools]}

@@ -105,3 +105,11 @@ def test_a_reward_service_with_models_gets_memory_and_its_gpus():
     reward = next(c for c in plan(job(**spec), ENDPOINTS) if c.role == "reward")
     assert reward.replicas == 2
     assert reward.resources == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
+
+
+def test_a_pools_torch_threads_reach_its_workers_and_its_cpu_request():
+    pools = [{"name": "fast", "threads": 2}, {"name": "wide"}]
+    components = {c.name: c for c in plan(job(rollout={"pools": pools}), ENDPOINTS)}
+    fast, wide = components["rollout-fast"], components["rollout-wide"]
+    assert (fast.env["ROLLFLEET_TORCH_THREADS"], fast.resources["cpu"]) == ("2", "2")
+    assert (wide.env["ROLLFLEET_TORCH_THREADS"], wide.resources["cpu"]) == ("1", "1")

@@ -93,7 +93,7 @@ def test_unknown_field_is_named():
 def test_unknown_field_in_a_list_item_lists_that_items_fields():
     message = error_of(manifest(rollout={"pools": [{"name": "a", "gpu": "H20"}]}))
     assert (
-        "spec.rollout.pools.0.gpu: unknown field; allowed: engine, gpuClass, maxBatch, name, replicas"
+        "spec.rollout.pools.0.gpu: unknown field; allowed: engine, gpuClass, maxBatch, name, prefers, replicas, threads"
         in message
     )
 
@@ -126,7 +126,7 @@ def test_unknown_task_lists_allowed_names():
     assert "spec.task.name" in message
     assert "'chess'" in message
     assert (
-        "['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recgpt', 'recommend', 'solve']"
+        "['calculator', 'chain_sum', 'countdown', 'jsonl', 'mixed', 'qagent', 'recgpt', 'recommend', 'solve']"
         in message
     )
 
@@ -274,3 +274,12 @@ def test_every_example_manifest_is_valid_and_its_inputs_exist(path, monkeypatch)
     monkeypatch.chdir(ROOT)  # examples name their data relative to the repository root
     job = load_manifest(path)  # raises ManifestError naming the field
     _check_inputs(job)  # raises ManifestError for a missing data file or model folder
+
+
+def test_a_pool_preference_needs_affinity_routing():
+    pools = [{"name": "fast", "prefers": "prefill"}, {"name": "wide"}]
+    message = error_of(manifest(rollout={"pools": pools}))
+    assert "pools ['fast'] prefer prefill or decode work" in message
+    assert "routing: affinity" in message
+    job = parse_manifest(manifest(rollout={"pools": pools, "routing": "affinity"}))
+    assert [p.prefers for p in job.spec.rollout.pools] == ["prefill", "any"]

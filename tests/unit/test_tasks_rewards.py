@@ -13,6 +13,7 @@ from rollfleet.rewards import (
     format_reward,
     numeric,
     register_reward,
+    score,
 )
 from rollfleet.tasks import TASKS, make_task
 from rollfleet.tasks.countdown import eval_expression, verify
@@ -26,6 +27,7 @@ def test_task_registry_and_unknown_task():
         "chain_sum",
         "countdown",
         "jsonl",
+        "mixed",
         "qagent",
         "recgpt",
         "recommend",
@@ -33,7 +35,7 @@ def test_task_registry_and_unknown_task():
     ]
     with pytest.raises(
         ValueError,
-        match=r"unknown task 'chess'.*\['calculator', 'chain_sum', 'countdown', 'jsonl', 'qagent', 'recgpt', 'recommend', 'solve'\]",
+        match=r"unknown task 'chess'.*\['calculator', 'chain_sum', 'countdown', 'jsonl', 'mixed', 'qagent', 'recgpt', 'recommend', 'solve'\]",
     ):
         make_task("chess")
 
@@ -250,6 +252,81 @@ def test_calculator_env_step():
     # anything that is not a tool call is the final answer
     assert task.env_step(meta, 0, "a413") == ("", True)
     assert task.env_step(meta, 1, "c12*34") == ("", True)  # no closing ;
+
+
+def test_calculator_observation_pad_lengthens_every_tool_answer():
+    task = make_task("calculator", {"observation_pad": 5})
+    ex = task.example("train", 0)
+    assert ex.demonstration[1][1].startswith("#####=")
+    assert task.env_step(ex.meta, 0, "c2*3;") == ("#####=6;", False)
+    with pytest.raises(ValueError, match="observation_pad must not be negative"):
+        make_task("calculator", {"observation_pad": -1})
+
+
+MIX = [{"name": "calculator", "weight": 1}, {"name": "countdown", "weight": 3}]
+
+
+def test_mixed_draws_each_example_from_one_task_and_keeps_its_parts():
+    task = make_task("mixed", {"tasks": MIX}, seed=1)
+    examples = [task.example("train", i) for i in range(400)]
+    kinds = [ex.meta["kind"] for ex in examples]
+    assert 0.65 < kinds.count("countdown") / len(kinds) < 0.85  # weights 1 : 3
+    verifiers = {"calculator": "numeric", "countdown": "countdown"}
+    for index, ex in enumerate(examples[:50]):
+        inner = make_task(ex.meta["kind"], seed=1).example("train", index)
+        assert (ex.prompt, ex.answer, ex.demonstration) == (
+            inner.prompt,
+            inner.answer,
+            inner.demonstration,
+        )
+        assert ex.meta["verifier"] == verifiers[ex.meta["kind"]]
+        assert task.is_multi_turn(ex) == (ex.meta["kind"] == "calculator")
+    assert task.example("heldout", 7) == make_task("mixed", {"tasks": MIX}, seed=1).example(
+        "heldout", 7
+    )
+    assert task.size("heldout") == 200 and task.turn_stop == (";",)
+    calc = next(ex for ex in examples if ex.meta["kind"] == "calculator")
+    a, b = calc.prompt.split("*")[0], calc.prompt.split("*")[1].split("+")[0]
+    env = task.open_env(calc.meta)
+    assert env.step(f"c{a}*{b};") == (f"={int(a) * int(b)};", False, {})
+    # Each example is scored by its own task's verifier.
+    assert (
+        score("mixed", {"response": f"a{calc.answer}", "answer": calc.answer, "meta": calc.meta})
+        == 1
+    )
+    count = next(ex for ex in examples if ex.meta["kind"] == "countdown")
+    assert (
+        score(
+            "mixed",
+            {"response": count.demonstration[-1][1], "answer": count.answer, "meta": count.meta},
+        )
+        == 1
+    )
+    assert score("mixed", {"response": "1+1", "answer": count.answer, "meta": count.meta}) == 0
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({}, r"task.params.tasks: list the tasks to mix"),
+        ({"tasks": [{"name": "chess"}]}, r"tasks\[0\].name: 'chess' is not a task to mix"),
+        (
+            {"tasks": [{"name": "countdown"}, {"name": "countdown"}]},
+            r"tasks\[1\].name: 'countdown' is listed twice",
+        ),
+        (
+            {"tasks": [{"name": "countdown", "weight": 0}]},
+            r"tasks\[0\].weight: must be a positive number",
+        ),
+        (
+            {"tasks": [{"name": "countdown", "size": 3}]},
+            r"tasks\[0\]: expected \{name, params, weight\}",
+        ),
+    ],
+)
+def test_mixed_refuses_a_bad_mix_naming_the_entry(params, message):
+    with pytest.raises(ValueError, match=message):
+        make_task("mixed", params)
 
 
 def test_calculator_examples_and_demonstrations():

@@ -26,7 +26,7 @@ from fastapi import Depends, HTTPException
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
-from rollfleet.service import make_app, require_token
+from rollfleet.service import heavy_tailed_delay, make_app, require_token
 from rollfleet.tasks import Task, TaskEnv
 
 SESSIONS = Gauge("rollfleet_env_sessions", "Open env sessions")
@@ -70,11 +70,7 @@ def create_app(
     rng = random.Random(seed)
 
     def latency() -> float:
-        base = step_latency_ms / 1000
-        # Pareto-distributed multiplier with mean 1 for tail > 1: most steps fast, a few very slow.
-        if latency_tail > 1:
-            return base * rng.paretovariate(latency_tail) * (latency_tail - 1) / latency_tail
-        return base
+        return heavy_tailed_delay(step_latency_ms, latency_tail, rng)
 
     async def sweep():
         while True:

@@ -17,7 +17,15 @@ def main() -> None:
     env = ServiceEnv.from_environ()
     job = load_manifest(env.job_file)
     cache = Path(env.run_dir) / "reward-models"
-    app = create_app(job.spec.reward_functions(), job.spec.reward.models, cache)
+    reward = job.spec.reward
+    app = create_app(
+        job.spec.reward_functions(),
+        reward.models,
+        cache,
+        latency_ms=reward.latencyMs,
+        latency_tail=reward.latencyTail,
+        seed=job.spec.seed * 1000 + env.replica,
+    )
     uvicorn.Server(uvicorn_config(app, env.http_port, env.http_host)).run()
 
 

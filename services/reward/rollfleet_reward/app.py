@@ -9,23 +9,28 @@ Model-based functions (`model_exact_match`: a reader, a judge) score the whole b
 models the service loads at start from `reward.models` (Hugging Face folders by name, or
 builtin models such as QAgent's reader, trained into the run directory on first start).
 
-Runs as a Knative Service in a cluster (stateless, scales on concurrency) and as a local
-uvicorn process under `rollfleet run`. A payload that does not validate gets a 422 that
+Runs as a Knative Service in a cluster (stateless, scales on concurrency) and as local
+uvicorn processes under `rollfleet run`. For benchmarks, `reward.latencyMs` (with a
+Pareto tail, `reward.latencyTail`) emulates a reward model's device time: each request
+holds the replica's one device for that long, so requests on a replica take turns as on
+one GPU, and only more replicas serve more of them at once. A payload that does not validate gets a 422 that
 names the field.
 """
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from rollfleet.rewards import REWARDS, RewardModels, compose_batch, models_needed
-from rollfleet.service import make_app, require_token
+from rollfleet.service import heavy_tailed_delay, make_app, require_token
 
 SCORED = Counter("rollfleet_reward_items_total", "Responses scored")
 ERRORS = Counter(
@@ -39,6 +44,35 @@ LATENCY = Histogram(
 REWARD = Histogram(
     "rollfleet_reward_value", "Rewards handed out", buckets=(-1, 0, 0.25, 0.5, 0.75, 1, 2)
 )
+IN_FLIGHT = Gauge("rollfleet_reward_requests_in_flight", "/score requests being scored now")
+BUSY = Counter(
+    "rollfleet_reward_busy_seconds_total",
+    "Time this replica spent with at least one /score request in progress; its rate is the "
+    "replica's utilisation (counted as each busy spell ends)",
+)
+
+
+class BusyClock:
+    """Counts in-flight requests (the threads FastAPI scores them in) and busy time."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.busy_from = 0.0
+
+    def __enter__(self):
+        with self.lock:
+            if self.in_flight == 0:
+                self.busy_from = time.perf_counter()
+            self.in_flight += 1
+            IN_FLIGHT.set(self.in_flight)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.in_flight -= 1
+            IN_FLIGHT.set(self.in_flight)
+            if self.in_flight == 0:
+                BUSY.inc(time.perf_counter() - self.busy_from)
 
 
 class TurnItem(BaseModel):
@@ -77,9 +111,14 @@ def create_app(
     functions: list[tuple[str, float, dict[str, Any]]],
     models: dict[str, str] | None = None,
     cache: str | Path = "reward-models",
+    *,
+    latency_ms: float = 0.0,
+    latency_tail: float = 0.0,
+    seed: int = 0,
 ):
     """The service for the job's reward `functions`, with `models` (name -> model folder
-    or builtin model, trained into `cache` if missing) loaded for the model-based ones."""
+    or builtin model, trained into `cache` if missing) loaded for the model-based ones;
+    `latency_ms`/`latency_tail`: emulated device time per request (benchmarks)."""
     unknown = [name for name, _, _ in functions if name not in REWARDS]
     if unknown:
         raise ValueError(f"unknown reward functions {unknown}; registered: {sorted(REWARDS)}")
@@ -101,13 +140,20 @@ def create_app(
     )
     label = "+".join(f[0] for f in functions)
     ERRORS.labels(function=label)  # exported as 0 from the start, not only after an error
+    busy = BusyClock()
+    device, rng = threading.Lock(), random.Random(seed)
 
     @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(require_token)])
     def score(request: ScoreRequest) -> ScoreResponse:
         started = time.perf_counter()
         results = []
         items = [item.model_dump() for item in request.items]
-        for total, parts, error in compose_batch(functions, items, loaded):
+        with busy:
+            if latency_ms:
+                with device:
+                    time.sleep(heavy_tailed_delay(latency_ms, latency_tail, rng))
+            scored = compose_batch(functions, items, loaded)
+        for total, parts, error in scored:
             if error is not None:  # scored 0; the other items keep theirs
                 ERRORS.labels(function=label).inc()
             results.append(ScoredItem(reward=total, parts=parts, error=error))

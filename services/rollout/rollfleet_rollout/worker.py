@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import tempfile
 import time
 from collections import OrderedDict
@@ -57,6 +58,7 @@ from rollfleet.weight_transport import (
     make_weight_store,
 )
 from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
+from rollfleet_rollout.reward_client import FAILED_SAMPLES, RewardClient, RewardUnavailable
 
 log = logging.getLogger("rollout")
 
@@ -66,7 +68,14 @@ TASKS_RUNNING = Gauge(
     "rollfleet_rollout_tasks_running", "Tasks in progress on this worker", ["pool"]
 )
 SLOTS_BUSY = Gauge("rollfleet_rollout_batch_occupancy", "Engine slots reserved / slots", ["pool"])
-QUEUE_DEPTH = Gauge("rollfleet_rollout_queue_depth", "Tasks waiting in the task stream", ["pool"])
+QUEUE_DEPTH = Gauge(
+    "rollfleet_rollout_queue_depth",
+    "Tasks waiting for this pool: its own queue with affinity routing, else the shared one",
+    ["pool"],
+)
+TASKS_DONE = Counter(
+    "rollfleet_rollout_tasks_completed_total", "Tasks whose trajectories were published", ["pool"]
+)
 VERSION = Gauge("rollfleet_rollout_policy_version", "Policy version loaded in the engine", ["pool"])
 WEIGHT_SYNC = Histogram(
     "rollfleet_rollout_weight_sync_seconds",
@@ -151,9 +160,6 @@ class HttpEnvSession:
 
 
 class RolloutWorker:
-    reward_attempts = 5  # tries per batch before its samples are marked failed
-    reward_backoff_s = 0.2  # first wait between tries; doubles each time
-
     def __init__(self, spec: RLJobSpec, pool: PoolSpec, env: ServiceEnv, bus: Bus, name: str):
         self.spec, self.pool, self.env, self.bus, self.name = spec, pool, env, bus, name
         self.engine: Engine | None = None
@@ -168,6 +174,13 @@ class RolloutWorker:
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         self._requests: dict[str, set[str]] = {}
         self.http = httpx.AsyncClient(timeout=30.0, headers=auth_headers())
+        self.reward = RewardClient(
+            self.http,
+            env.reward_url,
+            spec.reward.client,
+            pool.name,
+            rng=random.Random(f"{spec.sampling_seed()}/{name}"),  # jitter differs per worker
+        )
         self.weight_store = make_weight_store(spec.weights, bus, env.run_dir)
         self.swap_slots = spec.weights.swap_slots(pool.replicas)
         sampling = spec.rollout.sampling
@@ -335,7 +348,8 @@ class RolloutWorker:
         return trajectory, self.stages.reward_input(task, episode, reward_item(task, episode))
 
     async def _score(self, samples: list[tuple[Trajectory, dict]]) -> None:
-        """Ask the reward service for every usable sample; retried, then marked failed."""
+        """Ask the reward service for every usable sample (rollfleet_rollout.reward_client);
+        when it cannot score them they are marked failed, counted under the reason."""
         scored = [
             (t, item)
             for t, item in samples
@@ -343,19 +357,16 @@ class RolloutWorker:
         ]
         if not scored:
             return
-        payload = {"items": [item for _, item in scored]}
-        for attempt in range(self.reward_attempts):
-            try:
-                reply = await self.http.post(f"{self.env.reward_url}/score", json=payload)
-                reply.raise_for_status()
-                for (t, _), r in zip(scored, reply.json()["rewards"], strict=True):
-                    t.reward, t.reward_parts = r["reward"], r["parts"]
-                return
-            except (httpx.HTTPError, KeyError, ValueError) as e:
-                log.warning("reward service failed (attempt %d): %s", attempt + 1, e)
-                await asyncio.sleep(self.reward_backoff_s * 2**attempt)
-        for t, _ in scored:
-            t.status = TrajectoryStatus.FAILED
+        try:
+            rewards = await self.reward.score([item for _, item in scored])
+            for (t, _), r in zip(scored, rewards, strict=True):
+                t.reward, t.reward_parts = r["reward"], r["parts"]
+        except (RewardUnavailable, KeyError, TypeError) as e:
+            reason = getattr(e, "reason", "bad_reply")
+            log.warning("%d samples not scored: %s", len(scored), e)
+            FAILED_SAMPLES.labels(self.pool.name, reason).inc(len(scored))
+            for t, _ in scored:
+                t.status = TrajectoryStatus.FAILED
 
     async def _publish(self, task: RolloutTask, trajectory: Trajectory) -> None:
         await self.bus.publish(self.bus.subjects.trajectories_for(task.trainer_rank), trajectory)
@@ -388,6 +399,7 @@ class RolloutWorker:
                 for t, _ in samples:
                     await self._publish(task, t)
             await raw.ack()
+            TASKS_DONE.labels(self.pool.name).inc()
         except Exception:
             log.exception("task %s failed; handing it back", task.task_id)
             ERRORS.labels(self.pool.name).inc()
@@ -424,7 +436,8 @@ class RolloutWorker:
         await self.bus.on_cancel(self.on_cancel)
         if (latest := await self.bus.latest_weights()) and latest.version > version:
             await self.on_weights(latest)
-        consumer = await self.bus.task_consumer()
+        routed = self.spec.rollout.routing == "affinity"  # each pool pulls its own queue
+        consumer = await self.bus.task_consumer(self.pool.name if routed else None)
         log.info("worker %s ready at policy version %d", self.name, version)
         slots = self.pool.maxBatch
         # A task is a whole group, or one sample of it with prompt replication.

@@ -46,7 +46,9 @@ async def run_trainer(strategy: str = "ddp") -> None:
     if dp.is_leader:  # one /metrics for the job: the leader's gauges are batch-wide
         app = make_app("trainer", health=lambda: {"step": trainer.state["step"]})
         http = await serve_in_background(app, env.http_port, env.http_host)
-        backlog = asyncio.create_task(watch_backlog(bus, dp.world))
+        routed = job.spec.rollout.routing == "affinity"
+        pools = [p.name for p in job.spec.rollout.pools] if routed else None
+        backlog = asyncio.create_task(watch_backlog(bus, dp.world, pools))
     try:
         await trainer.run()
     except Exception as e:

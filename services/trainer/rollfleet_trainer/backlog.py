@@ -3,6 +3,8 @@
 The trainer leader reads, every few seconds (`watch_backlog`, from `Bus.pending`):
 
     rollfleet_nats_pending_messages{stream="tasks"}         tasks no rollout worker has pulled yet
+                                                            (all pools; each pool's own queue is
+                                                            its workers' rollfleet_rollout_queue_depth)
     rollfleet_nats_pending_messages{stream="trajectories"}  trajectories no trainer rank has pulled yet
     rollfleet_nats_pending_messages{stream="deadletter"}    dead letters stored for the job
 
@@ -30,11 +32,14 @@ NATS_PENDING = Gauge(
 )
 
 
-async def watch_backlog(bus: Bus, ranks: int = 1, every_s: float = 2.0) -> None:
-    """Keep NATS_PENDING current until cancelled; a failed reading is skipped, not fatal."""
+async def watch_backlog(
+    bus: Bus, ranks: int = 1, pools: list[str] | None = None, every_s: float = 2.0
+) -> None:
+    """Keep NATS_PENDING current until cancelled; a failed reading is skipped, not fatal.
+    `pools`: with affinity routing, the pools whose own task queues to add up."""
     while True:
         try:
-            for stream, pending in (await bus.pending(ranks)).items():
+            for stream, pending in (await bus.pending(ranks, pools)).items():
                 NATS_PENDING.labels(stream=stream).set(pending)
         except (NatsError, TimeoutError) as e:
             log.debug("reading the NATS backlog failed: %s", e)

@@ -34,8 +34,11 @@ from rollfleet.service import TOKEN_ENV
 from rollfleet.spec import RLJob
 
 START_ORDER = ("reward", "env", "trainer", "rollout")
-# A service HTTP server is single-process locally; replicas matter in a cluster.
-SINGLE_LOCAL = ("reward", "env")
+# The env is one process locally (its sessions live in it); its replicas matter in a
+# cluster. Reward replicas run locally as separate processes the workers spread calls over.
+SINGLE_LOCAL = ("env",)
+HTTP_SERVICES = ("reward", "env")  # started first, each waited for until it answers
+BUILD_TIMEOUT_S = 1800.0  # builtin reward models trained on first start
 
 
 class RunFailed(RuntimeError):
@@ -86,7 +89,10 @@ class LocalRun:
         self.service_token = secrets.token_hex(16)
         self.nats_token = secrets.token_hex(16)
         # The HTTP services everyone else calls get their ports up front; the rest pick their own.
-        self._ports = {"reward": free_port(), "env": free_port()}
+        self._ports = {
+            "reward": [free_port() for _ in range(job.spec.reward.replicas)],
+            "env": [free_port()],
+        }
 
     # --- processes -----------------------------------------------------------------------
     def _spawn(self, component: Component, replica: int) -> Child:
@@ -95,7 +101,9 @@ class LocalRun:
             if component.replicas == 1 or component.role in SINGLE_LOCAL
             else f"{component.name}-{replica}"
         )
-        port = self._ports.get(component.role) or free_port()
+        port = (
+            self._ports[component.role][replica] if component.role in self._ports else free_port()
+        )
         env = {
             **os.environ,
             **component.env,
@@ -123,7 +131,8 @@ class LocalRun:
         log.close()
         return Child(name, component.role, process, log_path, port)
 
-    def _wait_healthy(self, child: Child, timeout: float = 60.0) -> None:
+    def _wait_healthy(self, child: Child, timeout: float = 60.0, models: bool = False) -> None:
+        """Until `child` answers /healthz (and, with `models`, has its reward models ready)."""
         deadline = time.monotonic() + timeout
         url = f"http://127.0.0.1:{child.http_port}/healthz"
         while time.monotonic() < deadline:
@@ -132,7 +141,8 @@ class LocalRun:
                     f"{child.name} exited with code {child.process.returncode} while starting:\n{child.tail()}"
                 )
             try:
-                if httpx.get(url, timeout=1.0).status_code == 200:
+                reply = httpx.get(url, timeout=1.0)
+                if reply.status_code == 200 and (not models or reply.json().get("models_ready")):
                     return
             except httpx.HTTPError:
                 pass
@@ -149,8 +159,9 @@ class LocalRun:
         ).start()
         endpoints = Endpoints(
             nats_url=self.nats.url,
-            reward_url=f"http://127.0.0.1:{self._ports['reward']}",
-            env_url=f"http://127.0.0.1:{self._ports['env']}",
+            # Several reward replicas: the workers' reward client spreads calls over them.
+            reward_url=",".join(f"http://127.0.0.1:{p}" for p in self._ports["reward"]),
+            env_url=f"http://127.0.0.1:{self._ports['env'][0]}",
             # Absolute: a process may run elsewhere (Ray Train workers start in Ray's own folder).
             run_dir=str(self.run_dir.resolve()),
             job_file=str(job_file.resolve()),
@@ -161,8 +172,12 @@ class LocalRun:
             for replica in range(replicas):
                 child = self._spawn(component, replica)
                 self.children.append(child)
-                if component.role in SINGLE_LOCAL:
-                    self._wait_healthy(child)
+                if component.role in HTTP_SERVICES:
+                    # The first reward replica trains any builtin reward model into the
+                    # shared cache; the others start once it is there and only load it.
+                    building = component.role == "reward" and replica == 0 and replicas > 1
+                    timeout = BUILD_TIMEOUT_S if building else 60.0
+                    self._wait_healthy(child, timeout, models=building)
         self._write_services()
 
     def _write_services(self) -> None:

@@ -46,6 +46,10 @@ class Task:
         """Number of examples in a split; None for an endless generated train split."""
         return None
 
+    def is_multi_turn(self, example: Example) -> bool:
+        """Whether an example's episode talks to the env (a mix has both kinds)."""
+        return self.multi_turn
+
     def sft_examples(self, example: Example) -> list[Example]:
         """What warm-up SFT trains on for one example: the example and its demonstration,
         or, for a task of several agents, one example per agent turn (its own prompt)."""
@@ -100,6 +104,7 @@ from rollfleet.tasks import (  # noqa: E402, F401
     chain_sum,
     countdown,
     jsonl,
+    mixed,
     qagent,
     recgpt,
     recommend,

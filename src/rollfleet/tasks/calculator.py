@@ -3,7 +3,9 @@
 The model sees `12*34+5?`, calls the calculator tool with `c12*34;`, the env answers
 `=408;`, and the model ends with `a413`. The product is out of reach of a tiny model's
 arithmetic, so using the tool pays. `step_latency_ms` (with an optional long tail) makes
-the env slow on purpose, for the agentic benchmarks.
+the env slow on purpose, for the agentic benchmarks; `observation_pad` prefixes each
+tool answer with that many characters of tool log (`#`), so episodes carry long
+contexts: prefill-heavy work, for the routing benchmark.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ class Calculator(Task):
     default_reward = "numeric"
     turn_stop = (";",)
 
-    def __init__(self, seed: int = 0, heldout_size: int = 200, max_turns: int = 3):
+    def __init__(
+        self, seed: int = 0, heldout_size: int = 200, max_turns: int = 3, observation_pad: int = 0
+    ):
+        if observation_pad < 0:
+            raise ValueError("task.params.observation_pad must not be negative")
         self.seed, self.heldout_size, self.max_turns = seed, heldout_size, max_turns
+        self.pad = "#" * observation_pad
 
     def size(self, split: Split) -> int | None:
         return self.heldout_size if split == "heldout" else None
@@ -44,7 +51,7 @@ class Calculator(Task):
             meta={"max_turns": self.max_turns},
             demonstration=(
                 ("model", f"c{a}*{b};"),
-                ("env", f"={product};"),
+                ("env", f"{self.pad}={product};"),
                 ("model", f"a{answer}"),
             ),
         )
@@ -54,7 +61,7 @@ class Calculator(Task):
         if not (action.startswith("c") and action.endswith(";")):
             return "", True
         try:
-            observation = f"={eval_expression(action[1:-1])};"
+            observation = f"{self.pad}={eval_expression(action[1:-1])};"
         except ValueError:
-            observation = "=error;"
+            observation = f"{self.pad}=error;"
         return observation, turn + 1 >= int(meta.get("max_turns", self.max_turns))

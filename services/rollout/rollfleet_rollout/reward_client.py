@@ -1,0 +1,175 @@
+"""The rollout worker's client of the reward service: timeouts, retries, a circuit breaker.
+
+The reward service is serverless (a Knative Service): it scales, cold-starts, and may be
+down for a while. Each call has its own timeout; a failed call is retried with
+exponential backoff and full jitter (so a pool's workers do not retry in step); after
+`breakerFailures` failed calls in a row the circuit opens and calls fail at once, with
+no request sent, for `breakerOpenSeconds`; then one trial call goes through (half-open):
+success closes the circuit, failure opens it again. A sample whose scoring fails is
+marked failed, counted under the reason, and the trainer drops its group.
+
+In a cluster the URL is the Knative Service's, which spreads requests over its replicas.
+Locally `rollfleet run` starts `reward.replicas` processes and passes their URLs
+comma-separated; the client sends each call to the one with the fewest of its calls in
+flight.
+
+    client = RewardClient(http, url, spec.reward.client, pool="default")
+    rewards = await client.score(items)   # raises RewardUnavailable(reason)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+
+import httpx
+from prometheus_client import Counter, Gauge, Histogram
+
+from rollfleet.spec import RewardClientSpec
+
+log = logging.getLogger("rollout")
+
+FAILED_SAMPLES = Counter(
+    "rollfleet_rollout_reward_failures_total",
+    "Samples marked failed because the reward service could not score them, by reason",
+    ["pool", "reason"],
+)
+RETRIES = Counter(
+    "rollfleet_rollout_reward_retries_total", "Reward calls tried again after a failure", ["pool"]
+)
+CALL_SECONDS = Histogram(
+    "rollfleet_rollout_reward_call_seconds",
+    "Reward calls as the worker sees them (queueing, scale-up and retries included)",
+    ["pool"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+CIRCUIT = Gauge(
+    "rollfleet_rollout_reward_circuit_state",
+    "This worker's circuit breaker on the reward service: 0 closed, 1 half-open, 2 open",
+    ["pool"],
+)
+
+
+class Circuit(enum.IntEnum):
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class RewardUnavailable(Exception):
+    """Scoring failed for good; `reason` is the label the samples are counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def failure_reason(error: Exception) -> str:
+    if isinstance(error, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"http_{error.response.status_code}"
+    if isinstance(error, httpx.TransportError):
+        return "unreachable"
+    return "bad_reply"  # not the JSON the service promises
+
+
+class RewardClient:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        settings: RewardClientSpec,
+        pool: str,
+        rng: random.Random | None = None,
+        clock=time.monotonic,
+    ):
+        self.http, self.settings, self.pool = http, settings, pool
+        self.replicas = {u.strip(): 0 for u in url.split(",") if u.strip()}  # URL -> in flight
+        self.rng = rng or random.Random(0)
+        self.clock = clock
+        self.state = Circuit.CLOSED
+        self.failures = 0  # failed calls in a row
+        self.opened_at = 0.0
+        self.trial: asyncio.Lock = asyncio.Lock()  # one call at a time while half-open
+        CIRCUIT.labels(pool).set(self.state)
+        for reason in ("circuit_open", "timeout", "unreachable", "bad_reply"):
+            FAILED_SAMPLES.labels(pool, reason)  # exported as 0 from the start
+
+    def _set(self, state: Circuit) -> None:
+        if state != self.state:
+            log.warning("reward circuit %s -> %s", self.state.name, state.name)
+        self.state = state
+        CIRCUIT.labels(self.pool).set(state)
+
+    def _record(self, ok: bool) -> None:
+        if ok:
+            self.failures = 0
+            self._set(Circuit.CLOSED)
+            return
+        self.failures += 1
+        if self.state == Circuit.HALF_OPEN or self.failures >= self.settings.breakerFailures:
+            self.opened_at = self.clock()
+            self._set(Circuit.OPEN)
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(cap, base · 2^attempt)]."""
+        ceiling = min(self.settings.maxBackoffSeconds, self.settings.backoffSeconds * 2**attempt)
+        return self.rng.uniform(0, ceiling)
+
+    async def _call(self, items: list[dict]) -> list[dict]:
+        url = min(self.replicas, key=self.replicas.__getitem__)
+        self.replicas[url] += 1
+        try:
+            reply = await self.http.post(
+                f"{url}/score", json={"items": items}, timeout=self.settings.timeoutSeconds
+            )
+        finally:
+            self.replicas[url] -= 1
+        reply.raise_for_status()
+        rewards = reply.json()["rewards"]
+        if len(rewards) != len(items):
+            raise ValueError(f"{len(rewards)} rewards for {len(items)} items")
+        return rewards
+
+    async def score(self, items: list[dict]) -> list[dict]:
+        """Each item's {reward, parts}; RewardUnavailable once retries are spent or while
+        the circuit is open."""
+        started = time.perf_counter()
+        try:
+            return await self._score(items)
+        finally:
+            CALL_SECONDS.labels(self.pool).observe(time.perf_counter() - started)
+
+    async def _score(self, items: list[dict]) -> list[dict]:
+        reason = None  # of this call's last failed try
+        for attempt in range(self.settings.attempts):
+            if self.state == Circuit.OPEN:
+                if self.clock() - self.opened_at < self.settings.breakerOpenSeconds:
+                    # Failing fast: this call's own failure if it had one, else the circuit.
+                    raise RewardUnavailable(reason or "circuit_open", "the circuit is open")
+                self._set(Circuit.HALF_OPEN)
+            if attempt:
+                RETRIES.labels(self.pool).inc()
+            half_open = self.state == Circuit.HALF_OPEN
+            try:
+                if half_open:  # one trial call; the others wait for its verdict
+                    async with self.trial:
+                        if self.state == Circuit.OPEN:  # the trial call failed
+                            raise RewardUnavailable("circuit_open", "the trial call failed")
+                        rewards = await self._call(items)
+                else:
+                    rewards = await self._call(items)
+            except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
+                reason = failure_reason(e)
+                self._record(ok=False)
+                log.warning("reward call failed (attempt %d, %s): %s", attempt + 1, reason, e)
+                if attempt + 1 < self.settings.attempts:
+                    await asyncio.sleep(self.backoff(attempt))
+                continue
+            self._record(ok=True)
+            return rewards
+        raise RewardUnavailable(reason, f"{self.settings.attempts} attempts")

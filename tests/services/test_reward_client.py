@@ -1,0 +1,158 @@
+"""The workers' reward client against a real reward service (uvicorn) that goes away.
+
+Retries with jittered backoff ride out a short outage; a long one opens the circuit,
+after which calls fail at once (no request sent) with the reason counted; once the
+service is back on its port, one trial call closes the circuit again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from rollfleet.spec import RewardClientSpec
+from rollfleet_reward.app import create_app
+from rollfleet_rollout.reward_client import Circuit, RewardClient, RewardUnavailable
+from tests.conftest import serving
+
+ITEM = {"response": "7", "answer": "7", "meta": {}}
+FAST = RewardClientSpec(
+    timeoutSeconds=2,
+    attempts=3,
+    backoffSeconds=0.01,
+    maxBackoffSeconds=0.02,
+    breakerFailures=2,
+    breakerOpenSeconds=0.5,
+)
+
+
+def app():
+    return create_app([("exact_match", 1.0, {})])
+
+
+def failed(reason: str) -> float:
+    labels = {"pool": "rc", "reason": reason}
+    return REGISTRY.get_sample_value("rollfleet_rollout_reward_failures_total", labels) or 0.0
+
+
+def test_backoff_is_fully_jittered_and_capped():
+    client = RewardClient(None, "", RewardClientSpec(backoffSeconds=0.2, maxBackoffSeconds=1), "rc")
+    waits = {attempt: [client.backoff(attempt) for _ in range(400)] for attempt in (0, 1, 5)}
+    assert min(waits[0]) >= 0 and max(waits[0]) <= 0.2
+    assert max(waits[1]) <= 0.4 and max(waits[1]) > 0.3  # doubled
+    assert max(waits[5]) <= 1.0 and max(waits[5]) > 0.9  # capped, not 6.4
+    assert len(set(waits[0])) == 400  # spread out, not in step
+
+
+async def test_circuit_opens_while_the_service_is_down_and_closes_once_it_is_back():
+    with serving(app()) as url:
+        port = urlparse(url).port
+        async with httpx.AsyncClient() as http:
+            client = RewardClient(http, url, FAST, "rc", rng=random.Random(0))
+            assert (await client.score([ITEM]))[0]["reward"] == 1.0
+    # The service is gone: the first call retries and fails; two failed calls open the circuit.
+    async with httpx.AsyncClient() as http:
+        client.http = http
+        with pytest.raises(RewardUnavailable) as first:
+            await client.score([ITEM])
+        assert first.value.reason == "unreachable" and client.state == Circuit.OPEN
+        # Open: fail fast, nothing sent.
+        sent = []
+
+        async def record(request):
+            sent.append(request)
+
+        http.event_hooks["request"].append(record)
+        started = time.perf_counter()
+        with pytest.raises(RewardUnavailable) as fast:
+            await client.score([ITEM])
+        assert fast.value.reason == "circuit_open" and not sent
+        assert time.perf_counter() - started < 0.1
+        # The service comes back on its port; after breakerOpenSeconds one trial closes it.
+        with serving(app(), port=port):
+            await asyncio.sleep(FAST.breakerOpenSeconds)
+            rewards = await asyncio.gather(*(client.score([ITEM]) for _ in range(4)))
+        assert [r[0]["reward"] for r in rewards] == [1.0] * 4
+        assert client.state == Circuit.CLOSED and client.failures == 0
+
+
+async def test_a_short_outage_is_ridden_out_by_retries():
+    with serving(app()) as url:
+        port = urlparse(url).port
+    settings = FAST.model_copy(
+        update={
+            "backoffSeconds": 0.3,
+            "maxBackoffSeconds": 0.3,
+            "attempts": 6,
+            "breakerFailures": 6,
+        }
+    )
+    async with httpx.AsyncClient() as http:
+        client = RewardClient(http, url, settings, "rc", rng=random.Random(1))
+
+        async def come_back():
+            await asyncio.sleep(0.05)  # after the first try failed
+            with serving(app(), port=port):
+                await asyncio.sleep(2)
+
+        back = asyncio.create_task(asyncio.to_thread(asyncio.run, come_back()))
+        rewards = await client.score([ITEM])
+        await back
+    assert rewards[0]["reward"] == 1.0
+    assert client.state == Circuit.CLOSED
+
+
+async def test_a_slow_service_times_out_with_the_reason_counted():
+    import fastapi
+
+    slow = fastapi.FastAPI()
+
+    @slow.post("/score")
+    async def score():
+        await asyncio.sleep(1)
+        return {"rewards": [{"reward": 1.0, "parts": {}}]}
+
+    settings = FAST.model_copy(update={"timeoutSeconds": 0.1, "attempts": 2})
+    with serving(slow) as url:
+        async with httpx.AsyncClient() as http:
+            client = RewardClient(http, url, settings, "rc")
+            with pytest.raises(RewardUnavailable) as error:
+                await client.score([ITEM])
+    assert error.value.reason == "timeout"
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def test_emulated_device_serialises_a_replica_and_replicas_share_the_load():
+    """reward.latencyMs: requests on one replica take turns (one device); a client spread
+    over two replicas scores as many calls in about half the time; busy time is counted."""
+    settings = FAST.model_copy(update={"timeoutSeconds": 10})
+    busy_before = metric("rollfleet_reward_busy_seconds_total")
+
+    async def eight_calls(url: str) -> float:
+        async with httpx.AsyncClient() as http:
+            client = RewardClient(http, url, settings, "rc")
+            started = time.perf_counter()
+            await asyncio.gather(*(client.score([ITEM]) for _ in range(8)))
+            return time.perf_counter() - started
+
+    def slow_app(seed):
+        return create_app([("exact_match", 1.0, {})], latency_ms=100, seed=seed)
+
+    with serving(slow_app(0)) as one:
+        alone = await eight_calls(one)
+        with serving(slow_app(1)) as two:
+            shared = await eight_calls(f"{one},{two}")
+    assert alone >= 0.8  # 8 x 100 ms, one at a time
+    assert shared < 0.75 * alone
+    # Both replicas run in this process: their busy time adds up (about 0.8 s each run).
+    assert metric("rollfleet_reward_busy_seconds_total") - busy_before >= 1.5
+    assert metric("rollfleet_reward_requests_in_flight") == 0
