@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt bench-affinity bench-reward bench-simulate images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ bench-qagent: $(STAMP)  ## QAgent: Stage-1 against Stage-2 agents, retrieval hit
 
 bench-recgpt: $(STAMP)  ## RecGPT-V2: SFT against GRPO with summed and with gated rewards, tag hit rate and diversity, 3 seeds (~45 min)
 	$(BIN)/python benchmarks/recgpt.py
+
+bench-affinity: $(STAMP)  ## RollArc's affinity routing over two differing pools against one shared queue (~12 min)
+	$(BIN)/python benchmarks/affinity.py
+
+bench-reward: $(STAMP)  ## a slow long-tailed reward on 1, 2 and 4 replicas: step time, call latency, utilisation (~10 min)
+	$(BIN)/python benchmarks/reward_scaling.py
+
+bench-simulate: $(STAMP)  ## the cluster simulator at paper scale (3,000 GPUs), its calibration and the papers' claims (~3 min)
+	$(BIN)/rollfleet simulate examples/clusters/cluster-3000.yaml --out simulate-out
 
 # TRL is a benchmark-only extra, installed into the same venv on first use.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -5,6 +5,7 @@ rollfleet run --resume runs/countdown-20260101-120000
 rollfleet validate FILE                   # check a manifest, print the resolved spec
 rollfleet plan FILE                       # the components it would run
 rollfleet crd                             # the RLJob CustomResourceDefinition (YAML)
+rollfleet simulate CLUSTER.yaml           # the job on a GPU cluster, simulated
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def _crd(args) -> int:
     return 0
 
 
+def _simulate(args) -> int:
+    from rollfleet.simulate.report import run_command
+
+    return run_command(args.file, args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rollfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("file")
         p.set_defaults(fn=fn)
     sub.add_parser("crd", help="print the RLJob CustomResourceDefinition").set_defaults(fn=_crd)
+    sim = sub.add_parser("simulate", help="simulate the job on a cluster (CLUSTER.yaml)")
+    sim.add_argument("file", help="cluster file (examples/clusters/)")
+    sim.add_argument("--out", default="simulate-out", help="folder for the plots")
+    sim.set_defaults(fn=_simulate)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

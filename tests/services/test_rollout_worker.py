@@ -13,6 +13,7 @@ import contextlib
 import pytest
 import torch
 import transformers
+from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollfleet.bus import Bus
@@ -148,6 +149,12 @@ async def test_reward_service_down_marks_samples_failed_and_acks_the_task(
 ):
     spec = calculator_spec(group=2)
     dead_reward = "http://127.0.0.1:9"  # discard port: nothing listens
+
+    def failed(reason: str) -> float:
+        labels = {"pool": "p", "reason": reason}
+        return REGISTRY.get_sample_value("rollfleet_rollout_reward_failures_total", labels) or 0
+
+    before = {reason: failed(reason) for reason in ("unreachable", "circuit_open")}
     async with running_worker(nats_server, calculator_model, spec, dead_reward, env_url) as trainer:
         await trainer.publish(trainer.subjects.tasks, calculator_task(0, 2))
         trajectories = await collect(trainer, 2)
@@ -155,6 +162,9 @@ async def test_reward_service_down_marks_samples_failed_and_acks_the_task(
         pending = (await trainer.js.stream_info(trainer.subjects.task_stream)).state.messages
     assert [t.status for t in trajectories] == [TrajectoryStatus.FAILED] * 2
     assert pending == 0  # the task was acked: its samples are accounted for, not lost
+    # Counted under the reason: its two tries found nothing listening.
+    assert failed("unreachable") - before["unreachable"] == 2
+    assert failed("circuit_open") == before["circuit_open"]
 
 
 async def test_worker_waits_for_the_task_min_version_and_tags_tokens(
@@ -193,3 +203,45 @@ async def test_trajectories_go_to_the_trainer_rank_that_issued_the_task(
     assert {t.group_id for t in rank1} == {"g1"}
     assert {t.group_id for t in rank0} == {"g0"}
     assert stream.state.messages == 4  # each published once, on its rank's subject only
+
+
+async def test_a_mixed_jobs_examples_end_their_turns_on_their_own_tasks_stops(
+    nats_server, calculator_model
+):
+    """`task: mixed`: the workers take each example's turn stops from its meta (the mix's
+    class has none of its own), so a calculator example's tool call ends at `;` and the
+    env answers; a countdown example in the same job is one turn."""
+    mix = {"tasks": [{"name": "calculator"}, {"name": "countdown"}]}
+    spec = calculator_spec(group=2).model_copy(deep=True)
+    spec.task = spec.task.model_copy(update={"name": "mixed", "params": mix})
+    task = make_task("mixed", mix)
+    calculator = next(
+        i for i in range(50) if task.example("heldout", i).meta["kind"] == "calculator"
+    )
+    countdown = next(i for i in range(50) if task.example("heldout", i).meta["kind"] == "countdown")
+    env = create_env_app(task, session_timeout=30)
+    with serving(env) as env_url, serving(create_reward_app(spec.reward_functions())) as reward_url:
+        async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as bus:
+            for index in (calculator, countdown):
+                example = task.example("heldout", index)
+                await bus.publish(
+                    bus.subjects.tasks,
+                    RolloutTask.for_example(
+                        example,
+                        index=index,
+                        group_id=f"g{index}",
+                        samples=2,
+                        multi_turn=task.is_multi_turn(example),
+                    ),
+                )
+            trajectories = await collect(bus, 4)
+    tokenizer = AutoTokenizer.from_pretrained(calculator_model[0])
+    tools = [t for t in trajectories if t.group_id == f"g{calculator}"]
+    assert any(0.0 in t.loss_mask for t in tools), "no calculator turn reached the env"
+    for t in tools:
+        if 0.0 in t.loss_mask:
+            first_env = t.loss_mask.index(0.0)
+            assert tokenizer.decode([t.response_ids[first_env - 1]]) == ";"
+    for t in trajectories:
+        if t.group_id == f"g{countdown}":
+            assert 0.0 not in t.loss_mask  # one turn, no env

@@ -281,6 +281,7 @@ def test_mixed_draws_each_example_from_one_task_and_keeps_its_parts():
         )
         assert ex.meta["verifier"] == verifiers[ex.meta["kind"]]
         assert task.is_multi_turn(ex) == (ex.meta["kind"] == "calculator")
+        assert ex.meta["turn_stop"] == ([";"] if ex.meta["kind"] == "calculator" else [])
     assert task.example("heldout", 7) == make_task("mixed", {"tasks": MIX}, seed=1).example(
         "heldout", 7
     )

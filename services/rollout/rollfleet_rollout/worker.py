@@ -261,7 +261,9 @@ class RolloutWorker:
             ),
             tok,
         )
-        stop_ids, stop_sequences = turn_stops(tok, self._turn_stop if task.multi_turn else ())
+        # A task's examples may carry their own turn stops (each task of a `mixed` job).
+        stops = tuple(task.meta.get("turn_stop", self._turn_stop)) if task.multi_turn else ()
+        stop_ids, stop_sequences = turn_stops(tok, stops)
         params = SamplingParams(
             self.max_new_tokens, self.temperature, self.top_p, stop_ids, stop_sequences
         )

@@ -92,6 +92,12 @@ ROUTED = Counter(
     "when the pools preferring that profile were saturated",
     ["pool", "profile", "route"],
 )
+PREFILL_RATIO = Gauge(
+    "rollfleet_router_prefill_ratio",
+    "Affinity routing: running mean of prompt and observation tokens per generated token of "
+    "each kind of task's finished episodes (above rollout.prefillRatio: prefill-heavy)",
+    ["kind"],
+)
 STEP_SECONDS = Histogram(
     "rollfleet_trainer_step_seconds",
     "Wall time of one optimizer step (forward, backward, update)",
@@ -313,6 +319,7 @@ class Trainer:
                 TrajectoryStatus.TRUNCATED,
             ):
                 self.router.observe(group.kind, traj)
+                PREFILL_RATIO.labels(group.kind).set(self.router.stats[group.kind].ratio)
             if traj.status in DROPPED_STATUS:
                 await self.drop(group, DROPPED_STATUS[traj.status])
             elif group.complete():

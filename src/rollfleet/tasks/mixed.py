@@ -2,9 +2,9 @@
 
 Mixed workloads are what RollArc routes: agentic episodes (many turns, long contexts)
 beside reasoning ones (one turn, long generations). Each example keeps its own task's
-prompt, answer, demonstration, env and verifier; its meta says which (`kind`), so the
-router keeps running statistics per kind and the `mixed` reward scores it with its own
-task's verifier.
+prompt, answer, demonstration, env, turn stops and verifier; its meta says which (`kind`),
+so the router keeps running statistics per kind and the `mixed` reward scores it with its
+own task's verifier.
 
     task:
       name: mixed
@@ -73,6 +73,7 @@ class Mixed(Task):
             "kind": kind,
             "verifier": task.default_reward,
             "multi_turn": task.multi_turn,
+            "turn_stop": list(task.turn_stop),  # the workers end this example's turns on them
         }
         return Example(inner.id, inner.prompt, inner.answer, meta, inner.demonstration)
 
