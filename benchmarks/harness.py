@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,6 +136,54 @@ def run_job(job: dict, run_dir: Path) -> dict:
         "records": [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()],
         "wall": time.monotonic() - started,
     }
+
+
+class MetricsSampler(threading.Thread):
+    """Keeps the last /metrics text of each child of a local run in `roles` (read every
+    second while it runs: counters end where the run did)."""
+
+    def __init__(self, run, roles: tuple[str, ...]):
+        super().__init__(daemon=True)
+        self.run_, self.roles, self.texts, self.done = run, roles, {}, threading.Event()
+
+    def run(self):
+        import httpx
+
+        while not self.done.wait(1.0):
+            for child in list(self.run_.children):
+                if child.role in self.roles:
+                    with contextlib.suppress(httpx.HTTPError):
+                        url = f"http://127.0.0.1:{child.http_port}/metrics"
+                        self.texts[child.name] = httpx.get(url, timeout=1).text
+
+    def total(self, metric: str, *labels: str) -> dict[tuple, float]:
+        """`metric`'s samples summed over the children, by the values of `labels`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[tuple, float] = {}
+        for text in self.texts.values():
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == metric:
+                        key = tuple(sample.labels.get(k, "") for k in labels)
+                        out[key] = out.get(key, 0.0) + sample.value
+        return out
+
+
+def run_sampled(job: dict, run_dir: Path, roles: tuple[str, ...]) -> tuple[dict, MetricsSampler]:
+    """The local runtime in this process (`rollfleet run`'s own code) on `job`: its
+    result.json, and the children's last metrics."""
+    from rollfleet.local.runtime import LocalRun
+    from rollfleet.spec import parse_manifest
+
+    run = LocalRun(parse_manifest(job), run_dir, show_progress=False)
+    sampler = MetricsSampler(run, roles)
+    sampler.start()
+    try:
+        result = run.run()
+    finally:
+        sampler.done.set()
+    return result, sampler
 
 
 def heldout_items(model, tokenizer, job: dict, verifier: str, stages: bool = False) -> list[dict]:
