@@ -15,14 +15,19 @@ bus.
   else the task's name): context tokens (prompt and env observations, which the engine
   prefills) per generated token against `rollout.prefillRatio`; before any episode of
   that kind has finished, from the task: a multi-turn task is prefill-heavy.
-- Pool: the least loaded (backlog per concurrent task) of the pools preferring the
-  profile, else of those preferring `any`, else of all. A pool is saturated while its
-  backlog exceeds `rollout.saturatedBacklog` times the tasks it runs at once; a task
-  whose preferred pools are all saturated falls back to the least loaded other pool that
-  is not (every pool serves the same policy). When every pool is saturated it stays.
+- Pool: the least loaded of the pools preferring the profile, else of those preferring
+  `any`, else of all; a pool's load is its queue (tasks waiting) per task it runs now
+  (at least one per replica). What a pool runs is measured, not taken from its slots: a
+  vLLM replica bound by its KV cache runs far fewer tasks than `maxBatch` allows. The
+  router counts the tasks it sent to each pool until their last trajectory is back
+  (`sent`, `arrived`, `forget` for cancelled ones); running = in flight - queued.
+- A pool is saturated while its load exceeds `rollout.saturatedBacklog`; a task whose
+  preferred pools are all saturated falls back to the least loaded other pool that is
+  not (every pool serves the same policy). When every pool is saturated it stays.
 
     router = Router(spec)
     choice = router.route(router.profile("countdown", multi_turn=False), backlog)
+    router.sent("t7", choice.pool, samples=8)   # ... router.arrived("t7") per trajectory
 """
 
 from __future__ import annotations
@@ -76,12 +81,26 @@ class Router:
         self.pools: list[PoolSpec] = spec.rollout.pools
         self.prefill_ratio = spec.rollout.prefillRatio
         self.saturated_backlog = spec.rollout.saturatedBacklog
-        task_size = 1 if spec.async_.replicatePrompts else spec.rollout.sampling.groupSize
-        # Tasks a pool runs at once: its engine slots over the samples of one task.
-        self.concurrency = {
-            p.name: max(1.0, p.replicas * p.maxBatch / task_size) for p in self.pools
-        }
         self.stats: dict[str, RunningRatio] = {}
+        self.in_flight = {p.name: 0 for p in self.pools}  # tasks sent, not all back yet
+        self.waiting: dict[str, list] = {}  # task id -> [pool, samples not back yet]
+
+    def sent(self, task_id: str, pool: str, samples: int) -> None:
+        self.waiting[task_id] = [pool, samples]
+        self.in_flight[pool] += 1
+
+    def arrived(self, task_id: str) -> None:
+        """One trajectory of `task_id` is back (its last one ends the task)."""
+        entry = self.waiting.get(task_id)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                self.forget(task_id)
+
+    def forget(self, task_id: str) -> None:
+        """The task is over (its last trajectory is back, or its group was cancelled)."""
+        if (entry := self.waiting.pop(task_id, None)) is not None:
+            self.in_flight[entry[0]] -= 1
 
     def observe(self, kind: str, trajectory: Trajectory) -> None:
         """Learn from one finished episode of `kind`."""
@@ -95,22 +114,30 @@ class Router:
             return "prefill" if multi_turn else "decode"
         return "prefill" if stats.ratio > self.prefill_ratio else "decode"
 
-    def load(self, pool: str, backlog: dict[str, int]) -> float:
-        return backlog.get(pool, 0) / self.concurrency[pool]
+    def route(
+        self, profile: Profile, backlog: dict[str, int], running: dict[str, int] | None = None
+    ) -> Route:
+        """The pool for a task of `profile`, given each pool's waiting tasks and the tasks
+        it runs now (default: what this router sent there and is not back, less the
+        waiting ones)."""
+        if running is None:
+            running = {name: n - backlog.get(name, 0) for name, n in self.in_flight.items()}
+        replicas = {p.name: p.replicas for p in self.pools}
 
-    def route(self, profile: Profile, backlog: dict[str, int]) -> Route:
-        """The pool for a task of `profile`, given each pool's waiting tasks."""
+        def load(name: str) -> float:
+            return backlog.get(name, 0) / max(running.get(name, 0), replicas[name])
+
         preferred = [p.name for p in self.pools if p.prefers == profile]
         preferred = preferred or [p.name for p in self.pools if p.prefers == "any"]
         preferred = preferred or [p.name for p in self.pools]
-        best = min(preferred, key=lambda name: self.load(name, backlog))
-        if self.load(best, backlog) <= self.saturated_backlog:
+        best = min(preferred, key=load)
+        if load(best) <= self.saturated_backlog:
             return Route(best, profile, fallback=False)
         others = [
             p.name
             for p in self.pools
-            if p.name not in preferred and self.load(p.name, backlog) <= self.saturated_backlog
+            if p.name not in preferred and load(p.name) <= self.saturated_backlog
         ]
         if not others:  # everyone is saturated: wait where the work runs best
             return Route(best, profile, fallback=False)
-        return Route(min(others, key=lambda n: self.load(n, backlog)), profile, fallback=True)
+        return Route(min(others, key=load), profile, fallback=True)

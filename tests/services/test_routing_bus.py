@@ -19,13 +19,18 @@ from rollfleet.protocol import RolloutTask
 from rollfleet.spec import RLJobSpec, parse_manifest
 from rollfleet_trainer.loop import Trainer
 from tests.conftest import NATS_TOKEN
-from tests.services.test_scheduling import countdown_task, running_worker, tiny_model  # noqa: F401
+from tests.services.test_scheduling import (  # noqa: F401
+    countdown_task,
+    running_worker,
+    tiny_model,
+    trajectory,
+)
 
 JOB = "route-job"
 MIX = [{"name": "calculator", "params": {"observation_pad": 8}}, {"name": "countdown"}]
 
 
-def manifest(saturated_backlog: float, wide_batch: int = 8) -> dict:
+def manifest(saturated_backlog: float, wide_replicas: int = 1) -> dict:
     return {
         "apiVersion": "rollfleet.io/v1alpha1",
         "kind": "RLJob",
@@ -38,9 +43,9 @@ def manifest(saturated_backlog: float, wide_batch: int = 8) -> dict:
                 "routing": "affinity",
                 "saturatedBacklog": saturated_backlog,
                 "sampling": {"groupSize": 4},
-                "pools": [  # fast runs 2 tasks (of 4 samples) at once, wide wide_batch / 4
+                "pools": [
                     {"name": "fast", "prefers": "prefill", "replicas": 1, "maxBatch": 8},
-                    {"name": "wide", "prefers": "decode", "replicas": 1, "maxBatch": wide_batch},
+                    {"name": "wide", "prefers": "decode", "replicas": wide_replicas, "maxBatch": 8},
                 ],
             },
         },
@@ -87,13 +92,16 @@ async def test_a_saturated_pool_sends_its_work_elsewhere(nats_server, tmp_path):
         for pool in ("fast", "wide")
         for route in ("preferred", "fallback")
     }
-    # wide runs 16 tasks at once: it takes every fallen-back task without saturating.
-    async with trainer_on_bus(nats_server, tmp_path, saturated_backlog=1, wide_batch=64) as trainer:
+    # No worker runs anything yet: a pool counts one task per replica as running. wide has
+    # 16 replicas, so it takes every fallen-back task without saturating.
+    async with trainer_on_bus(
+        nats_server, tmp_path, saturated_backlog=2, wide_replicas=16
+    ) as trainer:
         await trainer.issue_tasks()
         fast, wide = await queued(trainer.bus, "fast"), await queued(trainer.bus, "wide")
     calculator = [t for t in fast + wide if t.meta["kind"] == "calculator"]
-    # fast runs 2 tasks at once; with more than 1x that waiting it is saturated: 3 queue
-    # there (0, 1 and 2 waiting when they were routed), the rest fall back.
+    # fast (1 replica) is saturated with more than 2 waiting: 3 queue there (0, 1 and 2
+    # waiting when they were routed), the rest fall back.
     assert len(fast) == 3 and {t.meta["kind"] for t in fast} == {"calculator"}
     assert len(calculator) > 3
     fell_back = routed("wide", "prefill", "fallback") - before["wide", "fallback"]
@@ -126,3 +134,30 @@ async def test_a_pool_worker_takes_only_its_own_queue(nats_server, tiny_model): 
         await asyncio.sleep(0.3)
         assert completed() - before == 1  # wide's task waits for wide's workers
         assert await trainer.task_backlog(["fast", "wide"]) == {"fast": 0, "wide": 1}
+
+
+async def test_the_trainer_counts_each_pools_tasks_until_their_trajectories_are_back(
+    nats_server, tmp_path
+):
+    async with trainer_on_bus(nats_server, tmp_path, saturated_backlog=100) as trainer:
+        await trainer.issue_tasks()
+        router = trainer.router
+        assert sum(router.in_flight.values()) == 16
+        g0 = trainer.groups["g0"]
+        pool = router.waiting["t0"][0]
+        before = router.in_flight[pool]
+        consumer = await trainer.bus.trajectory_consumer(0)
+        for sample in range(g0.size):
+            await trainer.bus.publish(
+                trainer.bus.subjects.trajectories_for(0), trajectory(g0, sample)
+            )
+        for _ in range(50):
+            await trainer.collect(consumer)
+            if g0.id not in trainer.groups:
+                break
+        assert router.in_flight[pool] == before - 1 and "t0" not in router.waiting
+        # Cancelled groups are no longer in flight, whatever the workers do with them.
+        batch = [trainer.groups.pop("g15")]
+        trainer.redundant = 1
+        await trainer.cancel_stragglers(batch)
+        assert sum(router.in_flight.values()) == 1  # g15's own task, trained

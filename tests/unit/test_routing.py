@@ -22,8 +22,8 @@ def spec(pools, **rollout) -> RLJobSpec:
 
 
 TWO_POOLS = [
-    {"name": "fast", "prefers": "prefill", "replicas": 1, "maxBatch": 8},  # 2 tasks at once
-    {"name": "wide", "prefers": "decode", "replicas": 2, "maxBatch": 16},  # 8 tasks at once
+    {"name": "fast", "prefers": "prefill", "replicas": 1, "maxBatch": 8},
+    {"name": "wide", "prefers": "decode", "replicas": 2, "maxBatch": 16},
 ]
 
 
@@ -73,17 +73,33 @@ def test_profile_starts_from_the_task_and_follows_finished_episodes():
 
 def test_each_profile_goes_to_its_pool_until_that_pool_is_saturated():
     router = Router(spec(TWO_POOLS, saturatedBacklog=2.0))
-    assert router.concurrency == {"fast": 2.0, "wide": 8.0}
     route = router.route("prefill", {})
     assert (route.pool, route.fallback) == ("fast", False)
     assert router.route("decode", {}).pool == "wide"
-    # fast holds 4 waiting tasks = 2x what it runs at once: not yet saturated.
-    assert router.route("prefill", {"fast": 4}).pool == "fast"
-    route = router.route("prefill", {"fast": 5})
+    # fast runs 2 tasks and holds 4 waiting: 2x, not yet saturated; 5 waiting is.
+    running = {"fast": 2, "wide": 0}
+    assert router.route("prefill", {"fast": 4}, running).pool == "fast"
+    route = router.route("prefill", {"fast": 5}, running)
     assert (route.pool, route.fallback, route.profile) == ("wide", True, "prefill")
-    # Both saturated: the task waits on the pool that suits it.
-    route = router.route("prefill", {"fast": 5, "wide": 17})
-    assert (route.pool, route.fallback) == ("fast", False)
+    # A pool runs at least one task per replica: wide (2 replicas) saturates above 4.
+    route = router.route("prefill", {"fast": 5, "wide": 5}, running)
+    assert (route.pool, route.fallback) == ("fast", False)  # all saturated: stays
+
+
+def test_what_a_pool_runs_is_what_was_sent_there_and_is_not_back():
+    """A KV-bound replica runs fewer tasks than its slots allow: the router measures it."""
+    router = Router(spec(TWO_POOLS, saturatedBacklog=1.0))
+    for i in range(6):
+        router.sent(f"t{i}", "fast", samples=2)
+    # 6 in flight, 3 of them still queued: fast runs 3, so 3 waiting is 1x.
+    assert router.route("prefill", {"fast": 3}).pool == "fast"
+    for _ in range(2):
+        router.arrived("t0")  # t0's two samples are back: 2 running
+    router.forget("t1")  # cancelled: 1 running
+    assert router.in_flight == {"fast": 4, "wide": 0}
+    assert router.route("prefill", {"fast": 3}).fallback  # 3 waiting on 1 running
+    router.arrived("t9")  # not ours (a resumed run's leftover): ignored
+    assert router.in_flight["fast"] == 4
 
 
 def test_least_loaded_of_the_preferred_pools_and_any_pools_as_the_default():

@@ -223,7 +223,7 @@ def test_affinity_routes_each_profile_to_its_pool_until_the_backlog_threshold():
         sim.route(task)
         kinds.append(task.queue is compute.queue)
         assert len(compute.queue.tasks) <= 3
-    # The runtime's router: compute runs one task at once (maxBatch 4 / 4 samples), so it
+    # The runtime's router: compute runs nothing yet (one task per replica counted), so it
     # is saturated with more than 2 waiting; the rest fall back.
     assert kinds == [True, True, True, False, False]
     assert bandwidth.fallback == 2 and len(bandwidth.queue.tasks) == 2

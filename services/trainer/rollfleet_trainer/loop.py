@@ -111,6 +111,7 @@ class Group:
     size: int
     samples: dict[int, tuple[Trajectory, object]] = field(default_factory=dict)
     kind: str = ""  # what the router keeps statistics of (meta.kind, else the task)
+    task_ids: list[str] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -219,8 +220,9 @@ class Trainer:
         # Workers only ever need versions within α of the newest; keep a little slack.
         await self.weight_store.delete_before(self.state["version"] - self.alpha - 2)
 
-    async def task_subject(self, group: Group, multi_turn: bool) -> str:
+    async def task_subject(self, group: Group, task_id: str, samples: int, multi_turn: bool) -> str:
         """Where a task of `group` goes: the shared queue, or the routed pool's own."""
+        group.task_ids.append(task_id)
         if self.router is None:
             return self.bus.subjects.tasks
         if time.monotonic() - self.backlog_read_at > BACKLOG_REFRESH_S:
@@ -229,6 +231,7 @@ class Trainer:
             self.backlog_read_at = time.monotonic()
         route = self.router.route(self.router.profile(group.kind, multi_turn), self.backlog)
         self.backlog[route.pool] = self.backlog.get(route.pool, 0) + 1
+        self.router.sent(task_id, route.pool, samples)
         ROUTED.labels(
             route.pool, route.profile, "fallback" if route.fallback else "preferred"
         ).inc()
@@ -251,12 +254,13 @@ class Trainer:
                 else [(0, self.group_size)]
             )
             for offset, samples in parts:
+                task_id = f"t{index}" if samples == self.group_size else f"t{index}.{offset}"
                 await self.bus.publish(
-                    await self.task_subject(group, multi_turn),
+                    await self.task_subject(group, task_id, samples, multi_turn),
                     RolloutTask.for_example(
                         example,
                         index=index,
-                        task_id=f"t{index}" if samples == self.group_size else f"t{index}.{offset}",
+                        task_id=task_id,
                         group_id=group.id,
                         samples=samples,
                         group_size=self.group_size,
@@ -277,6 +281,9 @@ class Trainer:
         stragglers = [g for g in self.groups.values() if g.index < newest]
         for group in stragglers:
             await self.drop(group, "cancelled")
+            if self.router:  # skipped or aborted by the workers: no longer in flight
+                for task_id in group.task_ids:
+                    self.router.forget(task_id)
         if stragglers:
             await self.bus.cancel_groups([g.id for g in stragglers])
 
@@ -305,6 +312,8 @@ class Trainer:
 
     async def collect(self, consumer) -> None:
         for traj, raw in await self.bus.fetch(consumer, Trajectory, 256, timeout=0.2):
+            if self.router:
+                self.router.arrived(traj.task_id)
             group = self.groups.get(traj.group_id)
             if group is None:
                 # The rest of a dropped group (its whole size was counted when it was

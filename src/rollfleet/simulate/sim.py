@@ -777,7 +777,11 @@ class Sim:
         pools = self.pools
         if self.router is not None:
             profile = self.profiles[task.kind]
-            choice = self.router.route(profile, {p.spec.name: len(p.queue.tasks) for p in pools})
+            choice = self.router.route(
+                profile,
+                {p.spec.name: len(p.queue.tasks) for p in pools},
+                {p.spec.name: p.running for p in pools},
+            )
             pool = next(p for p in pools if p.spec.name == choice.pool)
             pool.fallback += choice.fallback
             pool.routed[profile] = pool.routed.get(profile, 0) + 1
