@@ -53,7 +53,7 @@ bench-qagent: $(STAMP)  ## QAgent: Stage-1 against Stage-2 agents, retrieval hit
 bench-recgpt: $(STAMP)  ## RecGPT-V2: SFT against GRPO with summed and with gated rewards, tag hit rate and diversity, 3 seeds (~45 min)
 	$(BIN)/python benchmarks/recgpt.py
 
-bench-affinity: $(STAMP)  ## RollArc's affinity routing over two differing pools against one shared queue (~12 min)
+bench-affinity: $(STAMP)  ## RollArc's affinity routing over two differing pools against one shared queue, 5 repeats (~20 min)
 	$(BIN)/python benchmarks/affinity.py
 
 bench-reward: $(STAMP)  ## a slow long-tailed reward on 1, 2 and 4 replicas: step time, call latency, utilisation (~10 min)

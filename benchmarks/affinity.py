@@ -1,7 +1,7 @@
 """RollArc's affinity routing against one shared task queue, same samples (`make bench-affinity`).
 
     make bench-affinity
-    .venv/bin/python benchmarks/affinity.py [--steps 20] [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/affinity.py [--steps 20] [--repeats 5] [--quick]
 
 Two local rollout pools whose torch engines really differ:
 - `compute`: 2 torch threads, 16 slots: its long prefills run on two cores, and few
@@ -156,7 +156,7 @@ def run_arm(data: dict, run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="4 steps, 1 repeat, short warm-up")
     args = parser.parse_args()
     if args.quick:

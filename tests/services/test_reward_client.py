@@ -156,3 +156,20 @@ async def test_emulated_device_serialises_a_replica_and_replicas_share_the_load(
     # Both replicas run in this process: their busy time adds up (about 0.8 s each run).
     assert metric("rollfleet_reward_busy_seconds_total") - busy_before >= 1.5
     assert metric("rollfleet_reward_requests_in_flight") == 0
+
+
+async def test_a_replica_that_is_never_idle_counts_its_busy_time_as_it_goes():
+    settings = FAST.model_copy(update={"timeoutSeconds": 10})
+    app = create_app([("exact_match", 1.0, {})], latency_ms=50, seed=0)
+    with serving(app) as url:
+        async with httpx.AsyncClient() as http:
+            client = RewardClient(http, url, settings, "rc")
+            before = metric("rollfleet_reward_busy_seconds_total")
+            # 20 requests of 50 ms, one at a time on the replica's device: it always has
+            # some in flight for about a second.
+            calls = asyncio.gather(*(client.score([ITEM]) for _ in range(20)))
+            await asyncio.sleep(0.5)
+            midway = metric("rollfleet_reward_busy_seconds_total") - before
+            await calls
+    assert midway >= 0.3  # counted while busy, not only when the replica falls idle
+    assert metric("rollfleet_reward_busy_seconds_total") - before >= 0.9

@@ -48,31 +48,34 @@ IN_FLIGHT = Gauge("rollfleet_reward_requests_in_flight", "/score requests being 
 BUSY = Counter(
     "rollfleet_reward_busy_seconds_total",
     "Time this replica spent with at least one /score request in progress; its rate is the "
-    "replica's utilisation (counted as each busy spell ends)",
+    "replica's utilisation",
 )
 
 
 class BusyClock:
-    """Counts in-flight requests (the threads FastAPI scores them in) and busy time."""
+    """Counts in-flight requests (the threads FastAPI scores them in) and adds the time
+    with any in flight to BUSY at every request's start and end (so a replica that is
+    never idle is counted too)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.in_flight = 0
-        self.busy_from = 0.0
+        self.since = time.perf_counter()
+
+    def _change(self, delta: int) -> None:
+        with self.lock:
+            now = time.perf_counter()
+            if self.in_flight:
+                BUSY.inc(now - self.since)
+            self.since = now
+            self.in_flight += delta
+            IN_FLIGHT.set(self.in_flight)
 
     def __enter__(self):
-        with self.lock:
-            if self.in_flight == 0:
-                self.busy_from = time.perf_counter()
-            self.in_flight += 1
-            IN_FLIGHT.set(self.in_flight)
+        self._change(+1)
 
     def __exit__(self, *exc):
-        with self.lock:
-            self.in_flight -= 1
-            IN_FLIGHT.set(self.in_flight)
-            if self.in_flight == 0:
-                BUSY.inc(time.perf_counter() - self.busy_from)
+        self._change(-1)
 
 
 class TurnItem(BaseModel):
