@@ -56,7 +56,7 @@ bench-recgpt: $(STAMP)  ## RecGPT-V2: SFT against GRPO with summed and with gate
 bench-affinity: $(STAMP)  ## RollArc's affinity routing over two differing pools against one shared queue, 5 repeats (~20 min)
 	$(BIN)/python benchmarks/affinity.py
 
-bench-reward: $(STAMP)  ## a slow long-tailed reward on 1, 2 and 4 replicas: step time, call latency, utilisation (~10 min)
+bench-reward: $(STAMP)  ## a slow long-tailed reward on 1, 2, 4 and 8 replicas: step time, call latency, utilisation (~12 min)
 	$(BIN)/python benchmarks/reward_scaling.py
 
 bench-simulate: $(STAMP)  ## the cluster simulator at paper scale (3,000 GPUs), its calibration and the papers' claims (~3 min)

@@ -1,18 +1,18 @@
 """A slow, long-tailed reward on one replica against several (RollArc's serverless reward).
 
     make bench-reward
-    .venv/bin/python benchmarks/reward_scaling.py [--steps 15] [--replicas 1,2,4] [--quick]
+    .venv/bin/python benchmarks/reward_scaling.py [--steps 15] [--replicas 1,2,4,8] [--quick]
 
 The default countdown job, each sample scored as soon as it finishes (`async.rewardPerSample`:
 the workers' non-blocking calls), against a reward service whose scoring takes device time:
 `reward.latencyMs: 40` with a Pareto tail (`latencyTail: 1.5`), requests on a replica taking
 turns as on one GPU (an emulated reward model: on 2 CPU cores a real one would compete with
 the rollout workers for the same cores, so only its device time is emulated). The same job
-runs with 1, 2 and 4 reward replicas (local processes; the workers' reward client sends
+runs with 1, 2, 4 and 8 reward replicas (local processes; the workers' reward client sends
 each call to the replica with the fewest of its calls in flight).
 
-Per run: RL step time (median), samples/s, the workers' reward call latency (p50, p99 from
-their histogram), and the reward service's utilisation: busy seconds (a request in
+Per run: RL step time (median), samples/s, the workers' reward call latency (p50, p99: the
+upper bounds of their histogram's buckets), and the reward service's utilisation: busy seconds (a request in
 progress) over replicas x RL seconds.
 
 Ends with `reward-scaling step_s=<1 replica>-><most> utilisation=<1 replica>-><most>
@@ -58,7 +58,7 @@ def run_arm(job: dict, run_dir: Path, replicas: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--replicas", default="1,2,4")
+    parser.add_argument("--replicas", default="1,2,4,8")
     parser.add_argument("--quick", action="store_true", help="4 steps, short warm-up")
     args = parser.parse_args()
     counts = [int(x) for x in args.replicas.split(",")]
@@ -96,7 +96,7 @@ def main() -> None:
         f"{args.steps} steps per run; {harness.machine()}"
     )
     print(
-        "| reward replicas | step s (median) | samples/s | reward call p50 / p99 s | utilisation |"
+        "| reward replicas | step s (median) | samples/s | reward call p50 / p99 s (bucket bounds) | utilisation |"
     )
     print("|---|---|---|---|---|")
     for r in runs:
