@@ -56,7 +56,6 @@ DEAD_LETTERS = Counter(
 for _kind in ("tasks", "trajectories", "weights", "cancel"):  # exported as 0 from the start
     DEAD_LETTERS.labels(subject=_kind)
 
-TASK_ACK_WAIT_S = 120.0
 NATS_TOKEN_ENV = "ROLLFLEET_NATS_TOKEN"
 OBJECT_FETCH_TIMEOUT_S = 60.0
 TRAJECTORY_ACK_WAIT_S = 600.0
@@ -188,13 +187,15 @@ class Bus:
     async def publish(self, subject: str, message: Message) -> None:
         await self.js.publish(subject, encode(message))
 
-    async def task_consumer(self, pool: str | None = None):
-        """The consumer of one pool's own tasks (affinity routing), or of the shared queue."""
+    async def task_consumer(self, pool: str | None = None, ack_wait: float = 30.0):
+        """The consumer of one pool's own tasks (affinity routing), or of the shared queue.
+        A task not acked within `ack_wait` (its worker died) goes to another worker; a
+        worker that is still on it says so (`in_progress`) more often than that."""
         return await self.js.pull_subscribe(
             self.subjects.tasks_for(pool),
             durable=task_consumer_name(pool),
             stream=self.subjects.task_stream,
-            config=api.ConsumerConfig(ack_wait=TASK_ACK_WAIT_S, max_ack_pending=-1),
+            config=api.ConsumerConfig(ack_wait=ack_wait, max_ack_pending=-1),
         )
 
     async def trajectory_consumer(self, rank: int = 0):

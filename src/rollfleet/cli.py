@@ -60,6 +60,9 @@ def _run(args) -> int:
     print(
         f"metrics: {run_dir / 'metrics.jsonl'}  curve: {run_dir / 'reward_curve.png'}  logs: {run_dir / 'logs'}"
     )
+    if result.get("restarts"):
+        restarted = ", ".join(f"{name} x{n}" for name, n in sorted(result["restarts"].items()))
+        print(f"restarted after a crash: {restarted}")
     print(
         f"result: heldout_accuracy before={result['heldout_before']:.3f} after={result['heldout_after']:.3f} "
         f"steps={result['steps']} samples={result['samples']}"

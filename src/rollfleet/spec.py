@@ -299,6 +299,15 @@ class RolloutSpec(Strict):
         description="affinity routing: a task is prefill-heavy when its episodes hold more "
         "than this many prompt and observation tokens per generated token",
     )
+    taskAckWaitSeconds: float = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="a task whose worker died goes to another worker after this long; "
+        "workers report progress on their tasks three times as often. Shorter recovers "
+        "faster from a dead worker; a worker stalled longer than this has its task "
+        "generated twice (the trainer keeps one copy of each sample)",
+    )
     saturatedBacklog: float = Field(
         2.0,
         gt=0,

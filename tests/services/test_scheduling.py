@@ -247,6 +247,32 @@ async def test_a_sample_aborted_as_stale_drops_its_group_as_stale(nats_server, t
         assert (await consumer.consumer_info()).num_ack_pending == 0  # both samples acked
 
 
+async def test_a_sample_that_arrives_twice_is_kept_once(nats_server, tmp_path):
+    """A redelivered task (its worker died after publishing) brings its samples again: the
+    trainer keeps the first copy, acks and counts the second, and the group completes."""
+    group = 3
+    async with trainer_on_bus(nats_server, tmp_path, group=group, prompts=2) as trainer:
+        bus = trainer.bus
+        await trainer.issue_tasks()
+        consumer = await bus.trajectory_consumer(0)
+        before = metric("rollfleet_trainer_duplicate_samples_total")
+        g0 = trainer.groups["g0"]
+        first = trajectory(g0, 0)
+        again = first.model_copy(update={"worker": "w-after-restart", "reward": 0.5})
+        for t in (first, again, trajectory(g0, 1), trajectory(g0, 2)):
+            await bus.publish(bus.subjects.trajectories_for(0), t)
+        deadline = time.monotonic() + 15
+        while not trainer.ready and time.monotonic() < deadline:
+            await trainer.collect(consumer)
+        (ready,) = trainer.ready
+        assert ready.id == "g0" and len(ready.samples) == group
+        assert ready.samples[0][0].worker == "w"  # the first copy
+        assert metric("rollfleet_trainer_duplicate_samples_total") - before == 1
+        await asyncio.sleep(0.2)
+        info = await consumer.consumer_info()
+        assert info.num_ack_pending == group  # the kept ones wait for the step; the copy is acked
+
+
 async def test_cancel_stragglers_drops_lower_groups_and_tells_the_workers(nats_server, tmp_path):
     group = 3
     async with trainer_on_bus(
@@ -408,6 +434,24 @@ async def test_cancel_aborts_a_generating_group_and_frees_its_slots(nats_server,
     assert elapsed < 5.0, f"aborted samples took {elapsed:.1f}s to come out"
     assert cancelled_samples() - before == 2
     assert all(t.reward == 0.0 and t.reward_parts == {} for t in trajectories)  # not scored
+
+
+async def test_a_task_longer_than_its_ack_wait_is_not_redelivered(nats_server, tiny_model):
+    """The worker reports progress on a running task (`in_progress`), so a short ack wait
+    (fast recovery from a dead worker) does not hand a long task out a second time."""
+    max_new = 1500  # a few seconds of decoding: several times the 1 s ack wait
+    spec = worker_spec(group=2, max_batch=4, max_new_tokens=max_new, max_length=max_new + 64)
+    spec.rollout = spec.rollout.model_copy(update={"taskAckWaitSeconds": 1})
+    async with running_worker(nats_server, tiny_model, spec) as (trainer, _):
+        started = time.monotonic()
+        await trainer.publish(trainer.subjects.tasks, countdown_task(0, 2))
+        trajectories = await collect(trainer, 2, timeout=60)
+        took = time.monotonic() - started
+        await asyncio.sleep(1.5)
+        info = await trainer.js.consumer_info(trainer.subjects.task_stream, "rollout")
+    assert took > 2  # the task outlived its ack wait...
+    assert [len(t.response_ids) for t in trajectories] == [max_new, max_new]
+    assert info.delivered.consumer_seq == 1  # ...and was delivered once (each redelivery counts)
 
 
 async def test_a_sample_older_than_alpha_is_published_as_stale(nats_server, tiny_model):

@@ -169,6 +169,7 @@ class RolloutWorker:
         self.latest_announced = -1
         self._weights_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self.running: set[str] = set()  # task ids being worked on here
         # Redundant rollouts: groups the trainer cancelled (recent ones), and the engine
         # requests running for each group, to abort them.
         self.cancelled: OrderedDict[str, None] = OrderedDict()
@@ -380,7 +381,16 @@ class RolloutWorker:
         await self._score([sample])
         await self._publish(task, sample[0])
 
+    async def heartbeat(self, raw) -> None:
+        """Tell JetStream the task is still being worked on (resets its ack wait)."""
+        every = self.spec.rollout.taskAckWaitSeconds / 3
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):  # a lost heartbeat costs a duplicate at worst
+                await raw.in_progress()
+
     async def handle(self, task: RolloutTask, raw) -> None:
+        alive = asyncio.create_task(self.heartbeat(raw))
         try:
             if task.group_id in self.cancelled:  # the trainer dropped it while it was queued
                 CANCELLED.labels(self.pool.name).inc(task.samples)
@@ -407,6 +417,8 @@ class RolloutWorker:
             ERRORS.labels(self.pool.name).inc()
             await raw.nak(delay=1.0)
         finally:
+            alive.cancel()
+            self.running.discard(task.task_id)
             self.reserved -= task.samples
             TASKS_RUNNING.labels(self.pool.name).dec()
 
@@ -439,7 +451,9 @@ class RolloutWorker:
         if (latest := await self.bus.latest_weights()) and latest.version > version:
             await self.on_weights(latest)
         routed = self.spec.rollout.routing == "affinity"  # each pool pulls its own queue
-        consumer = await self.bus.task_consumer(self.pool.name if routed else None)
+        consumer = await self.bus.task_consumer(
+            self.pool.name if routed else None, self.spec.rollout.taskAckWaitSeconds
+        )
         log.info("worker %s ready at policy version %d", self.name, version)
         slots = self.pool.maxBatch
         # A task is a whole group, or one sample of it with prompt replication.
@@ -460,7 +474,13 @@ class RolloutWorker:
                 await asyncio.sleep(0.01)
                 continue
             for task, raw in await self.bus.fetch(consumer, RolloutTask, room, timeout=0.5):
+                if task.task_id in self.running:
+                    # Redelivered while still running here (a heartbeat came late): the
+                    # running copy acks it; a second copy would only duplicate the work.
+                    log.warning("task %s redelivered while running here; kept once", task.task_id)
+                    continue
                 self.reserved += task.samples
+                self.running.add(task.task_id)
                 TASKS_RUNNING.labels(self.pool.name).inc()
                 job = asyncio.create_task(self.handle(task, raw))
                 self._tasks.add(job)

@@ -92,6 +92,10 @@ ROUTED = Counter(
     "when the pools preferring that profile were saturated",
     ["pool", "profile", "route"],
 )
+DUPLICATES = Counter(
+    "rollfleet_trainer_duplicate_samples_total",
+    "Samples that arrived a second time (a redelivered task) and were not kept",
+)
 PREFILL_RATIO = Gauge(
     "rollfleet_router_prefill_ratio",
     "Affinity routing: running mean of prompt and observation tokens per generated token of "
@@ -320,6 +324,12 @@ class Trainer:
                 # dropped), or a leftover from before a resume.
                 if traj.group_id not in self.discarded:
                     DROPPED.labels("unknown_group").inc()
+                await raw.ack()
+                continue
+            if traj.sample_index in group.samples:
+                # The same sample again: its task was redelivered (a worker died or stalled
+                # after publishing it). The first copy stays; this one is acked and counted.
+                DUPLICATES.inc()
                 await raw.ack()
                 continue
             group.samples[traj.sample_index] = (traj, raw)

@@ -4,9 +4,12 @@
     result = run.run()          # blocks; shows progress; always ends every child
 
 Children start in dependency order (nats-server, reward, env, trainer, rollout workers),
-each with its own log file under `<run dir>/logs/`. The supervisor fails the run with the
-last log lines of any child that exits early, and stops every child on success, error
-and Ctrl-C. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG).
+each with its own log file under `<run dir>/logs/`. A child that dies is restarted as
+Kubernetes would, after a backoff that doubles (1 s to 30 s); a restarted trainer resumes
+from its latest checkpoint. A child that crashes CRASH_LIMIT times within CRASH_WINDOW_S
+fails the run with its last log lines, as does a trainer that reports a failure (an
+error that a restart would only repeat). Every child is stopped on success, error and
+Ctrl-C. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG).
 Once every child is started, `<run dir>/services.json` gives each one's role and URL.
 """
 
@@ -21,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -41,6 +44,10 @@ HTTP_SERVICES = ("reward", "env")  # started first, each waited for until it ans
 BUILD_TIMEOUT_S = 1800.0  # builtin reward models trained on first start
 
 
+RESTART_BACKOFF_S = (1.0, 30.0)  # first wait before a restart, and the longest
+CRASH_LIMIT, CRASH_WINDOW_S = 5, 600.0  # this many crashes in this window fail the run
+
+
 class RunFailed(RuntimeError):
     pass
 
@@ -52,6 +59,10 @@ class Child:
     process: subprocess.Popen
     log_path: Path
     http_port: int
+    component: Component | None = None
+    replica: int = 0
+    crashes: list[float] = field(default_factory=list)  # when it died, recent ones
+    restart_at: float | None = None
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -88,6 +99,7 @@ class LocalRun:
         self.nats: EmbeddedNats | None = None
         self.service_token = secrets.token_hex(16)
         self.nats_token = secrets.token_hex(16)
+        self.restarts: dict[str, int] = {}  # child name -> restarts in this run
         # The HTTP services everyone else calls get their ports up front; the rest pick their own.
         self._ports = {
             "reward": [free_port() for _ in range(job.spec.reward.replicas)],
@@ -95,15 +107,15 @@ class LocalRun:
         }
 
     # --- processes -----------------------------------------------------------------------
-    def _spawn(self, component: Component, replica: int) -> Child:
+    def _spawn(self, component: Component, replica: int, port: int | None = None) -> Child:
         name = (
             component.name
             if component.replicas == 1 or component.role in SINGLE_LOCAL
             else f"{component.name}-{replica}"
         )
-        port = (
-            self._ports[component.role][replica] if component.role in self._ports else free_port()
-        )
+        if port is None:
+            ports = self._ports.get(component.role)
+            port = ports[replica] if ports else free_port()
         env = {
             **os.environ,
             **component.env,
@@ -129,7 +141,7 @@ class LocalRun:
             cwd=os.getcwd(),
         )
         log.close()
-        return Child(name, component.role, process, log_path, port)
+        return Child(name, component.role, process, log_path, port, component, replica)
 
     def _wait_healthy(self, child: Child, timeout: float = 60.0, models: bool = False) -> None:
         """Until `child` answers /healthz (and, with `models`, has its reward models ready)."""
@@ -215,17 +227,46 @@ class LocalRun:
 
     # --- supervision -----------------------------------------------------------------------
     def _check_children(self) -> Child | None:
-        """Raise for a child that died; return the trainer once it has exited cleanly."""
-        for child in self.children:
+        """Restart children that died (after their backoff), raise for one that keeps
+        crashing; return the trainer once it has exited cleanly."""
+        now = time.monotonic()
+        for i, child in enumerate(self.children):
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    self.children[i] = self._restart(child)
+                continue
             code = child.process.poll()
             if code is None:
                 continue
             if child.role == "trainer" and code == 0:
                 return child
-            raise RunFailed(
-                f"{child.name} exited with code {code}; last lines of {child.log_path}:\n{child.tail()}"
+            child.crashes = [t for t in child.crashes if now - t < CRASH_WINDOW_S] + [now]
+            if len(child.crashes) > CRASH_LIMIT:
+                raise RunFailed(
+                    f"{child.name} exited with code {code}, its {len(child.crashes)}th crash in "
+                    f"{CRASH_WINDOW_S:.0f} s; last lines of {child.log_path}:\n{child.tail()}"
+                )
+            first, longest = RESTART_BACKOFF_S
+            delay = min(longest, first * 2 ** (len(child.crashes) - 1))
+            child.restart_at = now + delay
+            self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
+            print(
+                f"{child.name} exited with code {code}; restarting in {delay:.0f} s "
+                f"(crash {len(child.crashes)} of at most {CRASH_LIMIT} in {CRASH_WINDOW_S:.0f} s)",
+                file=sys.stderr,
+                flush=True,
             )
         return None
+
+    def _restart(self, child: Child) -> Child:
+        """The same component, replica and port again; its log file goes on."""
+        for pid in session_members(child.process.pid):  # what it started dies with it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        fresh = self._spawn(child.component, child.replica, port=child.http_port)
+        fresh.crashes = child.crashes
+        self._write_services()
+        return fresh
 
     async def _supervise(self) -> None:
         # Ctrl-C sets an event the loop checks, rather than cancelling whatever NATS call is
@@ -288,6 +329,7 @@ class LocalRun:
         finally:
             self.stop()
         result = json.loads((self.run_dir / "result.json").read_text())
+        result["restarts"] = self.restarts
         plot_rewards(self.run_dir)
         return result
 

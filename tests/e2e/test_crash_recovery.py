@@ -1,0 +1,74 @@
+"""End-to-end: children of `rollfleet run` killed mid-run (SIGKILL) are restarted, and the
+job completes: a rollout worker's tasks go to the workers after their ack wait, and a
+killed trainer resumes from its latest checkpoint, its version sequence continuing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import manifest, records, run_processes, start_run, watch
+
+pytestmark = pytest.mark.e2e
+
+JOB = {
+    "seed": 0,
+    "task": {"name": "countdown", "heldoutLimit": 20},
+    "model": {"warmup": {"steps": 5, "examples": 64}},
+    "rollout": {
+        "pools": [{"name": "default", "replicas": 2, "maxBatch": 16}],
+        "sampling": {"groupSize": 4},
+        "taskAckWaitSeconds": 3,  # a dead worker's tasks move on quickly
+    },
+    "trainer": {"steps": 14, "promptsPerStep": 4},
+    "checkpoint": {"every": 3},
+}
+
+
+def child_pid(run_dir: Path, module: str, replica: int = 0) -> int:
+    """The live process of the run that runs `python -m module` as that replica."""
+    for pid in run_processes(run_dir):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in cmdline and f"ROLLFLEET_REPLICA={replica}".encode() in environ:
+            return pid
+    raise AssertionError(f"no live {module} replica {replica} in the run")
+
+
+def wait_for_steps(process, run_dir: Path, steps: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").exists() and len(records(run_dir)) >= steps):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"fewer than {steps} steps in {timeout}s"
+        time.sleep(0.3)
+
+
+def test_killed_worker_and_trainer_are_restarted_and_the_job_completes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_run(manifest(tmp_path, "e2e-crash", JOB), run_dir)
+    wait_for_steps(process, run_dir, 2)
+    os.kill(child_pid(run_dir, "rollfleet_rollout"), signal.SIGKILL)
+    wait_for_steps(process, run_dir, 5)  # past the checkpoint at step 3
+    killed_at = max(r["step"] for r in records(run_dir))
+    os.kill(child_pid(run_dir, "rollfleet_trainer"), signal.SIGKILL)
+    watch(process, run_dir, timeout=240)
+    out, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    assert "restarted after a crash: rollout-default-0 x1, trainer x1" in out
+    assert "rollout-default-0 exited with code -9; restarting" in err
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 14
+    recs = records(run_dir)
+    # The second trainer went back to a checkpoint at or before the kill, then on to the end.
+    resumed = next(i for i in range(1, len(recs)) if recs[i]["step"] <= recs[i - 1]["step"])
+    assert recs[resumed]["step"] <= killed_at + 1
+    assert [r["version"] for r in recs[resumed:]] == list(range(recs[resumed]["version"], 15))
+    assert "resumed from" in (run_dir / "logs" / "trainer.log").read_text()
