@@ -147,3 +147,15 @@ async def test_every_group_of_a_batch_is_within_alpha(tmp_path):
     assert batch == [fresh, also_fresh]
     assert trainer.dropped_here["stale"] == 2 and stale.id in trainer.discarded
     assert await trainer.take_batch() is None  # nothing left
+
+
+async def test_the_dropped_groups_remembered_stay_bounded(tmp_path, monkeypatch):
+    """A long run drops groups all along: only the newest ids are kept (memory stays flat)."""
+    from rollfleet_trainer import loop
+
+    monkeypatch.setattr(loop, "DISCARDED_REMEMBERED", 3)
+    trainer = Trainer(job(prompts=2, alpha=1), None, tmp_path)
+    for group in groups_at([0, 0, 0, 0, 0]):
+        await trainer.drop(group, "stale")
+    assert list(trainer.discarded) == [g.id for g in groups_at([0, 0, 0, 0, 0])][-3:]
+    assert trainer.dropped_here["stale"] == 5 * groups_at([0])[0].size

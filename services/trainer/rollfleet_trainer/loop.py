@@ -27,7 +27,7 @@ import functools
 import json
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from rollfleet_trainer.parallel import DataParallel
 
 log = logging.getLogger("trainer")
 
+DISCARDED_REMEMBERED = 10_000  # dropped group ids kept (their stragglers arrive soon after)
 BACKLOG_REFRESH_S = 0.5  # affinity routing: how often the pools' queues are read from NATS
 
 # Trajectories that end their group, and the reason its samples are counted under.
@@ -158,7 +159,9 @@ class Trainer:
         }
         self.groups: dict[str, Group] = {}
         self.ready: deque[Group] = deque()
-        self.discarded: set[str] = set()
+        # Dropped groups, to tell their late trajectories from unknown ones; the oldest are
+        # forgotten past DISCARDED_REMEMBERED, so a long run's memory stays flat.
+        self.discarded: OrderedDict[str, None] = OrderedDict()
         # Affinity routing: the router, and each pool's waiting tasks as last read from
         # the bus plus those published since (read again every BACKLOG_REFRESH_S).
         self.router = Router(self.spec) if self.spec.rollout.routing == "affinity" else None
@@ -294,7 +297,9 @@ class Trainer:
     async def drop(self, group: Group, reason: str) -> None:
         """Account for a group we will not train on, and ack what arrived of it."""
         self.groups.pop(group.id, None)
-        self.discarded.add(group.id)
+        self.discarded[group.id] = None
+        while len(self.discarded) > DISCARDED_REMEMBERED:
+            self.discarded.popitem(last=False)
         DROPPED.labels(reason).inc(group.size)
         self.dropped_here[reason] += group.size
         for _, raw in group.samples.values():
