@@ -50,17 +50,10 @@ MIX = [
 
 
 def manifest(name: str, routing: str, steps: int) -> dict:
-    pools = [
-        {"name": pool, "replicas": 1, **settings, "prefers": settings["prefers"]}
-        if routing == "affinity"
-        else {
-            "name": pool,
-            "replicas": 1,
-            "threads": settings["threads"],
-            "maxBatch": settings["maxBatch"],
-        }
-        for pool, settings in POOLS.items()
-    ]
+    # The same pools either way; with one shared queue they may not state a preference.
+    pools = [{"name": pool, "replicas": 1, **settings} for pool, settings in POOLS.items()]
+    if routing == "shared":
+        pools = [{k: v for k, v in p.items() if k != "prefers"} for p in pools]
     return {
         "apiVersion": "rollfleet.io/v1alpha1",
         "kind": "RLJob",

@@ -724,13 +724,18 @@ def parse_manifest(data: Any, source: str = "manifest") -> RLJob:
         raise ManifestError(f"{source} is not a valid RLJob:\n{_format_errors(e)}") from None
 
 
-def load_manifest(path: str | Path) -> RLJob:
-    """Read and validate an RLJob YAML file; ManifestError names each bad field."""
+def read_yaml(path: str | Path, what: str, error: type[ManifestError] = ManifestError) -> Any:
+    """A YAML file's data; `error` says the file (`what`: manifest, cluster file) is missing
+    or is not YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"manifest {str(path)!r} does not exist")
+        raise error(f"{what} {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ManifestError(f"{path} is not valid YAML: {e}") from None
-    return parse_manifest(data, str(path))
+        raise error(f"{path} is not valid YAML: {e}") from None
+
+
+def load_manifest(path: str | Path) -> RLJob:
+    """Read and validate an RLJob YAML file; ManifestError names each bad field."""
+    return parse_manifest(read_yaml(path, "manifest"), str(path))

@@ -21,10 +21,9 @@ import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from rollfleet.spec import ManifestError, RLJobSpec, load_manifest, parse_manifest
+from rollfleet.spec import ManifestError, RLJobSpec, load_manifest, parse_manifest, read_yaml
 
 CPU_CLASS = "cpu"  # where a pool without a gpuClass runs (the spec's "none = CPU")
 
@@ -412,13 +411,7 @@ def check_cluster(c: Cluster) -> None:
 
 
 def read_raw(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ClusterError(f"cluster file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ClusterError(f"{path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "cluster file", ClusterError)
     if not isinstance(data, dict):
         raise ClusterError(f"{path}: expected a mapping at the top level")
     return data
