@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt bench-affinity bench-reward bench-simulate images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt bench-affinity bench-reward bench-simulate bench-faults bench-soak images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench-affinity: $(STAMP)  ## RollArc's affinity routing over two differing pools
 
 bench-reward: $(STAMP)  ## a slow long-tailed reward on 1, 2, 4 and 8 replicas: step time, call latency, utilisation (~12 min)
 	$(BIN)/python benchmarks/reward_scaling.py
+
+bench-faults: $(STAMP)  ## each of five kinds of process SIGKILLed 3 times mid-run: lost, trained twice, accuracy (~55 min)
+	$(BIN)/python benchmarks/faults.py
+
+bench-soak: $(STAMP)  ## the default job for 2,000 steps: resident memory of every process and NATS's backlog (~30 min)
+	$(BIN)/python benchmarks/soak.py
 
 bench-simulate: $(STAMP)  ## the cluster simulator at paper scale (3,000 GPUs), its calibration and the papers' claims (~3 min)
 	$(BIN)/rollfleet simulate examples/clusters/cluster-3000.yaml --out simulate-out

@@ -1,6 +1,8 @@
 """Shared test helpers.
 
-`tiny_model_dir` is the builtin tiny model, made once per session. `serve_app` runs a real ASGI app under a real uvicorn server on a free 127.0.0.1 port in a
+`nats_server` is a real nats-server with token auth; `secure_nats` one in operator mode
+(per-job users, `nats_keys`). `tiny_model_dir` is the builtin tiny model, made once per
+session. `serve_app` runs a real ASGI app under a real uvicorn server on a free 127.0.0.1 port in a
 background thread and hands back an httpx client pointed at it; the server stops when the
 test ends. The service token variable is cleared first, so a test that wants
 authentication sets it itself (the services read it at request time).
@@ -20,6 +22,7 @@ import pytest
 import uvicorn
 
 from rollfleet.local.nats import EmbeddedNats
+from rollfleet.nats_auth import NatsKeys
 from rollfleet.service import TOKEN_ENV
 
 NATS_TOKEN = "test-token-3f9a"
@@ -29,6 +32,21 @@ NATS_TOKEN = "test-token-3f9a"
 def nats_server(tmp_path):
     """A real nats-server with JetStream on a free port, its own store and an auth token."""
     server = EmbeddedNats(store_dir=tmp_path / "nats", auth_token=NATS_TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_keys() -> NatsKeys:
+    """Fresh operator, system account and rollfleet account keys (rollfleet.nats_auth)."""
+    return NatsKeys.create()
+
+
+@pytest.fixture
+def secure_nats(tmp_path, nats_keys):
+    """A real nats-server in operator mode: only users minted with `nats_keys.signer()`
+    get in, each limited to its own job."""
+    server = EmbeddedNats(store_dir=tmp_path / "secure-nats", keys=nats_keys).start()
     yield server
     server.stop()
 
@@ -45,7 +63,9 @@ def tiny_model_dir(tmp_path_factory):
 def serving(app, start_timeout: float = 10.0, port: int = 0) -> Iterator[str]:
     """Serve `app` on a free local port (or `port`, to bring a service back where it was)
     in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+    # and without it every request waits out delayed ACKs (~40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))  # bound before the server starts: no race for the port
     port = sock.getsockname()[1]

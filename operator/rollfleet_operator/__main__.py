@@ -2,7 +2,8 @@
 
 Watches RLJobs in every namespace (or only those given), in standalone mode (one replica, no
 peering objects), and serves kopf's liveness probe at :8080/healthz. Settings come from
-$ROLLFLEET_OPERATOR_CONFIG (see config.py), the NATS token from $ROLLFLEET_NATS_TOKEN.
+$ROLLFLEET_OPERATOR_CONFIG (see config.py); the NATS account signing key from the directory
+$ROLLFLEET_NATS_SIGNER_DIR (see handlers.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ default, so the operator also starts without the file (tests build `OperatorConf
       trainer: ghcr.io/rollfleet/trainer:0.1.0
       reward: ghcr.io/rollfleet/reward:0.1.0
       env: ghcr.io/rollfleet/env:0.1.0
-    nats: {url: "nats://rollfleet-nats:4222"}          # token: env ROLLFLEET_NATS_TOKEN
+    nats: {url: "nats://rollfleet-nats:4222"}          # keys: $ROLLFLEET_NATS_SIGNER_DIR
     gpuClasses:                                         # a pool's gpuClass -> placement
       H800: {nodeSelector: {rollfleet.io/node-profile: compute-optimised}}
       H20:

@@ -9,6 +9,11 @@
 - delete -> `finalize`: remove the job's streams and buckets. Kubernetes' garbage
   collector removes the children through their owner references.
 
+Each job gets a NATS user of its own (rollfleet.nats_auth), minted with the rollfleet
+account's signing key, which the operator reads from $ROLLFLEET_NATS_SIGNER_DIR (the
+chart mounts the Secret `rollfleet nats-keys` made there); its creds go into the job's
+Secret. The operator's own NATS calls for a job use a short-lived user of that job.
+
 Run it with `python -m rollfleet_operator` (see __main__.py).
 """
 
@@ -22,9 +27,11 @@ from typing import Any
 
 import kopf
 import yaml
+from nats.aio.client import RawCredentials
 
-from rollfleet.bus import Bus, nats_token
+from rollfleet.bus import Bus
 from rollfleet.crd import GROUP, PLURAL, VERSION
+from rollfleet.nats_auth import JobSigner
 from rollfleet.protocol import Progress
 from rollfleet.spec import API_VERSION, KIND, ManifestError, RLJob, bus_name, parse_manifest
 from rollfleet_operator import render as rendering
@@ -36,6 +43,9 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 FINALIZER = "rollfleet.io/finalizer"
 STATUS_INTERVAL_S = float(os.environ.get("ROLLFLEET_OPERATOR_STATUS_INTERVAL", "10"))
 NATS_TIMEOUT_S = 10.0
+SIGNER_DIR_ENV = "ROLLFLEET_NATS_SIGNER_DIR"
+DEFAULT_SIGNER_DIR = "/etc/rollfleet-nats-signer"
+OPERATOR_USER_TTL_S = 600.0  # the operator's own users: one per connection, short-lived
 
 
 @kopf.on.startup()
@@ -48,8 +58,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     memo.settings = settings  # the handlers log in with it (kube.Kube.connect)
     if "config" not in memo:
         memo.config = load_config()
-    if "nats_token" not in memo:
-        memo.nats_token = nats_token()
+    if "nats_signer" not in memo:
+        memo.nats_signer = JobSigner.load(os.environ.get(SIGNER_DIR_ENV, DEFAULT_SIGNER_DIR))
 
 
 @kopf.on.login()
@@ -129,8 +139,9 @@ async def _use_knative(kube: Kube, config: OperatorConfig) -> bool:
 @contextlib.asynccontextmanager
 async def _bus(memo: kopf.Memo, job: str):
     """A connection to the job's streams; `job` is its bus name (RLJob.bus_name)."""
+    creds = memo.nats_signer.job_creds(job, name="rollfleet-operator", ttl_s=OPERATOR_USER_TTL_S)
     bus = await Bus.connect(
-        memo.config.nats.url, job, name="rollfleet-operator", token=memo.nats_token
+        memo.config.nats.url, job, name="rollfleet-operator", credentials=RawCredentials(creds)
     )
     try:
         yield bus
@@ -204,7 +215,11 @@ async def reconcile(body, spec, meta, status, name, namespace, patch, memo, logg
                 await bus.ensure_streams()
         except ConnectionError as e:
             raise kopf.TemporaryError(f"NATS unavailable: {e}", delay=10) from e
-        secret = rendering.token_secret(name, namespace, memo.nats_token)
+        secret = rendering.job_secret(
+            name,
+            namespace,
+            memo.nats_signer.job_creds(rljob.bus_name, name=f"job {rljob.bus_name}"),
+        )
         for child in [secret, *children]:
             kopf.adopt(child, owner=body)
             await _apply(kube, child, logger)

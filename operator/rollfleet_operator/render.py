@@ -11,6 +11,7 @@ The components come from `rollfleet.plan`, as in the local runtime:
 | component            | objects                                                       |
 |----------------------|---------------------------------------------------------------|
 | job config           | ConfigMap `<job>-config` (the resolved manifest), Secret `<job>-tokens` |
+|                      | (service token; the job's NATS creds, mounted in trainer and rollout pods) |
 | rollout pool         | Deployment `<job>-rollout-<pool>`, placement from the GPU class |
 | trainer, 1 worker    | StatefulSet `<job>-trainer` + headless Service, checkpoints on its PVC |
 | trainer, N workers   | KubeRay RayJob `<job>-trainer` + PVC `<job>-checkpoints`      |
@@ -28,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from rollfleet.bus import NATS_TOKEN_ENV
+from rollfleet.bus import NATS_CREDS_ENV
+from rollfleet.nats_auth import BUS_ROLES
 from rollfleet.plan import Component, Endpoints, plan
 from rollfleet.service import TOKEN_ENV
 from rollfleet.spec import RLJob
@@ -37,10 +39,12 @@ from rollfleet_operator.config import OperatorConfig
 HTTP_PORT = 8080
 RUN_DIR = "/var/lib/rollfleet"  # checkpoints and metrics: the trainer's PVC
 JOB_DIR = "/etc/rollfleet"  # the ConfigMap with the resolved manifest
+NATS_DIR = "/etc/rollfleet-nats"  # the job's NATS creds, from its Secret
 UID = 10001  # the images' user
 
 SERVICE_TOKEN_KEY = "service-token"
-NATS_TOKEN_KEY = "nats-token"
+NATS_CREDS_KEY = "nats-creds"
+NATS_CREDS_FILE = "nats.creds"
 
 
 class RenderError(ValueError):
@@ -111,13 +115,9 @@ def _env(component: Component, job: str) -> list[dict[str, Any]]:
             "name": TOKEN_ENV,
             "valueFrom": {"secretKeyRef": {"name": tokens, "key": SERVICE_TOKEN_KEY}},
         },
-        {
-            "name": NATS_TOKEN_ENV,
-            "valueFrom": {
-                "secretKeyRef": {"name": tokens, "key": NATS_TOKEN_KEY, "optional": True}
-            },
-        },
     ]
+    if component.role in BUS_ROLES:  # a path: the creds stay in the mounted Secret
+        env.append({"name": NATS_CREDS_ENV, "value": f"{NATS_DIR}/{NATS_CREDS_FILE}"})
     return env
 
 
@@ -134,6 +134,12 @@ def _container(
     component: Component, image: str, config: OperatorConfig, job: str, gpu_resource: str
 ) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/healthz", "port": "http"}}
+    mounts = [
+        {"name": "job", "mountPath": JOB_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if component.role in BUS_ROLES:
+        mounts.append({"name": "nats-creds", "mountPath": NATS_DIR, "readOnly": True})
     return {
         "name": component.role,
         "image": image,
@@ -145,23 +151,25 @@ def _container(
         "readinessProbe": {**probe, "periodSeconds": 5},
         "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 6},
         "securityContext": CONTAINER_SECURITY,
-        "volumeMounts": [
-            {"name": "job", "mountPath": JOB_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
 
 
 def _pod(job: str, containers: list[dict], extra_volumes: list[dict] = ()) -> dict[str, Any]:
+    volumes = [
+        {"name": "job", "configMap": {"name": names(job)["config"]}},
+        {"name": "tmp", "emptyDir": {}},
+        *extra_volumes,
+    ]
+    if any(m["name"] == "nats-creds" for c in containers for m in c["volumeMounts"]):
+        creds = {"key": NATS_CREDS_KEY, "path": NATS_CREDS_FILE}
+        secret = {"secretName": names(job)["tokens"], "items": [creds], "defaultMode": 0o440}
+        volumes.append({"name": "nats-creds", "secret": secret})  # group: the pod's fsGroup
     return {
         "automountServiceAccountToken": False,
         "securityContext": POD_SECURITY,
         "containers": containers,
-        "volumes": [
-            {"name": "job", "configMap": {"name": names(job)["config"]}},
-            {"name": "tmp", "emptyDir": {}},
-            *extra_volumes,
-        ],
+        "volumes": volumes,
     }
 
 
@@ -178,11 +186,10 @@ def _job_config(rljob: RLJob, namespace: str) -> dict[str, Any]:
     }
 
 
-def token_secret(job: str, namespace: str, nats_token: str | None) -> dict[str, Any]:
-    """The job's service token (fresh each call: the operator creates it once, never patches)."""
-    data = {SERVICE_TOKEN_KEY: secrets.token_urlsafe(32)}
-    if nats_token:
-        data[NATS_TOKEN_KEY] = nats_token
+def job_secret(job: str, namespace: str, nats_creds: str) -> dict[str, Any]:
+    """The job's service token and NATS creds, for the job's own NATS user
+    (rollfleet.nats_auth). Fresh each call: the operator creates it once, never patches."""
+    data = {SERVICE_TOKEN_KEY: secrets.token_urlsafe(32), NATS_CREDS_KEY: nats_creds}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -490,7 +497,7 @@ def render(
     knative: bool,
     stopped: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every child of the job but its Secret (see `token_secret`); `stopped` scales to zero."""
+    """Every child of the job but its Secret (see `job_secret`); `stopped` scales to zero."""
     stopped = stopped or rljob.spec.suspend
     children = [_job_config(rljob, namespace)]
     pool_index = {f"rollout-{p.name}": i for i, p in enumerate(rljob.spec.rollout.pools)}

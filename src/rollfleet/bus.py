@@ -4,11 +4,14 @@
   each task goes to exactly one worker, which acks it once its trajectories are out
   (a worker that dies mid-task gets its tasks redelivered after `ack_wait`). With
   affinity routing (rollfleet.routing) each pool has its own subject and consumer.
-- trajectories: a stream with the trainer's durable consumer; acked after use.
+- trajectories: a work-queue stream, one durable consumer per trainer rank; a trained
+  sample is acked once a checkpoint holds it (see rollfleet_trainer.journal), so a
+  trainer that dies between checkpoints gets it redelivered.
 - dead letters: anything a consumer cannot decode goes here with the reason, counted.
 - weights: safetensors bytes in the object store, one object per policy version, plus
   an announcement on the weights subject and the latest version in the KV bucket.
 - progress: the trainer's `Progress` in a KV bucket, read by the CLI and the operator.
+- inflight: each trainer rank's journal of its groups since the last checkpoint.
 
     bus = await Bus.connect("nats://127.0.0.1:4222", "countdown")
     await bus.ensure_streams()
@@ -22,9 +25,14 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
+import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
+from nats.errors import ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import (
@@ -33,9 +41,11 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
     NotFoundError,
     ObjectNotFoundError,
+    ServiceUnavailableError,
 )
 from prometheus_client import Counter
 
+from rollfleet.nats_auth import expiry_problem, read_creds
 from rollfleet.protocol import (
     GroupsCancelled,
     M,
@@ -56,15 +66,26 @@ DEAD_LETTERS = Counter(
 for _kind in ("tasks", "trajectories", "weights", "cancel"):  # exported as 0 from the start
     DEAD_LETTERS.labels(subject=_kind)
 
-NATS_TOKEN_ENV = "ROLLFLEET_NATS_TOKEN"
+NATS_CREDS_ENV = "ROLLFLEET_NATS_CREDS"
 OBJECT_FETCH_TIMEOUT_S = 60.0
 TRAJECTORY_ACK_WAIT_S = 600.0
 SWAP_LEASE_TTL_S = 120.0  # longer than any weight swap; frees the lease of a dead worker
+# A restarting nats-server (or JetStream recovering its store) answers nothing, or 503,
+# for a few seconds: writes are tried again for this long before they fail.
+OUTAGE_GRACE_S = 60.0
+OUTAGE_ERRORS = (
+    NatsTimeout,
+    TimeoutError,
+    NoRespondersError,
+    ConnectionReconnectingError,
+    ServiceUnavailableError,
+)
 
 
-def nats_token() -> str | None:
-    """The NATS auth token (a Kubernetes Secret in a cluster, a random value per local run)."""
-    return os.environ.get(NATS_TOKEN_ENV) or None
+def nats_credentials() -> str | None:
+    """The path of this job's NATS creds file (rollfleet.nats_auth): a per-job Secret in a
+    cluster, a file in the run directory locally."""
+    return os.environ.get(NATS_CREDS_ENV) or None
 
 
 TASK_CONSUMER = "rollout"  # the durable consumer shared by every rollout worker
@@ -87,14 +108,28 @@ class Bus:
         self._weights_store = None
         self._progress_kv = None
         self._swap_kv = None
+        self._inflight_kv = None
 
     @classmethod
     async def connect(
-        cls, url: str, job: str, name: str = "rollfleet", token: str | None = None
+        cls,
+        url: str,
+        job: str,
+        name: str = "rollfleet",
+        token: str | None = None,
+        credentials: str | Path | RawCredentials | None = None,
     ) -> Bus:
+        """Connect as the job's NATS user: `credentials` is its creds file (a path, or the
+        text as RawCredentials; rollfleet.nats_auth), `token` a plain server's token."""
+        claims = read_creds(credentials) if credentials is not None else None
         errors: list[Exception] = []
 
         async def on_error(e: Exception) -> None:
+            if "permissions violation" in str(e).lower():
+                # The server drops what this job's user may not do; the caller would see
+                # only a timeout, so say what was refused.
+                log.error("NATS refused an operation of job %s: %s", job, e)
+                return
             errors.append(e)
             if "authorization" in str(e).lower():
                 raise ConnectionRefusedError(
@@ -107,8 +142,10 @@ class Bus:
                 url,
                 name=name,
                 token=token,
+                user_credentials=credentials,
+                inbox_prefix=Subjects(job).inbox,  # the only replies this job's user may read
                 connect_timeout=5,
-                max_reconnect_attempts=10,
+                max_reconnect_attempts=int(OUTAGE_GRACE_S / 0.5),  # a NATS restart
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
                 error_cb=on_error,
@@ -118,7 +155,13 @@ class Bus:
             denied = [x for x in errors if "authorization" in str(x).lower()]
             cause = (denied or errors or [e])[-1]
             hint = ""
-            if not denied and isinstance(cause, ConnectionResetError):
+            if claims is not None and (denied or isinstance(cause, ConnectionResetError)):
+                problem = expiry_problem(claims) or (
+                    f"the NATS user {claims.get('name')!r} is not accepted: was it minted "
+                    "with the account signing key this server trusts (rollfleet nats-keys)?"
+                )
+                hint = f" ({problem})"
+            elif not denied and isinstance(cause, ConnectionResetError):
                 # The server may close the socket before its "Authorization Violation" arrives.
                 hint = " (the server closed the connection: check the NATS token)"
             raise ConnectionError(f"cannot connect to NATS at {url}: {cause}{hint}") from None
@@ -140,7 +183,11 @@ class Bus:
                 subjects=[s.tasks, f"{s.tasks}.>"],
                 retention=api.RetentionPolicy.WORK_QUEUE,
             ),
-            api.StreamConfig(name=s.trajectory_stream, subjects=[f"{s.trajectories}.>"]),
+            api.StreamConfig(
+                name=s.trajectory_stream,
+                subjects=[f"{s.trajectories}.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+            ),
             api.StreamConfig(name=s.deadletter_stream, subjects=[f"{s.deadletter}.>"]),
         ]
         for config in configs:
@@ -161,13 +208,15 @@ class Bus:
             (self.js.delete_object_store, s.weight_bucket),
             (self.js.delete_key_value, s.progress_bucket),
             (self.js.delete_key_value, s.swap_bucket),
+            (self.js.delete_key_value, s.inflight_bucket),
         ]
         for delete, bucket in buckets:
             with contextlib.suppress(NotFoundError, BucketNotFoundError):
                 await delete(bucket)
 
     async def purge_work(self) -> None:
-        """Drop queued tasks and unconsumed trajectories (a resumed trainer re-issues its work)."""
+        """Drop queued tasks and unconsumed trajectories (a trainer resumed on another number
+        of ranks, or without a journal, re-issues its work)."""
         for name in (self.subjects.task_stream, self.subjects.trajectory_stream):
             await self.js.purge_stream(name)
 
@@ -185,7 +234,24 @@ class Bus:
 
     # --- publishing and consuming ------------------------------------------------------
     async def publish(self, subject: str, message: Message) -> None:
-        await self.js.publish(subject, encode(message))
+        """Store a message in its stream, riding out a NATS restart; a message id makes the
+        tries after a lost acknowledgement land once (JetStream's duplicate window)."""
+        data, headers = encode(message), {"Nats-Msg-Id": uuid.uuid4().hex}
+        await self.retrying(
+            f"publish on {subject}", lambda: self.js.publish(subject, data, headers=headers)
+        )
+
+    async def retrying(self, what: str, call: Callable[[], Awaitable]):
+        """`call()`, tried again while NATS is unreachable, up to OUTAGE_GRACE_S."""
+        deadline = time.monotonic() + OUTAGE_GRACE_S
+        while True:
+            try:
+                return await call()
+            except OUTAGE_ERRORS as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: NATS unavailable (%s); trying again", what, type(e).__name__)
+                await asyncio.sleep(0.5)
 
     async def task_consumer(self, pool: str | None = None, ack_wait: float = 30.0):
         """The consumer of one pool's own tasks (affinity routing), or of the shared queue.
@@ -206,6 +272,32 @@ class Bus:
             stream=self.subjects.trajectory_stream,
             config=api.ConsumerConfig(ack_wait=TRAJECTORY_ACK_WAIT_S, max_ack_pending=-1),
         )
+
+    async def restart_trajectory_consumer(self, rank: int) -> None:
+        """Make the next `trajectory_consumer(rank)` deliver every trajectory not acked yet
+        at once, instead of after the previous consumer's ack wait (a restarted trainer)."""
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(
+                self.subjects.trajectory_stream, trajectory_consumer_name(rank)
+            )
+
+    async def get_journal(self, rank: int) -> bytes | None:
+        """A trainer rank's journal (rollfleet_trainer.journal), or None if it has none."""
+        try:
+            return (await (await self._inflight()).get(f"rank-{rank}")).value
+        except KeyNotFoundError:
+            return None
+
+    async def put_journal(self, rank: int, data: bytes) -> None:
+        kv = await self._inflight()
+        await self.retrying("journal", lambda: kv.put(f"rank-{rank}", data))
+
+    async def _inflight(self):
+        if self._inflight_kv is None:
+            self._inflight_kv = await self.js.create_key_value(
+                bucket=self.subjects.inflight_bucket, history=1
+            )
+        return self._inflight_kv
 
     async def task_backlog(self, pools: list[str] | None = None) -> dict[str | None, int]:
         """Tasks no worker has pulled yet, per pool's own queue (or None: the shared one).
@@ -249,6 +341,9 @@ class Bus:
         try:
             raws = await subscription.fetch(batch, timeout=timeout)
         except (NatsTimeout, TimeoutError):  # nats-py raises either when nothing arrives
+            return []
+        except OUTAGE_ERRORS:  # NATS restarting: nothing arrives until it is back
+            await asyncio.sleep(timeout)
             return []
         valid = []
         for raw in raws:
@@ -387,7 +482,7 @@ class Bus:
     # --- progress ------------------------------------------------------------------------
     async def put_progress(self, progress: Progress) -> None:
         _, kv = await self._buckets()
-        await kv.put("trainer", encode(progress))
+        await self.retrying("progress", lambda: kv.put("trainer", encode(progress)))
 
     async def get_progress(self) -> Progress | None:
         try:

@@ -5,6 +5,7 @@ rollfleet run --resume runs/countdown-20260101-120000
 rollfleet validate FILE                   # check a manifest, print the resolved spec
 rollfleet plan FILE                       # the components it would run
 rollfleet crd                             # the RLJob CustomResourceDefinition (YAML)
+rollfleet nats-keys OUT_DIR               # NATS operator-mode keys for a cluster + kubectl line
 rollfleet simulate CLUSTER.yaml           # the job on a GPU cluster, simulated
 """
 
@@ -70,6 +71,9 @@ def _run(args) -> int:
     return 0
 
 
+PROMPTS_CHECKED = 256  # examples per split whose prompts must fit the model's context
+
+
 def _check_inputs(job) -> None:
     """Fail before anything starts on inputs that only exist at run time (files)."""
     from rollfleet.tasks import make_task
@@ -82,14 +86,82 @@ def _check_inputs(job) -> None:
         )
     if spec.suspend:
         raise ManifestError("spec.suspend is true: a suspended job does not run; set it to false")
-    if spec.model.path and not (Path(spec.model.path) / "config.json").is_file():
-        raise ManifestError(
-            f"spec.model.path: {spec.model.path!r} is not a Hugging Face model folder (no config.json)"
-        )
+    if spec.model.path:
+        _check_model_folder(spec.model.path, spec.model.maxLength)
     try:
-        make_task(spec.task.name, spec.task.params, spec.seed)
+        task = make_task(spec.task.name, spec.task.params, spec.seed)
+        prompts = [
+            task.example(split, i).prompt
+            for split in ("train", "heldout")
+            for i in range(_count(task.size(split)))
+        ]
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise ManifestError(f"spec.task: {e}") from None
+    _check_context(spec, prompts)
+
+
+def _count(size: int | None) -> int:
+    """Examples of a split to check: all of a small one, PROMPTS_CHECKED of the others."""
+    return PROMPTS_CHECKED if size is None else min(size, PROMPTS_CHECKED)
+
+
+def _check_model_folder(path: str, max_length: int) -> None:
+    """`model.path` must be a Hugging Face folder the trainer can load (a config of a
+    registered architecture, the fast tokenizer, weights) whose positions cover
+    model.maxLength; otherwise the trainer would fail on it after everything started."""
+    from rollfleet.models.architectures import ARCHITECTURES
+
+    folder, where = Path(path), f"spec.model.path: {path!r}"
+    if not folder.is_dir():
+        what = "is a file, not" if folder.exists() else "does not exist; it should be"
+        raise ManifestError(f"{where} {what} a Hugging Face model folder")
+    if not (folder / "config.json").is_file():
+        raise ManifestError(f"{where} is not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ManifestError(f"{where}: config.json is not JSON ({e})") from None
+    registered = sorted({a.model_type for a in ARCHITECTURES.values()})
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in registered:
+        raise ManifestError(
+            f"{where}: config.json's model_type {model_type!r} has no registered "
+            f"architecture; registered: {registered}"
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise ManifestError(
+            f"{where} has no tokenizer.json (the fast tokenizer every process loads)"
+        )
+    if not [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]:
+        raise ManifestError(f"{where} holds no weights (*.safetensors)")
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and max_length > positions:
+        raise ManifestError(
+            f"spec.model.maxLength ({max_length}) exceeds the max_position_embeddings "
+            f"({positions}) of {where}: lower model.maxLength"
+        )
+
+
+def _check_context(spec, prompts: list[str]) -> None:
+    """The task's longest prompt and rollout.sampling.maxNewTokens together must fit
+    model.maxLength, the context the engines give a sample (spec.py checks that
+    maxNewTokens alone does)."""
+    if spec.model.path:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(Path(spec.model.path) / "tokenizer.json"))
+        lengths = [len(e.ids) for e in tokenizer.encode_batch(prompts, add_special_tokens=False)]
+    else:
+        lengths = [len(p) for p in prompts]  # the builtin tokenizer: one token per character
+    longest = max(range(len(prompts)), key=lengths.__getitem__)
+    needed = lengths[longest] + 1  # the beginning-of-sequence token
+    new, context = spec.rollout.sampling.maxNewTokens, spec.model.maxLength
+    if needed + new > context:
+        raise ManifestError(
+            f"spec.rollout.sampling.maxNewTokens ({new}) and the task's longest prompt "
+            f"({needed} tokens: {prompts[longest][:40]!r}) exceed spec.model.maxLength "
+            f"({context}), the model's context: lower maxNewTokens or raise maxLength"
+        )
 
 
 def _validate(args) -> int:
@@ -138,6 +210,33 @@ def _crd(args) -> int:
     return 0
 
 
+def _nats_keys(args) -> int:
+    from rollfleet import nats_auth
+
+    out = Path(args.out_dir)
+    if (out / nats_auth.SIGNING_SEED).exists():
+        raise SystemExit(
+            f"rollfleet nats-keys: {out} already holds keys; jobs minted with them would be "
+            "locked out by new ones: choose another folder, or delete it first"
+        )
+    nats_auth.NatsKeys.create().write(out)
+    files = " ".join(
+        f"--from-file={name}={out / name}"
+        for name in (nats_auth.SERVER_CONFIG, nats_auth.SIGNING_SEED, nats_auth.ACCOUNT_ID)
+    )
+    print(
+        f"wrote NATS keys to {out} (files only you can read):\n"
+        f"  {nats_auth.SERVER_CONFIG}: nats-server's settings (operator mode, JWTs, no seed)\n"
+        f"  {nats_auth.SIGNING_SEED}, {nats_auth.ACCOUNT_ID}: what the rollfleet operator "
+        "mints each job's NATS user with\n"
+        f"  {nats_auth.OPERATOR_SEED}, {nats_auth.ACCOUNT_SEED}, {nats_auth.SYSTEM_SEED}: "
+        "the root keys; keep them offline\n"
+        "Create the Secret the chart reads (value natsAuth.secretName), in the chart's namespace:\n\n"
+        f"  kubectl -n {args.namespace} create secret generic {args.secret} {files}"
+    )
+    return 0
+
+
 def _simulate(args) -> int:
     from rollfleet.simulate.report import run_command
 
@@ -165,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("file")
         p.set_defaults(fn=fn)
     sub.add_parser("crd", help="print the RLJob CustomResourceDefinition").set_defaults(fn=_crd)
+    keys = sub.add_parser("nats-keys", help="make NATS keys for a cluster (per-job NATS users)")
+    keys.add_argument("out_dir", metavar="OUT_DIR", help="where the keys go (a new folder)")
+    keys.add_argument("--namespace", default="rollfleet", help="the chart's namespace")
+    keys.add_argument("--secret", default="rollfleet-nats-auth", help="the Secret's name")
+    keys.set_defaults(fn=_nats_keys)
     sim = sub.add_parser("simulate", help="simulate the job on a cluster (CLUSTER.yaml)")
     sim.add_argument("file", help="cluster file (examples/clusters/)")
     sim.add_argument("--out", default="simulate-out", help="folder for the plots")

@@ -129,7 +129,12 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
             spec.env.replicas,
             "rollfleet_env",
             base.to_env(),
-            resources={"cpu": "500m", "memory": "512Mi"},
+            # The service, and each sandbox's task env with room for one step's allowance:
+            # the per-step limit, not the kernel's OOM killer, stops a runaway action.
+            resources={
+                "cpu": "500m",
+                "memory": f"{256 + spec.env.sandboxes * (128 + round(spec.env.stepMemoryMB))}Mi",
+            },
         ),
     ]
     for pool in spec.rollout.pools:

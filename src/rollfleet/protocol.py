@@ -3,6 +3,9 @@
 Every message is a pydantic model serialised as msgpack (never pickle) and carries its
 schema version `v`. Consumers call `decode`, which raises `ProtocolError` for anything
 that does not validate; the bus then moves the raw bytes to the dead-letter subject.
+Validation is what keeps a bad message from reaching the trainer's arithmetic: numbers are
+finite (a NaN log-prob or reward would poison a whole batch), per-token lists are as long
+as the response, and a weight manifest's sizes add up.
 
     data = encode(RolloutTask(...));  task = decode(RolloutTask, data)
 """
@@ -10,8 +13,9 @@ that does not validate; the bus then moves the raw bytes to the dead-letter subj
 from __future__ import annotations
 
 import enum
+import math
 import time
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,12 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 SCHEMA_VERSION = 6  # 2: weights announced as a manifest of buckets; 3: RolloutTask, stale status, advantage_weights; 4: typed Conditioning; 5: Conditioning.palette; 6: Trajectory.segments
 
 
+# 8 times NATS's default max_payload: bigger bytes are refused before msgpack reads them.
+MAX_MESSAGE_BYTES = 8 * 2**20
+
+
 class ProtocolError(ValueError):
     """Bytes that are not a valid message of the expected type and version."""
 
 
+# Every model on the wire refuses unknown fields and NaN or infinite numbers.
+WIRE = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = WIRE
     v: int = SCHEMA_VERSION
 
 
@@ -67,7 +79,7 @@ class RolloutTask(Message):
 class RavrSample(BaseModel):
     """RAVR: how one sample of a group was drawn, and what the trainer scores it against."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = WIRE
 
     posterior: bool  # drawn with the reference answer in view (else from the prior)
     question_ids: list[int]  # the question-only prompt: the prior's, with no answer in it
@@ -81,7 +93,7 @@ class PaletteSample(BaseModel):
     recomputes; sending the latents, not the embeddings, keeps the message independent
     of the model's hidden size."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = WIRE
 
     latents: list[list[float]] = Field(min_length=1)  # [prefix length][latent dim], float32
 
@@ -91,7 +103,7 @@ class Conditioning(BaseModel):
     worker (`build_request`) for the trainer: one typed field per method, None where that
     method is off. A method that needs more adds its field here and bumps SCHEMA_VERSION."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = WIRE
 
     budget: int | None = Field(None, ge=1)  # BARD: the thinking budget behind the prompt's marker
     ravr: RavrSample | None = None  # RAVR: prior or posterior sample, question and answer ids
@@ -114,7 +126,7 @@ class Segment(BaseModel):
     trained as a row of its own. `reward` is the agent's own reward, or None for the
     sample's (`Trajectory.reward`, shared by its agents)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = WIRE
 
     agent: str = Field(min_length=1, max_length=64)
     prompt_ids: list[int]
@@ -218,21 +230,55 @@ class Trajectory(Message):
         return min(versions) if versions else None
 
 
+# Bytes per element of each dtype a weight bucket may hold, by its safetensors name.
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; safetensors refuses a longer header
+
+
 class TensorEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    dtype: str  # as safetensors writes it: "F32", "BF16", ...
-    shape: list[int]
+    model_config = WIRE
+    name: str = Field(min_length=1, max_length=1024)
+    dtype: Literal[tuple(DTYPE_BYTES)]  # as safetensors writes it: "F32", "BF16", ...
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
+
+    @property
+    def num_bytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 class WeightBucket(BaseModel):
     """One stored piece of a version: a safetensors blob holding some of the tensors."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    sha256: str
+    model_config = WIRE
+    # a plain file name: the filesystem store joins it to its folder
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=255)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     num_bytes: int = Field(ge=0)
     tensors: list[TensorEntry]
+
+    @model_validator(mode="after")
+    def _sizes_add_up(self) -> Self:
+        # safetensors: an 8-byte header length, the JSON header, then every tensor's bytes
+        data = sum(t.num_bytes for t in self.tensors)
+        if not data + 8 <= self.num_bytes <= data + 8 + SAFETENSORS_MAX_HEADER:
+            raise ValueError(
+                f"num_bytes {self.num_bytes} does not fit its tensors: their shapes and dtypes "
+                f"take {data} bytes, plus 8 and a header of at most {SAFETENSORS_MAX_HEADER}"
+            )
+        return self
 
 
 class WeightVersion(Message):
@@ -247,6 +293,17 @@ class WeightVersion(Message):
     transport: Literal["nats", "filesystem"] = "nats"
     buckets: list[WeightBucket] = Field(min_length=1)
     published_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> Self:
+        for what, names in (
+            ("bucket", [b.name for b in self.buckets]),
+            ("tensor", [t.name for b in self.buckets for t in b.tensors]),
+        ):
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(f"buckets: {what} names listed twice: {twice[:5]}")
+        return self
 
     @property
     def num_bytes(self) -> int:
@@ -263,6 +320,8 @@ class GroupsCancelled(Message):
 class Progress(Message):
     """The trainer's view of the job, kept in the job's KV bucket for the CLI and operator."""
 
+    # a diverged run reports its NaN loss rather than no progress at all
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
     phase: str  # WarmingUp, Running, Succeeded, Failed
     step: int = 0
     total_steps: int = 0
@@ -287,22 +346,29 @@ def encode(message: Message) -> bytes:
 
 
 def decode(cls: type[M], data: bytes) -> M:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            f"{len(data)} bytes, more than the {MAX_MESSAGE_BYTES} a {cls.__name__} may take"
+        )
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"not msgpack: {e}") from None
+        raise ProtocolError(f"not msgpack: {str(e) or type(e).__name__}") from None
     if not isinstance(raw, dict):
         raise ProtocolError(f"expected a map, got {type(raw).__name__}")
     if raw.get("v") != SCHEMA_VERSION:
         raise ProtocolError(
-            f"schema version {raw.get('v')!r}, this service speaks {SCHEMA_VERSION}"
+            f"v: schema version {raw.get('v')!r}, this service speaks {SCHEMA_VERSION}"
         )
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError(f"invalid {cls.__name__}: {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ProtocolError(
+            f"invalid {cls.__name__}: {f'{where}: ' if where else ''}{message}"
+        ) from None
 
 
 class Subjects:
@@ -322,6 +388,19 @@ class Subjects:
         self.weight_bucket = f"rf_{token}_weights"
         self.progress_bucket = f"rf_{token}_progress"
         self.swap_bucket = f"rf_{token}_swaps"  # rolling weight updates: who may pause now
+        self.inflight_bucket = f"rf_{token}_inflight"  # issued groups not yet in a checkpoint
+        self.root = f"rollfleet.{job}"  # every subject above is below it
+        # Replies to this job's requests (nats-py `inbox_prefix`), apart from other jobs'.
+        self.inbox = f"_INBOX.rollfleet.{job}"
+
+    def streams(self) -> list[str]:
+        """Every stream of the job (each `*_stream` name above): with `buckets`, what its
+        NATS user may use (rollfleet.nats_auth), so one added here is covered."""
+        return sorted(v for k, v in vars(self).items() if k.endswith("_stream"))
+
+    def buckets(self) -> list[str]:
+        """Every KV and object-store bucket of the job (each `*_bucket` name above)."""
+        return sorted(v for k, v in vars(self).items() if k.endswith("_bucket"))
 
     def tasks_for(self, pool: str | None) -> str:
         """A pool's own task subject (affinity routing), or the shared one (None)."""

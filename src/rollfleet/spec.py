@@ -12,6 +12,7 @@ defaults, so a manifest with just a name and a task runs:
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+# Seeds go to torch (which takes up to 2**64) after the services scale them (a worker's
+# is its seed x 100 + its replica), so they stay well below.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# A count Kubernetes keeps as an int32 (a Deployment's replicas).
+MAX_REPLICAS = 2**31 - 1
+
+
 class WarmupSpec(Strict):
     """Supervised warm-up on the task's demonstrations before RL (builtin model only)."""
 
@@ -163,6 +171,13 @@ class TaskSpec(Strict):
     volume: TaskVolume | None = Field(
         None, description="a cluster's volume holding the task's files (mounted read-only)"
     )
+
+    @model_validator(mode="after")
+    def _params_fit_the_task(self):
+        from rollfleet.tasks import check_task_params
+
+        check_task_params(self.name, self.params)  # names the parameter; files are read later
+        return self
 
 
 class AlgorithmSpec(Strict):
@@ -250,7 +265,7 @@ class SamplingSpec(Strict):
     temperature: float = Field(1.0, ge=0)
     topP: float = Field(1.0, gt=0, le=1)
     maxNewTokens: int = Field(12, ge=1, description="tokens per model turn")
-    seed: int | None = Field(
+    seed: Seed | None = Field(
         None,
         description="seed of the rollout engines' sampling (and of methods' random draws); "
         "default spec.seed. Vary it alone to repeat a run from the same task and warm-up",
@@ -259,7 +274,7 @@ class SamplingSpec(Strict):
 
 class PoolSpec(Strict):
     name: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
-    replicas: int = Field(2, ge=1, description="rollout workers in this pool")
+    replicas: int = Field(2, ge=1, le=MAX_REPLICAS, description="rollout workers in this pool")
     engine: Literal["torch", "vllm"] = "torch"
     gpuClass: str | None = Field(
         None, description="GPU class for placement (e.g. H800, H20); none = CPU"
@@ -425,11 +440,11 @@ class RewardSpec(Strict):
         "e.g. builtin:qagent-reader, trained where it is served); a function's params.model "
         "names one",
     )
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     gpus: int = Field(
         0, ge=0, le=8, description="GPUs per reward replica; its models run on the first"
     )
-    maxScale: int = Field(4, ge=1, description="Knative max scale")
+    maxScale: int = Field(4, ge=1, le=MAX_REPLICAS, description="Knative max scale")
     targetConcurrency: int = Field(16, ge=1, description="Knative target concurrency")
     client: RewardClientSpec = RewardClientSpec()
     latencyMs: float = Field(
@@ -458,6 +473,24 @@ class EnvSpec(Strict):
     )
     stepLatencyMs: float = Field(0, ge=0, description="added latency per env step (benchmarks)")
     latencyTail: float = Field(0, ge=0, description="Pareto tail of the latency; 0 = constant")
+    stepTimeoutSeconds: float = Field(
+        10,
+        gt=0,
+        le=3600,
+        description="a step (or session open) running longer is stopped: its sandbox process is killed and restarted, its sample fails (step_timeout) and the other sessions of that sandbox are lost",
+    )
+    stepMemoryMB: float = Field(
+        512,
+        ge=16,
+        le=65536,
+        description="address space a step may map beyond what its sandbox maps before it (RLIMIT_AS); past it the step fails (step_memory)",
+    )
+    sandboxes: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="sandbox processes per env replica, each running one step at a time for the sessions pinned to it",
+    )
 
 
 class WeightsSpec(Strict):
@@ -506,7 +539,7 @@ MethodsSpec = _methods_spec()
 
 
 class RLJobSpec(Strict):
-    seed: int = 0
+    seed: Seed = 0
     model: ModelSpec = ModelSpec()
     task: TaskSpec = TaskSpec()
     algorithm: AlgorithmSpec = AlgorithmSpec()
@@ -524,6 +557,12 @@ class RLJobSpec(Strict):
     )
 
     __cel__ = (
+        Cel(  # _generation_fits_the_context
+            "{self.rollout.sampling.maxNewTokens} < {self.model.maxLength}",
+            "rollout.sampling.maxNewTokens must be below model.maxLength (the model's context, "
+            "prompt and response together), leaving room for the prompt",
+            field_path=".rollout.sampling.maxNewTokens",
+        ),
         Cel(  # _mini_batches_divide_each_share (TrainerSpec checks workers itself)
             "{self.trainer.promptsPerStep} % {self.trainer.workers} != 0 || "
             "({self.trainer.promptsPerStep} / {self.trainer.workers}) % {self.algorithm.miniBatches} == 0",
@@ -561,6 +600,18 @@ class RLJobSpec(Strict):
             if info.params.__alone__
         ),
     )
+
+    @model_validator(mode="after")
+    def _generation_fits_the_context(self):
+        # `rollfleet run` checks the task's own prompts too (cli._check_context)
+        new, context = self.rollout.sampling.maxNewTokens, self.model.maxLength
+        if new >= context:
+            raise ValueError(
+                f"rollout.sampling.maxNewTokens ({new}) must be below model.maxLength "
+                f"({context}, the model's context, prompt and response together), leaving "
+                "room for the prompt: lower maxNewTokens or raise maxLength"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mini_batches_divide_each_share(self):
@@ -717,7 +768,22 @@ def _format_errors(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _non_finite(data: Any, path: str = ""):
+    """(path, value) of every NaN or infinite number in a manifest's data, open maps
+    (task.params) included: YAML writes them `.nan` and `.inf`, JSON cannot."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _non_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _non_finite(value, f"{path}.{i}")
+
+
 def parse_manifest(data: Any, source: str = "manifest") -> RLJob:
+    if bad := [f"  {path}: {value} is not a finite number" for path, value in _non_finite(data)]:
+        raise ManifestError(f"{source} is not a valid RLJob:\n" + "\n".join(bad))
     try:
         return RLJob.model_validate(data)
     except ValidationError as e:

@@ -108,6 +108,10 @@ def pack_buckets(
     return packed
 
 
+def _described(entry: TensorEntry) -> str:
+    return f"{entry.name} {entry.dtype} {entry.shape}"
+
+
 def unpack_bucket(version: int, bucket: WeightBucket, data: bytes) -> dict[str, torch.Tensor]:
     """The bucket's tensors, after checking its bytes and contents against the manifest."""
     where = f"weights v{version} {bucket.name}"
@@ -119,10 +123,13 @@ def unpack_bucket(version: int, bucket: WeightBucket, data: bytes) -> dict[str, 
         tensors = load(data)
     except SafetensorError as e:
         raise WeightsRejected(f"{where}: not safetensors: {e}") from None
-    found = sorted(_entry(name, t).model_dump_json() for name, t in tensors.items())
-    expected = sorted(e.model_dump_json() for e in bucket.tensors)
-    if found != expected:
-        raise WeightsRejected(f"{where}: tensors differ from the manifest")
+    found = {_described(_entry(name, t)) for name, t in tensors.items()}
+    listed = {_described(e) for e in bucket.tensors}
+    if found != listed:
+        raise WeightsRejected(
+            f"{where}: tensors differ from the manifest (in the bytes only: "
+            f"{sorted(found - listed)[:3]}; in the manifest only: {sorted(listed - found)[:3]})"
+        )
     return tensors
 
 

@@ -1,17 +1,20 @@
 """End-to-end: children of `rollfleet run` killed mid-run (SIGKILL) are restarted, and the
 job completes: a rollout worker's tasks go to the workers after their ack wait, and a
-killed trainer resumes from its latest checkpoint, its version sequence continuing."""
+killed trainer resumes from its latest checkpoint and its journal: the groups in flight
+are taken up again, none lost or trained twice, its version sequence continuing."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
+from rollfleet_trainer.journal import audit
 from tests.e2e.harness import manifest, records, run_processes, start_run, watch
 
 pytestmark = pytest.mark.e2e
@@ -67,8 +70,19 @@ def test_killed_worker_and_trainer_are_restarted_and_the_job_completes(tmp_path)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 14
     recs = records(run_dir)
-    # The second trainer went back to a checkpoint at or before the kill, then on to the end.
+    # The second trainer went back to a checkpoint at or before the kill, then on to the end;
+    # its versions continue after the newest one published before the kill.
     resumed = next(i for i in range(1, len(recs)) if recs[i]["step"] <= recs[i - 1]["step"])
     assert recs[resumed]["step"] <= killed_at + 1
-    assert [r["version"] for r in recs[resumed:]] == list(range(recs[resumed]["version"], 15))
-    assert "resumed from" in (run_dir / "logs" / "trainer.log").read_text()
+    versions = [r["version"] for r in recs[resumed:]]
+    assert versions[0] > max(r["version"] for r in recs[:resumed])
+    assert versions == list(range(versions[0], versions[0] + len(versions)))
+    log = (run_dir / "logs" / "trainer.log").read_text()
+    assert "resumed from" in log
+    assert re.search(r"rank 0 resumes [1-9]\d* group\(s\) in flight", log), log[-2000:]
+    # Every group the run issued was trained once by the final model, dropped with a
+    # reason, or still in flight at the end.
+    groups = audit(run_dir)
+    assert groups["resumes"] == 1
+    assert groups["lost"] == 0 and groups["trained_twice"] == 0, groups
+    assert groups["trained"] == 14 * 4

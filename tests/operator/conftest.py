@@ -8,6 +8,12 @@ from rollfleet_operator.config import OperatorConfig
 
 
 @pytest.fixture
+def nats_server(secure_nats):
+    """NATS as the chart runs it: operator mode, each job's user minted by the operator."""
+    return secure_nats
+
+
+@pytest.fixture
 def gpu_config() -> OperatorConfig:
     return OperatorConfig.model_validate(
         {

@@ -20,12 +20,13 @@ import aiohttp
 import kmock
 import kopf
 import yaml
+from nats.aio.client import RawCredentials
 
 os.environ.setdefault("ROLLFLEET_OPERATOR_STATUS_INTERVAL", "1")
 
 import rollfleet_operator.handlers  # noqa: F401  (registers the handlers with kopf)
+from rollfleet.bus import Bus
 from rollfleet_operator.config import NatsConfig, OperatorConfig
-from tests.conftest import NATS_TOKEN
 
 
 class ApiServer(kmock.KubernetesEmulator):
@@ -111,7 +112,7 @@ async def operator(emulator, nats_server, tmp_path, monkeypatch, config: Operato
             settings=settings,
             standalone=True,
             clusterwide=True,
-            memo=kopf.Memo(config=config, nats_token=NATS_TOKEN),
+            memo=kopf.Memo(config=config, nats_signer=nats_server.keys.signer()),
             stop_flag=stop,
         )
     )
@@ -125,6 +126,12 @@ async def operator(emulator, nats_server, tmp_path, monkeypatch, config: Operato
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await _end_leftover_tasks()
+
+
+async def job_bus(nats_server, job: str) -> Bus:
+    """The bus of `job` (its bus name), as a user of that job minted with the server's keys."""
+    creds = nats_server.keys.signer().job_creds(job, name="test")
+    return await Bus.connect(nats_server.url, job, credentials=RawCredentials(creds))
 
 
 def _kopf_tasks() -> set[asyncio.Task]:

@@ -15,9 +15,7 @@ import nats.js.errors
 import pytest
 import yaml
 
-from rollfleet.bus import Bus
 from rollfleet.protocol import Progress
-from tests.conftest import NATS_TOKEN
 from tests.operator.harness import (
     EXAMPLES,
     JOB_PATH,
@@ -29,6 +27,7 @@ from tests.operator.harness import (
     condition,
     declare,
     edit_spec,
+    job_bus,
     manifest,
     operator,
     reconciled,
@@ -173,7 +172,7 @@ async def test_suspend_scales_to_zero_and_back(
 async def test_delete_runs_the_finalizer(kmock, nats_server, tmp_path, monkeypatch, gpu_config):
     declare(kmock, knative=True)
     name = await started(kmock)
-    bus = await Bus.connect(nats_server.url, f"{NS}.{name}", token=NATS_TOKEN)
+    bus = await job_bus(nats_server, f"{NS}.{name}")
     try:
         async with operator(kmock, nats_server, tmp_path, monkeypatch, gpu_config):
             await wait_for(lambda: reconciled(kmock, name), what="reconciled")
@@ -182,7 +181,7 @@ async def test_delete_runs_the_finalizer(kmock, nats_server, tmp_path, monkeypat
             assert await api(kmock, "DELETE", f"{JOB_PATH}/{name}") == 200
             await wait_for(lambda: kmock.objects[RLJOBS, NS, name].deleted, what="deletion")
         await bus.close()
-        bus = await Bus.connect(nats_server.url, f"{NS}.{name}", token=NATS_TOKEN)
+        bus = await job_bus(nats_server, f"{NS}.{name}")
         for stream in (bus.subjects.task_stream, bus.subjects.trajectory_stream):
             with pytest.raises(nats.js.errors.NotFoundError):
                 await bus.js.stream_info(stream)
@@ -226,7 +225,7 @@ async def test_progress_and_failing_children_show_in_status(
 ):
     declare(kmock, knative=True)
     name = await started(kmock, "examples/countdown-2-trainers.yaml")
-    bus = await Bus.connect(nats_server.url, f"{NS}.{name}", token=NATS_TOKEN)
+    bus = await job_bus(nats_server, f"{NS}.{name}")
     try:
         async with operator(kmock, nats_server, tmp_path, monkeypatch, gpu_config):
             await wait_for(lambda: reconciled(kmock, name), what="reconciled")
@@ -303,7 +302,7 @@ async def test_a_finished_job_completes_and_frees_its_pods(
 ):
     declare(kmock, knative=False)
     name = await started(kmock)
-    bus = await Bus.connect(nats_server.url, f"{NS}.{name}", token=NATS_TOKEN)
+    bus = await job_bus(nats_server, f"{NS}.{name}")
     try:
         async with operator(kmock, nats_server, tmp_path, monkeypatch, gpu_config):
             await wait_for(lambda: reconciled(kmock, name), what="reconciled")

@@ -15,7 +15,7 @@ import pytest
 
 from rollfleet.spec import load_manifest, parse_manifest
 from rollfleet_operator.config import OperatorConfig
-from rollfleet_operator.render import RenderError, names, render, token_secret
+from rollfleet_operator.render import RenderError, job_secret, names, render
 from tests.operator.schemas import validate_custom_resource
 
 EXAMPLES = sorted(Path("examples").glob("*.yaml"))
@@ -52,7 +52,7 @@ def by_name(children: list[dict]) -> dict[tuple[str, str], dict]:
 def test_every_child_validates(path, knative, stopped):
     job = load_manifest(path)
     children = render(job, "team-a", CONFIG, knative=knative, stopped=stopped)
-    children.append(token_secret(job.metadata.name, "team-a", "nats-token"))
+    children.append(job_secret(job.metadata.name, "team-a", "creds"))
     for child in children:
         if child["apiVersion"] in CUSTOM:
             validate_custom_resource(child)
@@ -81,7 +81,7 @@ def test_pods_run_restricted(path):
                 assert ctx["readOnlyRootFilesystem"] is True
                 assert ctx["capabilities"] == {"drop": ["ALL"]}
                 secret_env = {e["name"] for e in container["env"] if "valueFrom" in e}
-                assert {"ROLLFLEET_SERVICE_TOKEN", "ROLLFLEET_NATS_TOKEN"} <= secret_env
+                assert "ROLLFLEET_SERVICE_TOKEN" in secret_env
                 plain_env = {e["name"]: e.get("value") for e in container["env"]}
                 assert plain_env["ROLLFLEET_HTTP_HOST"] == "0.0.0.0"  # reachable in the pod
 
@@ -183,9 +183,9 @@ def test_env_sessions_address_every_replica_and_deny_egress():
 def test_rendering_is_deterministic_but_tokens_are_not():
     job = load_manifest("examples/countdown.yaml")
     assert render(job, "ns", CONFIG, knative=True) == render(job, "ns", CONFIG, knative=True)
-    first, second = (token_secret("countdown", "ns", None) for _ in range(2))
+    first, second = (job_secret("countdown", "ns", "creds") for _ in range(2))
     assert first["stringData"]["service-token"] != second["stringData"]["service-token"]
-    assert "nats-token" not in first["stringData"]
+    assert first["stringData"]["nats-creds"] == "creds"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

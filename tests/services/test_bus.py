@@ -139,7 +139,7 @@ async def test_ensure_streams_is_idempotent_and_creates_the_streams(nats_server)
         trajectories = await bus.js.stream_info(s.trajectory_stream)
         # one subject per trainer rank under the stream's wildcard
         assert trajectories.config.subjects == [f"{s.trajectories}.>"]
-        assert trajectories.config.retention == api.RetentionPolicy.LIMITS
+        assert trajectories.config.retention == api.RetentionPolicy.WORK_QUEUE
         dead = await bus.js.stream_info(s.deadletter_stream)
         assert dead.config.subjects == [f"{s.deadletter}.>"]
 

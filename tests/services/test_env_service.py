@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -156,14 +158,12 @@ def test_token_is_required_when_set(serve_app, calculator, monkeypatch):
 
 
 class Lookup(Task):
-    """A multi-turn task whose env does blocking work (waits on `gate`, as a retrieval
-    index would compute) and keeps its own state, reported in `info`."""
+    """A multi-turn task whose env does blocking work (waits for the file its meta names,
+    as a retrieval index would compute) and keeps its own state, reported in `info`. The
+    env runs in a sandbox process: the class is its factory."""
 
     name = "lookup"
     multi_turn = True
-
-    def __init__(self):
-        self.gate = threading.Event()
 
     def open_env(self, meta):
         return LookupEnv(self, meta)
@@ -176,15 +176,19 @@ class LookupEnv(TaskEnv):
 
     def step(self, action):
         if action == "slow":
-            assert self.task.gate.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while not Path(self.meta["gate"]).exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
         self.queries.append(action)
         return f"[{len(self.queries)}]", len(self.queries) >= 2, {"queries": list(self.queries)}
 
 
-def test_env_steps_run_off_the_event_loop_with_state_and_info(serve_app):
-    task = Lookup()
-    client = serve_app(create_app(task, session_timeout=30))
-    slow, fast = new_session(client), new_session(client)
+def test_env_steps_run_off_the_event_loop_with_state_and_info(serve_app, tmp_path):
+    gate = tmp_path / "gate"
+    client = serve_app(create_app(Lookup, session_timeout=30, sandboxes=2))
+    # One session per sandbox: the slow step holds only its own.
+    slow, fast = new_session(client, {"gate": str(gate)}), new_session(client, {})
     replies = {}
 
     def step_slowly():
@@ -205,7 +209,7 @@ def test_env_steps_run_off_the_event_loop_with_state_and_info(serve_app):
         }
         assert "slow" not in replies
     finally:
-        task.gate.set()
+        gate.touch()
         blocked.join()
     assert replies["slow"].json()["info"] == {"queries": ["slow"]}
     second = client.post(f"/sessions/{fast}/step", json={"action": "q2"}).json()
@@ -215,9 +219,9 @@ def test_env_steps_run_off_the_event_loop_with_state_and_info(serve_app):
 def test_search_env_answers_with_passages_in_info(serve_app):
     """QAgent's search env behind the real service: each search turn's reply carries the
     queries and the passages they found; the answer ends the session."""
-    task = make_task("qagent")
-    example = task.example("train", 1)
-    client = serve_app(create_app(task, session_timeout=30))
+    example = make_task("qagent").example("train", 1)
+    # The search env's index does not pickle: each sandbox builds the task from a factory.
+    client = serve_app(create_app(functools.partial(make_task, "qagent"), session_timeout=30))
     sid = new_session(client, example.meta)
     model = [text for speaker, text in example.demonstration if speaker == "model"]
     env = [text for speaker, text in example.demonstration if speaker == "env"]

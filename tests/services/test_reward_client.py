@@ -127,6 +127,27 @@ async def test_a_slow_service_times_out_with_the_reason_counted():
     assert error.value.reason == "timeout"
 
 
+async def test_a_reward_that_is_not_a_finite_number_is_a_bad_reply():
+    """Python's JSON reads NaN: a faulty service's NaN must fail the sample, not reach the
+    trainer (which would dead-letter it and wait for its group forever)."""
+    import fastapi
+
+    faulty = fastapi.FastAPI()
+
+    @faulty.post("/score")
+    async def score():
+        body = '{"rewards": [{"reward": NaN, "parts": {}}]}'
+        return fastapi.Response(body, media_type="application/json")
+
+    settings = FAST.model_copy(update={"attempts": 1})
+    with serving(faulty) as url:
+        async with httpx.AsyncClient() as http:
+            client = RewardClient(http, url, settings, "rc")
+            with pytest.raises(RewardUnavailable) as error:
+                await client.score([ITEM])
+    assert error.value.reason == "bad_reply"
+
+
 def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 

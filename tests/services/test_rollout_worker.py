@@ -202,7 +202,7 @@ async def test_trajectories_go_to_the_trainer_rank_that_issued_the_task(
         stream = await trainer.js.stream_info(trainer.subjects.trajectory_stream)
     assert {t.group_id for t in rank1} == {"g1"}
     assert {t.group_id for t in rank0} == {"g0"}
-    assert stream.state.messages == 4  # each published once, on its rank's subject only
+    assert stream.state.last_seq == 4  # each published once, on its rank's subject only
 
 
 async def test_a_mixed_jobs_examples_end_their_turns_on_their_own_tasks_stops(

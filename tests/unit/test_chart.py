@@ -26,7 +26,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from rollfleet.nats_auth import ACCOUNT_ID, SIGNING_SEED
 from rollfleet_operator.config import OperatorConfig
+from rollfleet_operator.handlers import DEFAULT_SIGNER_DIR, SIGNER_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "rollfleet"
@@ -50,7 +52,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "ray": {"enabled": False},
         "nats": {"enabled": False},
         "natsUrl": EXTERNAL_NATS,
-        "natsAuth": {"existingSecret": "nats-token", "secretKey": "password"},
+        "natsAuth": {"secretName": "nats-keys"},
         "dashboards": {"enabled": False},
         "rbac": {"aggregateToDefaultRoles": False},
         "serviceAccount": {"create": True, "name": "rf-operator"},
@@ -161,7 +163,15 @@ def test_chart_declares_the_official_nats_chart_with_its_condition():
     assert nats_dependency_status() in {"missing", "ok"}
 
 
-def test_nats_values_turn_jetstream_and_token_auth_on():
+def nats_auth_volume() -> dict[str, Any]:
+    """The volume the NATS subchart's pod template gets (its podTemplate.patch)."""
+    with helm.Chart.load(CHART) as chart:
+        (patch,) = chart.values["nats"]["podTemplate"]["patch"]
+    assert (patch["op"], patch["path"]) == ("add", "/spec/volumes/-")
+    return patch["value"]
+
+
+def test_nats_values_turn_jetstream_and_operator_mode_on():
     with helm.Chart.load(CHART) as chart:
         values = chart.values
     nats = values["nats"]
@@ -170,18 +180,22 @@ def test_nats_values_turn_jetstream_and_token_auth_on():
     assert jetstream["enabled"] is True
     assert jetstream["fileStore"]["enabled"] is True
     assert jetstream["fileStore"]["pvc"]["enabled"] is True
-    # The server reads the token from $TOKEN, which comes from the chart's token Secret.
-    assert nats["config"]["merge"]["authorization"]["token"] == "<< $TOKEN >>"
-    ref = nats["container"]["env"]["TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert ref["key"] == values["natsAuth"]["secretKey"]
-    assert set(ref["name"]) == {"$tplYaml"}
+    # Operator mode: the server includes auth.conf of the natsAuth Secret, mounted next to
+    # its config (/etc/nats-config/nats.conf), and that file only (no signing key).
+    assert nats["config"]["merge"] == {"$include": "../nats-auth/auth.conf"}
+    (mount,) = [p["value"] for p in nats["container"]["patch"]]
+    assert mount == {"name": "rollfleet-nats-auth", "mountPath": "/etc/nats-auth", "readOnly": True}
+    volume = nats_auth_volume()
+    assert volume["name"] == mount["name"]
+    assert volume["secret"]["items"] == [{"key": "auth.conf", "path": "auth.conf"}]
+    assert set(volume["secret"]["secretName"]) == {"$tplYaml"}
+    assert "env" not in nats["container"]  # no token any more
 
 
-def test_nats_token_secret_name_templated_for_the_subchart_matches_the_chart_secret(tmp_path):
-    """The nats chart renders its `$tplYaml` name with the release; so do we, in a scratch chart."""
-    with helm.Chart.load(CHART) as chart:
-        template = chart.values["nats"]["container"]["env"]["TOKEN"]["valueFrom"]
-    template = template["secretKeyRef"]["name"]["$tplYaml"]
+def test_nats_auth_secret_name_templated_for_the_subchart_matches_the_operator_one(tmp_path):
+    """The nats chart renders its `$tplYaml` name with the release; so do we, in a scratch
+    chart: the NATS server and the operator mount the same Secret."""
+    template = nats_auth_volume()["secret"]["secretName"]["$tplYaml"]
     scratch = tmp_path / "scratch"
     (scratch / "templates").mkdir(parents=True)
     (scratch / "Chart.yaml").write_text("apiVersion: v2\nname: scratch\nversion: 0.1.0\n")
@@ -189,8 +203,9 @@ def test_nats_token_secret_name_templated_for_the_subchart_matches_the_chart_sec
     for release in (RELEASE, "team-a", "x" * 53):
         with helm.Chart.load(scratch) as chart:
             name = yaml.safe_load(chart.render(name=release)["scratch/templates/name.yaml"])["name"]
-        secret = only(objects(render_values({}, name=release)), "Secret")
-        assert secret["metadata"]["name"] == name
+        deployment = only(objects(render_values({}, name=release)), "Deployment")
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["nats-signer"]["secret"]["secretName"] == name
 
 
 def test_crd_in_chart_equals_the_generated_crd():
@@ -278,7 +293,6 @@ def test_default_render_has_the_expected_objects():
         ("ClusterRoleBinding", "rollfleet-operator"),
         ("ConfigMap", "rollfleet-operator-config"),
         ("Deployment", "rollfleet-operator"),
-        ("Secret", "rollfleet-nats-token"),
         ("ServiceAccount", "rollfleet"),
     ]
 
@@ -307,19 +321,21 @@ def test_operator_deployment():
     assert labels["app.kubernetes.io/part-of"] == "rollfleet"
 
 
-def test_operator_reads_its_config_and_token():
+def test_operator_reads_its_config_and_nats_signing_key():
     deployment = operator_deployment("default")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["ROLLFLEET_OPERATOR_CONFIG"]["value"] == "/etc/rollfleet-operator/config.yaml"
-    secret = only(rendered("default"), "Secret")
-    assert env["ROLLFLEET_NATS_TOKEN"]["valueFrom"]["secretKeyRef"] == {
-        "name": secret["metadata"]["name"],
-        "key": "token",
-    }
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
+    # The signing key and account id from the natsAuth Secret, where handlers.py looks.
+    signer_dir = env[SIGNER_DIR_ENV]["value"]
+    assert signer_dir == DEFAULT_SIGNER_DIR
+    signer = volumes[mounts[signer_dir]]["secret"]
+    assert signer["secretName"] == f"{RELEASE}-nats-auth"
+    assert {i["key"] for i in signer["items"]} == {SIGNING_SEED, ACCOUNT_ID}
+    assert signer["defaultMode"] == 0o440
     config_volume = volumes[mounts["/etc/rollfleet-operator"]]
     assert config_volume["configMap"]["name"] == f"{RELEASE}-operator-config"
     assert volumes[mounts["/tmp"]] == {"name": mounts["/tmp"], "emptyDir": {}}
@@ -340,16 +356,14 @@ def test_operator_runs_restricted():
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
-def test_token_secret_is_random_and_existing_secret_is_used_as_is():
-    secret = only(rendered("default"), "Secret")
-    assert len(secret["data"]["token"]) >= 32
-    # minimal: natsAuth.existingSecret -> the chart creates no Secret and refers to that one
-    objs = rendered("minimal")
-    assert not [o for o in objs if o["kind"] == "Secret"]
-    (container,) = only(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e for e in container["env"]}
-    ref = env["ROLLFLEET_NATS_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": "nats-token", "key": "password"}
+def test_the_chart_makes_no_secret_and_mounts_the_named_one():
+    """The keys come from `rollfleet nats-keys`, never from the chart (Helm cannot make
+    nkeys); natsAuth.secretName names the Secret the operator mounts."""
+    for variant in VARIANTS:
+        assert not [o for o in rendered(variant) if o["kind"] == "Secret"], variant
+    pod = only(rendered("minimal"), "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["nats-signer"]["secret"]["secretName"] == "nats-keys"
 
 
 # --- the operator's settings file -----------------------------------------------------

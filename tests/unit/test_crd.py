@@ -175,6 +175,7 @@ RULES = {
     ("rollout", ".pools"): "pool names must be unique",
     ("rollout", ".routing"): "needs routing: affinity",
     ("trainer", ".promptsPerStep"): "must be a multiple of workers",
+    ("", ".rollout.sampling.maxNewTokens"): "must be below model.maxLength",
     ("", ".algorithm.miniBatches"): "must be a multiple of algorithm.miniBatches",
     ("", ".async.replicatePrompts"): "set replicatePrompts: false",
     ("", ".async.partialRollout"): "set partialRollout: continue",
@@ -183,9 +184,9 @@ RULES = {
     ("", ".methods.ravr.posteriorSamples"): "must be below rollout.sampling.groupSize",
     ("", ".methods.nezha"): "needs model.architecture: nezha",
     ("", ".methods.qagent"): "needs task.name: qagent",
-    ("", ".methods.qagent.reader"): "stage 2 needs the reader in reward.models",
+    ("", ".methods.qagent.reader"): "stage 2 needs the reader",
     ("", ".methods.recgpt"): "needs task.name: recgpt",
-    ("", ".methods.recgpt.alignModel"): "the alignment reward model must be in reward.models",
+    ("", ".methods.recgpt.alignModel"): "the alignment reward model",
     ("", ".methods"): "runs alone",
 }
 
@@ -315,6 +316,11 @@ REFUSED = [
         ("methods.attention_credit", ".horizon"),
     ),
     ({"model": {"heads": 3}}, ("model", ".heads")),  # default hidden 128
+    (
+        {"rollout": {"sampling": {"maxNewTokens": 100_000_000}}},  # default maxLength 64
+        ("", ".rollout.sampling.maxNewTokens"),
+    ),
+    ({"model": {"maxLength": 12}}, ("", ".rollout.sampling.maxNewTokens")),  # default 12 new
     ({"model": {"hidden": 130}}, ("model", ".heads")),  # default heads 4
     ({"model": {"hidden": 100, "heads": 8}}, ("model", ".heads")),
     ({"rollout": {"pools": [{"name": "a"}, {"name": "a"}]}}, ("rollout", ".pools")),
@@ -407,6 +413,7 @@ def random_spec(rng: random.Random) -> dict:
                 "hidden": [8, 12, 96, 100, 128, 130],
                 "heads": [1, 2, 3, 4, 5, 8],
                 "architecture": ["llama", "nezha"],
+                "maxLength": [8, 12, 64],
             },
         ),
         "task": lambda: _maybe(rng, {"name": ["countdown", "recommend", "qagent", "recgpt"]}),
@@ -438,7 +445,7 @@ def random_spec(rng: random.Random) -> dict:
                     ]
                 ],
                 "routing": ["shared", "affinity"],
-                "sampling": [_maybe(rng, {"groupSize": [2, 4, 8]})],
+                "sampling": [_maybe(rng, {"groupSize": [2, 4, 8], "maxNewTokens": [4, 12, 64]})],
             },
         ),
         "async": lambda: _maybe(
@@ -468,6 +475,14 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
     match rule:
         case ("trainer", _) if "trainer" in s:
             return {"trainer": _pick(s["trainer"], "promptsPerStep", "workers")}
+        case ("", ".rollout.sampling.maxNewTokens"):
+            alone = {"model": _pick(s["model"], "maxLength")} if "model" in s else {}
+            if "rollout" in s:
+                sampling = s["rollout"].get("sampling")
+                alone["rollout"] = (
+                    {} if sampling is None else {"sampling": _pick(sampling, "maxNewTokens")}
+                )
+            return alone
         case ("", ".algorithm.miniBatches"):
             alone = {k: _pick(s[k], "promptsPerStep", "workers") for k in ("trainer",) if k in s}
             if "algorithm" in s:
@@ -487,7 +502,9 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
                 alone["methods"] = {"ravr": _pick(s["methods"]["ravr"], "posteriorSamples")}
             if "rollout" in s:
                 sampling = s["rollout"].get("sampling")
-                alone["rollout"] = {} if sampling is None else {"sampling": sampling}
+                alone["rollout"] = (
+                    {} if sampling is None else {"sampling": _pick(sampling, "groupSize")}
+                )
             return alone
         case ("", ".methods.nezha"):
             alone = {k: s[k] for k in ("task",) if k in s}

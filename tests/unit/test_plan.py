@@ -113,3 +113,11 @@ def test_a_pools_torch_threads_reach_its_workers_and_its_cpu_request():
     fast, wide = components["rollout-fast"], components["rollout-wide"]
     assert (fast.env["ROLLFLEET_TORCH_THREADS"], fast.resources["cpu"]) == ("2", "2")
     assert (wide.env["ROLLFLEET_TORCH_THREADS"], wide.resources["cpu"]) == ("1", "1")
+
+
+def test_the_env_service_has_memory_for_each_sandbox_and_its_step_allowance():
+    default = next(c for c in plan(job(), ENDPOINTS) if c.role == "env")
+    assert default.resources["memory"] == f"{256 + 2 * (128 + 512)}Mi"
+    bigger = job(env={"sandboxes": 4, "stepMemoryMB": 1024})
+    env = next(c for c in plan(bigger, ENDPOINTS) if c.role == "env")
+    assert env.resources["memory"] == f"{256 + 4 * (128 + 1024)}Mi"

@@ -91,7 +91,7 @@ def make_weight_version(**overrides) -> WeightVersion:
             WeightBucket(
                 name="bucket-0000.safetensors",
                 sha256="ab" * 32,
-                num_bytes=10,
+                num_bytes=17_000,  # 16,896 bytes of tensors, 8 and the header
                 tensors=[
                     TensorEntry(name="embed.weight", dtype="BF16", shape=[64, 128]),
                     TensorEntry(name="norm.weight", dtype="F32", shape=[128]),
@@ -119,7 +119,7 @@ def test_other_messages_round_trip():
         name="embed.weight", dtype="BF16", shape=[64, 128]
     )
     assert back.buckets[1].tensors[0].shape == []  # a scalar keeps its empty shape
-    assert back.num_bytes == 42  # the sum of the buckets
+    assert back.num_bytes == 17_032  # the sum of the buckets
     progress = Progress(phase="Running", step=5, total_steps=10, mean_reward=0.25, updated_at=2.0)
     assert decode(Progress, encode(progress)) == progress
 

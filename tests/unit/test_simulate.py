@@ -44,6 +44,7 @@ def tiny(**overrides) -> dict:
         "placement": {"trainerClass": "T"},
         "simulate": {"steps": 3, "seed": 7},
         "spec": {
+            "model": {"maxLength": 1024},  # the context: above maxNewTokens
             "async": {"ratio": 0},
             "rollout": {
                 "pools": [{"name": "p", "replicas": 1, "gpuClass": "G", "maxBatch": 64}],

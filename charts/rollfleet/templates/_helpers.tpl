@@ -102,13 +102,13 @@ does: <release>-nats, or the release name when that already contains "nats").
 {{- end }}
 
 {{/*
-The Secret holding the NATS token: natsAuth.existingSecret, else one the chart creates.
-The NATS subchart's values name the same Secret (nats.container.env.TOKEN).
+The Secret with the NATS keys (`rollfleet nats-keys`, created by the user): natsAuth.secretName,
+else <release>-nats-auth, the name the NATS subchart's values mount (nats.podTemplate.patch).
 */}}
-{{- define "rollfleet.natsTokenSecretName" -}}
-{{- if .Values.natsAuth.existingSecret }}
-{{- .Values.natsAuth.existingSecret }}
+{{- define "rollfleet.natsAuthSecretName" -}}
+{{- if .Values.natsAuth.secretName }}
+{{- .Values.natsAuth.secretName }}
 {{- else }}
-{{- printf "%s-nats-token" .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-nats-auth" .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import uvicorn
 
 from rollfleet.plan import ServiceEnv
@@ -16,8 +18,12 @@ def main() -> None:
     env = ServiceEnv.from_environ()
     spec = load_manifest(env.job_file).spec
     app = create_app(
-        make_task(spec.task.name, spec.task.params, spec.seed),
+        # Each sandbox process builds the task itself (a search index does not pickle).
+        functools.partial(make_task, spec.task.name, spec.task.params, spec.seed),
         session_timeout=spec.env.sessionTimeoutSeconds,
+        step_timeout=spec.env.stepTimeoutSeconds,
+        step_memory_mb=spec.env.stepMemoryMB,
+        sandboxes=spec.env.sandboxes,
         step_latency_ms=spec.env.stepLatencyMs,
         latency_tail=spec.env.latencyTail,
         seed=spec.seed + env.replica,

@@ -14,11 +14,13 @@ uvicorn processes under `rollfleet run`. For benchmarks, `reward.latencyMs` (wit
 Pareto tail, `reward.latencyTail`) emulates a reward model's device time: each request
 holds the replica's one device for that long, so requests on a replica take turns as on
 one GPU, and only more replicas serve more of them at once. A payload that does not validate gets a 422 that
-names the field.
+names the field; a reward that is not a finite number scores 0 with an error, as a failing
+function does.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -157,6 +159,9 @@ def create_app(
                     time.sleep(heavy_tailed_delay(latency_ms, latency_tail, rng))
             scored = compose_batch(functions, items, loaded)
         for total, parts, error in scored:
+            if error is None and not all(map(math.isfinite, (total, *parts.values()))):
+                # JSON has no NaN or infinity, and a trainer must never see one
+                total, parts, error = 0.0, {}, f"reward is not a finite number: {total}, {parts}"
             if error is not None:  # scored 0; the other items keep theirs
                 ERRORS.labels(function=label).inc()
             results.append(ScoredItem(reward=total, parts=parts, error=error))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from rollfleet.bus import Bus, nats_token
+from rollfleet.bus import Bus, nats_credentials
 from rollfleet.models.architectures import architecture_of
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import setup_logging
@@ -68,7 +68,9 @@ async def amain() -> None:
 
     torch.set_num_threads(int(os.environ.get("ROLLFLEET_TORCH_THREADS", "1")))
     torch.manual_seed(job.spec.sampling_seed() + 1000 + env.replica)
-    bus = await Bus.connect(env.nats_url, job.bus_name, name=f"rollout-{name}", token=nats_token())
+    bus = await Bus.connect(
+        env.nats_url, job.bus_name, name=f"rollout-{name}", credentials=nats_credentials()
+    )
     worker = RolloutWorker(job.spec, pool, env, bus, name)
     log.info("starting (engine=%s, slots=%d)", pool.engine, pool.maxBatch)
     await worker.run(engine_factory(pool, job.spec, job.spec.sampling_seed() * 100 + env.replica))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import random
 import time
 
@@ -133,6 +134,9 @@ class RewardClient:
         rewards = reply.json()["rewards"]
         if len(rewards) != len(items):
             raise ValueError(f"{len(rewards)} rewards for {len(items)} items")
+        # Python's JSON reads NaN and Infinity; a trainer must never see one.
+        if not all(math.isfinite(r["reward"]) for r in rewards):
+            raise ValueError(f"a reward that is not a finite number: {rewards}")
         return rewards
 
     async def score(self, items: list[dict]) -> list[dict]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 from prometheus_client import Counter, Gauge, Histogram
 
-from rollfleet.bus import Bus
+from rollfleet.bus import OUTAGE_ERRORS, Bus
 from rollfleet.episodes import EPISODES, Episode, EpisodeRequest, Generated, Limits, turn_stops
 from rollfleet.methods import Stages
 from rollfleet.models.architectures import import_architectures
@@ -58,6 +58,8 @@ from rollfleet.weight_transport import (
     make_weight_store,
 )
 from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
+from rollfleet_rollout.env_client import FAILED_SAMPLES as ENV_FAILURES
+from rollfleet_rollout.env_client import EnvFailed, HttpEnvSession, export_failures
 from rollfleet_rollout.reward_client import FAILED_SAMPLES, RewardClient, RewardUnavailable
 
 log = logging.getLogger("rollout")
@@ -133,32 +135,6 @@ class TurnGate:
             self.changed.notify_all()
 
 
-class HttpEnvSession:
-    """An env session on one env-service replica (the rollfleet.episodes EnvSession)."""
-
-    def __init__(self, http: httpx.AsyncClient, url: str):
-        self.http, self.url, self.session_id = http, url, None
-
-    async def open(self, meta: dict) -> None:
-        created = await self.http.post(f"{self.url}/sessions", json={"meta": meta})
-        created.raise_for_status()
-        self.session_id = created.json()["session_id"]
-
-    async def step(self, action: str) -> tuple[str, bool, dict]:
-        stepped = await self.http.post(
-            f"{self.url}/sessions/{self.session_id}/step", json={"action": action}
-        )
-        stepped.raise_for_status()
-        result = stepped.json()
-        return result["observation"], result["done"], result.get("info", {})
-
-    async def close(self) -> None:
-        if self.session_id is not None:
-            with contextlib.suppress(httpx.HTTPError):  # else the env's idle timeout closes it
-                await self.http.delete(f"{self.url}/sessions/{self.session_id}")
-            self.session_id = None
-
-
 class RolloutWorker:
     def __init__(self, spec: RLJobSpec, pool: PoolSpec, env: ServiceEnv, bus: Bus, name: str):
         self.spec, self.pool, self.env, self.bus, self.name = spec, pool, env, bus, name
@@ -182,6 +158,7 @@ class RolloutWorker:
             pool.name,
             rng=random.Random(f"{spec.sampling_seed()}/{name}"),  # jitter differs per worker
         )
+        export_failures(pool.name)  # env failures, by reason
         self.weight_store = make_weight_store(spec.weights, bus, env.run_dir)
         self.swap_slots = spec.weights.swap_slots(pool.replicas)
         sampling = spec.rollout.sampling
@@ -300,7 +277,11 @@ class RolloutWorker:
             return None
 
         # A session lives on one env replica: every request of this sample goes there.
-        env = HttpEnvSession(self.http, self.env.env_replica_url(f"{task.task_id}/{index}"))
+        env = HttpEnvSession(
+            self.http,
+            self.env.env_replica_url(f"{task.task_id}/{index}"),
+            self.spec.env.stepTimeoutSeconds,
+        )
         try:
             if task.multi_turn:
                 await env.open(task.meta)
@@ -315,8 +296,9 @@ class RolloutWorker:
                 encode=lambda text: tok.encode(text, add_special_tokens=False),
                 check=check,
             )
-        except httpx.HTTPError as e:
+        except EnvFailed as e:  # rollfleet_rollout.env_client: the sample fails, counted
             log.warning("task %s sample %d: env failed: %s", task.task_id, index, e)
+            ENV_FAILURES.labels(self.pool.name, e.reason).inc()
             episode = Episode(request, TrajectoryStatus.FAILED)
         finally:
             if gate is not None:
@@ -465,8 +447,9 @@ class RolloutWorker:
             VERSION.labels(self.pool.name).set(self.engine.policy_version)
             SLOTS_BUSY.labels(self.pool.name).set(self.reserved / slots)
             if time.monotonic() - last_queue_check > 2:
-                info = await consumer.consumer_info()
-                QUEUE_DEPTH.labels(self.pool.name).set(info.num_pending)
+                with contextlib.suppress(*OUTAGE_ERRORS):  # NATS restarting: read it next time
+                    info = await consumer.consumer_info()
+                    QUEUE_DEPTH.labels(self.pool.name).set(info.num_pending)
                 IDLE.labels(self.pool.name).set(idle.read())
                 last_queue_check = time.monotonic()
             room = min(slots - self.reserved, self.engine.free_capacity()) // task_size

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from rollfleet.bus import Bus, nats_token
+from rollfleet.bus import Bus, nats_credentials
 from rollfleet.plan import ServiceEnv
 from rollfleet.service import make_app, serve_in_background, setup_logging
 from rollfleet.spec import load_manifest
@@ -39,7 +39,7 @@ async def run_trainer(strategy: str = "ddp") -> None:
     run_dir = Path(env.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     bus = await Bus.connect(
-        env.nats_url, job.bus_name, name=f"trainer-{dp.rank}", token=nats_token()
+        env.nats_url, job.bus_name, name=f"trainer-{dp.rank}", credentials=nats_credentials()
     )
     trainer = Trainer(job, bus, run_dir, dp)
     http = backlog = None

@@ -7,9 +7,14 @@ One loop, in order:
    than α versions old is dropped and counted, as is a group with an aborted or failed
    sample;
 3. once promptsPerStep fresh groups are ready: advantages, policy loss, one AdamW step,
-   then publish the new weights, ack the consumed messages, write progress and metrics,
-   and checkpoint every `checkpoint.every` steps.
+   then publish the new weights, write progress and metrics, and checkpoint every
+   `checkpoint.every` steps; the trained samples are acked once a checkpoint holds them.
 With α = 0 this is synchronous training: every batch comes from the current version.
+
+A restarted trainer resumes from its newest checkpoint and its journal (journal.py): the
+groups it had issued or trained since that checkpoint are in flight again, their samples
+redelivered, none lost or trained twice; the policy versions continue after the newest
+one published before the crash, so the workers take the resumed weights.
 
 With `trainer.workers` = W > 1 (Ray Train, see ray_train.py) every rank runs this loop on
 its own share: it issues its own tasks (dataset indices ≡ rank mod W), consumes the
@@ -22,6 +27,7 @@ writes checkpoints, metrics and progress, and evaluates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import json
@@ -35,7 +41,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from rollfleet.algorithms import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
-from rollfleet.bus import Bus
+from rollfleet.bus import OUTAGE_ERRORS, TRAJECTORY_ACK_WAIT_S, Bus
 from rollfleet.evaluation import heldout_accuracy
 from rollfleet.methods import Stages
 from rollfleet.models.batching import TrainBatch, token_logprobs
@@ -48,6 +54,7 @@ from rollfleet.spec import RLJob
 from rollfleet.tasks import make_task
 from rollfleet.weight_transport import make_weight_store, publish_version
 from rollfleet_trainer.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from rollfleet_trainer.journal import GroupJournal
 from rollfleet_trainer.model import build_from_bus, prepare_policy
 from rollfleet_trainer.parallel import DataParallel
 
@@ -153,6 +160,9 @@ class Trainer:
             "dropped_stale": 0,
             "dropped_failed": 0,
             "dropped_cancelled": 0,
+            "dropped_duplicate": 0,
+            "dropped_unknown_group": 0,
+            "dropped_regenerated": 0,
             "heldout_before": None,
             "heldout_greedy_before": None,
             "rl_seconds": 0.0,
@@ -167,11 +177,20 @@ class Trainer:
         self.router = Router(self.spec) if self.spec.rollout.routing == "affinity" else None
         self.backlog: dict[str, int] = {}
         self.backlog_read_at = 0.0
-        self.dropped_here = {
-            "stale": 0,
-            "cancelled": 0,
-            "failed": 0,
-        }  # this rank's, since the last step
+        # Samples not trained on, by reason: this rank's since the last step. A duplicate
+        # (its task ran twice) or a sample of a group this trainer does not know (issued by
+        # a previous life just before it died) is generated work thrown away.
+        # A group taken up after a crash whose samples were too old is generated again:
+        # its samples count as regenerated.
+        self.dropped_here = dict.fromkeys(
+            ("stale", "cancelled", "failed", "duplicate", "unknown_group", "regenerated"), 0
+        )
+        self.resumed: set[str] = set()  # groups taken up from the journal, not yet sampled anew
+        self.to_reissue: deque[Group] = deque()  # their samples were too old: issue them again
+        self.journal = GroupJournal(
+            self.dp.rank, self.dp.world, log_path=run_dir / f"groups-{self.dp.rank}.jsonl"
+        )
+        self.acks_after_save: list = []  # acks that must wait for the journal's next write
 
     # --- helpers ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -248,36 +267,63 @@ class Trainer:
         """Keep (1+α)·promptsPerStep groups (plus the redundant ones) in flight."""
         limit = (1 + self.alpha) * self.prompts_per_step + self.redundant
         while len(self.groups) + len(self.ready) < limit:
+            if self.to_reissue:  # groups of a previous life come first
+                group = self.to_reissue.popleft()
+                self.groups[group.id] = group
+                await self.publish_tasks(group, self.task.example("train", group.index))
+                self.journal.reissued(group.id)
+                continue
             index = self.state["cursor"]
             self.state["cursor"] += self.dp.world  # this rank's indices: ≡ rank (mod world)
             example = self.task.example("train", index)
-            multi_turn = self.task.is_multi_turn(example)
             group = Group(index, self.group_size, kind=example.meta.get("kind", self.task.name))
             self.groups[group.id] = group
-            # Prompt replication: n single-sample tasks that any worker may take.
-            parts = (
-                [(i, 1) for i in range(self.group_size)]
-                if self.spec.async_.replicatePrompts
-                else [(0, self.group_size)]
-            )
-            for offset, samples in parts:
-                task_id = f"t{index}" if samples == self.group_size else f"t{index}.{offset}"
-                await self.bus.publish(
-                    await self.task_subject(group, task_id, samples, multi_turn),
-                    RolloutTask.for_example(
-                        example,
-                        index=index,
-                        task_id=task_id,
-                        group_id=group.id,
-                        samples=samples,
-                        group_size=self.group_size,
-                        sample_offset=offset,
-                        multi_turn=multi_turn,
-                        min_version=self.state["version"],
-                        trainer_rank=self.dp.rank,
-                    ),
-                )
+            await self.publish_tasks(group, example)
+            self.journal.issued(group.id, index, group.kind, self.state["cursor"])
         IN_FLIGHT.set(len(self.groups) + len(self.ready))
+
+    async def publish_tasks(self, group: Group, example) -> None:
+        """The group's tasks, for the current version."""
+        multi_turn = self.task.is_multi_turn(example)
+        # Prompt replication: n single-sample tasks that any worker may take.
+        parts = (
+            [(i, 1) for i in range(self.group_size)]
+            if self.spec.async_.replicatePrompts
+            else [(0, self.group_size)]
+        )
+        for offset, samples in parts:
+            index = group.index
+            task_id = f"t{index}" if samples == self.group_size else f"t{index}.{offset}"
+            await self.bus.publish(
+                await self.task_subject(group, task_id, samples, multi_turn),
+                RolloutTask.for_example(
+                    example,
+                    index=index,
+                    task_id=task_id,
+                    group_id=group.id,
+                    samples=samples,
+                    group_size=self.group_size,
+                    sample_offset=offset,
+                    multi_turn=multi_turn,
+                    min_version=self.state["version"],
+                    trainer_rank=self.dp.rank,
+                ),
+            )
+
+    async def stale(self, group: Group) -> None:
+        """A group too old to train. One taken up from a previous life (its samples came
+        from policies the resumed model never had) is issued again, not dropped, so a
+        crash skips no prompt: in turn with new groups, so that staleness stays bounded.
+        Any other is dropped."""
+        if group.id not in self.resumed:
+            await self.drop(group, "stale")
+            return
+        self.resumed.discard(group.id)
+        self.dropped_here["regenerated"] += len(group.samples)
+        self.journal.reissue(group.id)  # on the bus before its samples are acked
+        self.acks_after_save.extend(raw for _, raw in group.samples.values())
+        group.samples.clear()
+        self.to_reissue.append(group)
 
     async def cancel_stragglers(self, batch: list[Group]) -> None:
         """Redundant rollouts: a group still running when a group issued after it has been
@@ -293,24 +339,48 @@ class Trainer:
                     self.router.forget(task_id)
         if stragglers:
             await self.bus.cancel_groups([g.id for g in stragglers])
+        await self.flush()
 
     async def drop(self, group: Group, reason: str) -> None:
         """Account for a group we will not train on, and ack what arrived of it."""
         self.groups.pop(group.id, None)
+        self.resumed.discard(group.id)
         self.discarded[group.id] = None
         while len(self.discarded) > DISCARDED_REMEMBERED:
             self.discarded.popitem(last=False)
         DROPPED.labels(reason).inc(group.size)
         self.dropped_here[reason] += group.size
-        for _, raw in group.samples.values():
+        self.journal.dropped(group.id, reason)
+        self.acks_after_save.extend(raw for _, raw in group.samples.values())
+
+    async def flush(self) -> None:
+        """Write the journal if it changed, then send the acks that waited for it: a sample
+        acked before its group's new state is on the bus would be lost in a crash."""
+        if self.journal.dirty:
+            await self.bus.put_journal(self.dp.rank, self.journal.encode())
+            self.journal.dirty = False
+        acks, self.acks_after_save = self.acks_after_save, []
+        for raw in acks:
             await raw.ack()
+
+    async def keep_unacked_alive(self) -> None:
+        """Samples wait unacked until trained and checkpointed, which can take longer than
+        the consumer's ack wait: tell NATS they are still being worked on."""
+        while True:
+            await asyncio.sleep(TRAJECTORY_ACK_WAIT_S / 3)
+            waiting = [
+                raw for g in (*self.groups.values(), *self.ready) for _, raw in g.samples.values()
+            ]
+            for raw in waiting + self.journal.unacked():
+                with contextlib.suppress(*OUTAGE_ERRORS):  # one missed costs a redelivery
+                    await raw.in_progress()
 
     async def take_batch(self) -> list[Group] | None:
         """promptsPerStep fresh groups, or None while too few are ready. The version moves
         while groups wait, so every ready group is checked again and stale ones dropped."""
         for group in [g for g in self.ready if not self.is_fresh(g)]:
             self.ready.remove(group)
-            await self.drop(group, "stale")
+            await self.stale(group)
         if len(self.ready) < self.prompts_per_step:
             return None
         return [self.ready.popleft() for _ in range(self.prompts_per_step)]
@@ -323,18 +393,37 @@ class Trainer:
         for traj, raw in await self.bus.fetch(consumer, Trajectory, 256, timeout=0.2):
             if self.router:
                 self.router.arrived(traj.task_id)
+            if traj.group_id in self.journal.held:
+                # Redelivered while its first copy waits for a checkpoint: acking this one
+                # would ack that one too.
+                DUPLICATES.inc()
+                self.dropped_here["duplicate"] += 1
+                continue
             group = self.groups.get(traj.group_id)
             if group is None:
                 # The rest of a dropped group (its whole size was counted when it was
-                # dropped), or a leftover from before a resume.
+                # dropped), or a sample issued by a previous life the journal never held.
                 if traj.group_id not in self.discarded:
                     DROPPED.labels("unknown_group").inc()
+                    self.dropped_here["unknown_group"] += 1
+                await raw.ack()
+                continue
+            if traj.group_size != group.size or not 0 <= traj.sample_index < group.size:
+                # Not a sample this group can hold: it would complete the group with a
+                # real sample missing.
+                await self.bus.dead_letter(
+                    raw.subject,
+                    raw.data,
+                    f"sample_index {traj.sample_index} of group_size {traj.group_size} "
+                    f"for group {group.id} of {group.size} samples",
+                )
                 await raw.ack()
                 continue
             if traj.sample_index in group.samples:
                 # The same sample again: its task was redelivered (a worker died or stalled
                 # after publishing it). The first copy stays; this one is acked and counted.
                 DUPLICATES.inc()
+                self.dropped_here["duplicate"] += 1
                 await raw.ack()
                 continue
             group.samples[traj.sample_index] = (traj, raw)
@@ -347,11 +436,12 @@ class Trainer:
             if traj.status in DROPPED_STATUS:
                 await self.drop(group, DROPPED_STATUS[traj.status])
             elif group.complete():
+                self.groups.pop(group.id)
                 if self.is_fresh(group):
-                    self.groups.pop(group.id)
                     self.ready.append(group)
                 else:
-                    await self.drop(group, "stale")
+                    await self.stale(group)
+        await self.flush()
 
     def learning_rate(self, step: int) -> float:
         """The rate for the step after `step` steps; derived from the step, so resume-safe."""
@@ -596,9 +686,8 @@ class Trainer:
             model, tokenizer = await build_from_bus(self.bus, folder, self.stages.model_files)
         self.stages.load_files(folder)
         await asyncio.to_thread(self.set_model, model, tokenizer)
-        if await asyncio.to_thread(self.load_latest_checkpoint) and dp.is_leader:
-            await self.bus.purge_work()  # in-flight work of the previous life is re-issued
-        self.state["cursor"] += dp.rank
+        resumed = await asyncio.to_thread(self.load_latest_checkpoint)
+        await self.resume_journal(resumed)
         model_state = await asyncio.to_thread(self.full_model_state)
         if dp.is_leader:
             if self.state["heldout_before"] is None:
@@ -609,6 +698,54 @@ class Trainer:
             await self.publish_weights(model_state)
         await asyncio.to_thread(dp.barrier)  # nobody issues tasks before the purge
 
+    async def resume_journal(self, resumed: bool) -> None:
+        """Take up the previous life's groups from its journal (every rank together).
+
+        Without one on every rank (or written by another number of ranks) the queued work
+        is purged and re-issued from the checkpoint's cursor, as its indices are not known."""
+        dp = self.dp
+        saved = await self.bus.get_journal(dp.rank)
+        previous = None
+        if saved is not None:
+            previous = self.journal.read(saved)
+            if previous["world"] != dp.world:
+                log.warning("journal of %d rank(s) ignored on %d", previous["world"], dp.world)
+                previous = None
+        (missing,) = await asyncio.to_thread(dp.all_reduce, [float(previous is None)])
+        if missing:
+            if resumed and dp.is_leader:
+                await self.bus.purge_work()
+            self.state["cursor"] += dp.rank
+            in_flight = []
+        else:
+            in_flight, finished = self.journal.restore(previous, self.state["step"])
+            for entry in in_flight:
+                group = Group(entry.index, self.group_size, kind=entry.kind)
+                if entry.state == "reissue":
+                    self.to_reissue.append(group)
+                else:
+                    self.groups[group.id] = group
+            self.resumed = set(self.groups)
+            self.discarded.update(dict.fromkeys(finished))
+            self.state["cursor"] = self.journal.cursor
+            await self.bus.restart_trajectory_consumer(dp.rank)
+            log.info(
+                "rank %d resumes %d group(s) in flight; %d finished before the crash",
+                dp.rank,
+                len(in_flight),
+                len(finished),
+            )
+        if resumed or not missing:
+            self.journal.resumed(self.state["step"], len(in_flight))
+        # Versions only go up: workers ignore an announcement older than what they hold.
+        # Past the checkpoint's version, the newest announced weights are from steps the
+        # crash undid: the resumed weights get the next version. At it, they are the same.
+        latest = await self.bus.latest_weights() if dp.is_leader else None
+        version = self.state["version"]
+        if latest is not None and latest.version > version:
+            version = latest.version + 1
+        self.state["version"] = dp.broadcast_json(version)
+
     # --- the loop -----------------------------------------------------------------------------
     async def run(self) -> dict:
         await self.prepare()
@@ -616,7 +753,35 @@ class Trainer:
         consumer = await self.bus.trajectory_consumer(dp.rank)
         if dp.is_leader:
             await self.progress("Running")
-        steps = self.spec.trainer.steps
+        heartbeat = asyncio.create_task(self.keep_unacked_alive())
+        try:
+            await self.train_until_done(consumer)
+        finally:
+            heartbeat.cancel()
+        self.journal.ended(
+            [g.index for g in (*self.groups.values(), *self.ready, *self.to_reissue)]
+        )
+        if not dp.is_leader:
+            return {}
+        after = await asyncio.to_thread(self.evaluate)
+        result = {
+            "heldout_before": self.state["heldout_before"],
+            "heldout_after": after["accuracy"],
+            "heldout_greedy_before": self.state["heldout_greedy_before"],
+            "heldout_greedy_after": after["greedy"],
+            "steps": self.state["step"],
+            "samples": self.state["samples"],
+            "samples_dropped_stale": self.state["dropped_stale"],
+            "rl_seconds": round(self.state["rl_seconds"], 1),
+            "trainer_workers": dp.world,
+        }
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        await self.progress("Succeeded", heldout_after=after["accuracy"])
+        log.info("done: %s", result)
+        return result
+
+    async def train_until_done(self, consumer) -> None:
+        dp, steps = self.dp, self.spec.trainer.steps
         window = deque(maxlen=10)
         started = time.monotonic() - self.state["rl_seconds"]
         idle = IdleMeter()  # waiting for samples is idle; a step and what follows it is not
@@ -625,6 +790,7 @@ class Trainer:
             await self.issue_tasks()
             await self.collect(consumer)
             batch = await self.take_batch()
+            await self.flush()  # stale groups take_batch dropped
             if batch is None:
                 continue
             idle.set_busy(True)
@@ -645,12 +811,14 @@ class Trainer:
             consumed = sum(g.size for g in batch) * dp.world
             self.state["samples"] += consumed
             SAMPLES.inc(consumed)
+            for group in batch:  # acked once a checkpoint holds this step
+                raws = [raw for _, raw in group.samples.values()]
+                self.journal.trained(group.id, self.state["step"], raws)
+                self.resumed.discard(group.id)
+            self.journal.trained_step(self.state["step"], [g.index for g in batch])
             model_state = await asyncio.to_thread(self.full_model_state)
             if dp.is_leader:
                 await self.publish_weights(model_state)
-            for group in batch:
-                for _, raw in group.samples.values():
-                    await raw.ack()
             now = time.monotonic()
             self.state["rl_seconds"] = now - started
             window.append((now, self.state["samples"]))
@@ -663,25 +831,10 @@ class Trainer:
             if dp.is_leader:
                 await self.record(stats, rate, time.perf_counter() - t0)
             if self.state["step"] % self.spec.checkpoint.every == 0 or self.state["step"] == steps:
+                await self.flush()  # the trained marks are on the bus before the checkpoint
                 await asyncio.to_thread(self._checkpoint)
-        if not dp.is_leader:
-            return {}
-        after = await asyncio.to_thread(self.evaluate)
-        result = {
-            "heldout_before": self.state["heldout_before"],
-            "heldout_after": after["accuracy"],
-            "heldout_greedy_before": self.state["heldout_greedy_before"],
-            "heldout_greedy_after": after["greedy"],
-            "steps": self.state["step"],
-            "samples": self.state["samples"],
-            "samples_dropped_stale": self.state["dropped_stale"],
-            "rl_seconds": round(self.state["rl_seconds"], 1),
-            "trainer_workers": dp.world,
-        }
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
-        await self.progress("Succeeded", heldout_after=after["accuracy"])
-        log.info("done: %s", result)
-        return result
+                self.acks_after_save.extend(self.journal.commit(self.state["step"]))
+                await self.flush()
 
     async def record(self, stats: dict, rate: float | None, step_seconds: float) -> None:
         """The leader's metrics line, gauges and progress after a step (and evaluation)."""
@@ -694,6 +847,9 @@ class Trainer:
             "dropped_stale": self.state["dropped_stale"],
             "dropped_cancelled": self.state["dropped_cancelled"],
             "dropped_failed": self.state["dropped_failed"],
+            "dropped_duplicate": self.state["dropped_duplicate"],
+            "dropped_unknown_group": self.state["dropped_unknown_group"],
+            "dropped_regenerated": self.state["dropped_regenerated"],
             "step_seconds": step_seconds,
             **stats,
         }

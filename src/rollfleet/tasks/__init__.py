@@ -11,9 +11,13 @@ trainer's dataset cursor is just an integer and a resumed run sees the same prom
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 Split = Literal["train", "heldout"]
 
@@ -92,10 +96,46 @@ def register_task(name: str):
     return wrap
 
 
-def make_task(name: str, params: dict[str, Any] | None = None, seed: int = 0) -> Task:
+# Task parameters as a manifest gives them: typed as the constructor declares them, no
+# coercion (YAML already types its values), and never NaN or infinite.
+_PARAM_CONFIG = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def check_task_params(
+    name: str, params: dict[str, Any], where: str = "task.params"
+) -> dict[str, Any]:
+    """`params` checked against the constructor of task `name`: each must be one of its
+    parameters (the seed is the job's, never a parameter) and of its declared type.
+    Returns them validated; ValueError names the first bad one, `where` being the path of
+    `params` in the manifest."""
+    factory = TASKS[name]
+    accepted = [p for p in inspect.signature(factory).parameters if p != "seed"]
+    hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
+    checked = {}
+    for key, value in params.items():
+        if key not in accepted:
+            hint = " (the seed is spec.seed)" if key == "seed" else ""
+            raise ValueError(
+                f"{where}.{key} is not a parameter of task {name}{hint}; it takes: "
+                + (", ".join(accepted) or "none")
+            )
+        try:
+            checked[key] = TypeAdapter(hints.get(key, Any), config=_PARAM_CONFIG).validate_python(
+                value
+            )
+        except ValidationError as e:
+            raise ValueError(f"{where}.{key}: {e.errors()[0]['msg']}, got {value!r}") from None
+    return checked
+
+
+def make_task(
+    name: str, params: dict[str, Any] | None = None, seed: int = 0, where: str = "task.params"
+) -> Task:
+    """The task `name` with `params` (checked by `check_task_params`; `where`: their path
+    in the manifest, for the error messages)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
-    return TASKS[name](seed=seed, **(params or {}))
+    return TASKS[name](seed=seed, **check_task_params(name, params or {}, where))
 
 
 # Registration happens on import of the task modules.

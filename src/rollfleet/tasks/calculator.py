@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from rollfleet.tasks import Example, Split, Task, register_task
+from rollfleet.tasks import Example, Split, Task, TaskEnv, register_task
 from rollfleet.tasks.countdown import eval_expression
 
 
@@ -55,6 +55,12 @@ class Calculator(Task):
                 ("model", f"a{answer}"),
             ),
         )
+
+    def open_env(self, meta: dict) -> TaskEnv:
+        turns = meta.get("max_turns", self.max_turns)
+        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+            raise ValueError(f"meta.max_turns: a number of turns, at least 1; got {turns!r}")
+        return super().open_env(meta)
 
     def env_step(self, meta: dict, turn: int, action: str) -> tuple[str, bool]:
         """`c<expr>;` gets `=<value>;` back; anything else is the final answer."""

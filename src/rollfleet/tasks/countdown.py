@@ -125,6 +125,11 @@ class Countdown(Task):
     ):
         if numbers < 2:
             raise ValueError("task.params.numbers must be at least 2")
+        if max_number < 1 or max_target < 0:
+            # no problem could be drawn: the generator would search forever
+            raise ValueError(
+                "task.params.max_number must be at least 1 and max_target not negative"
+            )
         if pad_tail < 0 or pad_max < 0:
             raise ValueError("task.params.pad_tail and pad_max must not be negative")
         self.pad_tail, self.pad_scale, self.pad_max = pad_tail, pad_scale, pad_max

@@ -20,18 +20,33 @@ from rollfleet.tasks import Example, Split, Task, register_task
 def read_jsonl(path: Path, field: str):
     """(line number, object) for each non-empty line of a JSON Lines file; errors name the
     file and line, and `field`, the task parameter that named the file."""
+    if path.is_dir():
+        raise ValueError(f"{field}: {str(path)!r} is a folder, not a JSON Lines file")
     if not path.is_file():
         raise FileNotFoundError(f"{field}: file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{field}: {path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x}); a "
+                    "JSON Lines file is UTF-8 text, one JSON object per line"
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+                raise ValueError(
+                    f"{field}: {path}:{number}: not valid JSON ({e.msg}); a JSON Lines file "
+                    "holds one JSON object per line"
+                ) from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
+                raise ValueError(
+                    f"{field}: {path}:{number}: expected a JSON object per line, "
+                    f"got {type(row).__name__}"
+                )
             yield number, row
 
 
@@ -39,10 +54,15 @@ def _read_rows(path: Path, prompt_field: str, answer_field: str, field="task.par
     rows = []
     for number, row in read_jsonl(path, field):
         for name in (prompt_field, answer_field):
+            if name in row and not isinstance(row[name], str | int | float):
+                raise ValueError(
+                    f"{field}: {path}:{number}: field {name!r} must be text or a number, "
+                    f"got {json.dumps(row[name])[:40]}"
+                )
             if name not in row:
                 hint = "prompt" if name == prompt_field else "answer"
                 raise ValueError(
-                    f"{path}:{number}: missing field {name!r}"
+                    f"{field}: {path}:{number}: missing field {name!r}"
                     + (
                         f"; set task.params.{hint}_field to the right name"
                         if field.endswith("path")
@@ -76,7 +96,9 @@ class JsonlTask(Task):
         if heldout_path:
             self._rows = {
                 "train": rows,
-                "heldout": _read_rows(Path(heldout_path), prompt_field, answer_field),
+                "heldout": _read_rows(
+                    Path(heldout_path), prompt_field, answer_field, "task.params.heldout_path"
+                ),
             }
         else:
             cut = max(1, round(len(rows) * (1 - heldout_fraction)))

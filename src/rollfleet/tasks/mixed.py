@@ -53,7 +53,10 @@ class Mixed(Task):
             weight = entry.get("weight", 1)
             if not isinstance(weight, (int, float)) or not weight > 0:
                 raise ValueError(f"{where}.weight: must be a positive number, got {weight!r}")
-            task = make_task(name, entry.get("params") or {}, seed)
+            params = entry.get("params") or {}
+            if not isinstance(params, dict):
+                raise ValueError(f"{where}.params: expected a map of {name}'s parameters")
+            task = make_task(name, params, seed, where=f"{where}.params")
             self.kinds.append(name)
             self.tasks[name] = task
             self.weights.append(float(weight))
