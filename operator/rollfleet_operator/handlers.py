@@ -138,8 +138,11 @@ async def _use_knative(kube: Kube, config: OperatorConfig) -> bool:
 
 @contextlib.asynccontextmanager
 async def _bus(memo: kopf.Memo, job: str):
-    """A connection to the job's streams; `job` is its bus name (RLJob.bus_name)."""
-    creds = memo.nats_signer.job_creds(job, name="rollfleet-operator", ttl_s=OPERATOR_USER_TTL_S)
+    """A connection to the job's streams, as a user that may set them up and remove them
+    (the job's own may not); `job` is its bus name (RLJob.bus_name)."""
+    creds = memo.nats_signer.job_creds(
+        job, name="rollfleet-operator", ttl_s=OPERATOR_USER_TTL_S, manage_streams=True
+    )
     bus = await Bus.connect(
         memo.config.nats.url, job, name="rollfleet-operator", credentials=RawCredentials(creds)
     )

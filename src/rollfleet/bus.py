@@ -175,7 +175,10 @@ class Bus:
 
     # --- set-up ------------------------------------------------------------------------
     async def ensure_streams(self) -> None:
-        """Create the job's streams and buckets; safe to call again (idempotent)."""
+        """Create what is missing of the job's streams and buckets; safe to call again
+        (idempotent). With per-job NATS users only whoever starts the job may create, change
+        or delete streams (rollfleet.nats_auth): it calls this first, and the job's own
+        processes then find everything in place and only look it up."""
         s = self.subjects
         configs = [
             api.StreamConfig(
@@ -192,11 +195,23 @@ class Bus:
         ]
         for config in configs:
             try:
-                await self.js.stream_info(config.name)
-                await self.js.update_stream(config)
+                info = await self.js.stream_info(config.name)
             except NotFoundError:
                 await self.js.add_stream(config)
+                continue
+            retention = config.retention or api.RetentionPolicy.LIMITS
+            if info.config.subjects != config.subjects or info.config.retention != retention:
+                await self.js.update_stream(config)  # made by an older version of rollfleet
         await self._buckets(create=True)
+        await self._key_value(s.swap_bucket, ttl=SWAP_LEASE_TTL_S)
+        await self._key_value(s.inflight_bucket)
+
+    async def _key_value(self, bucket: str, ttl: float | None = None):
+        """A KV bucket, looked up, and created only if it is missing."""
+        try:
+            return await self.js.key_value(bucket)
+        except (BucketNotFoundError, NotFoundError):
+            return await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl)
 
     async def delete_streams(self) -> None:
         """Remove everything ensure_streams created (the operator's finalizer)."""
@@ -224,8 +239,11 @@ class Bus:
         if self._weights_store is None or self._progress_kv is None:
             s = self.subjects
             if create:
-                store = await self.js.create_object_store(s.weight_bucket)
-                kv = await self.js.create_key_value(bucket=s.progress_bucket, history=1)
+                try:
+                    store = await self.js.object_store(s.weight_bucket)
+                except (BucketNotFoundError, NotFoundError):
+                    store = await self.js.create_object_store(s.weight_bucket)
+                kv = await self._key_value(s.progress_bucket)
             else:
                 store = await self.js.object_store(s.weight_bucket)
                 kv = await self.js.key_value(s.progress_bucket)
@@ -294,9 +312,7 @@ class Bus:
 
     async def _inflight(self):
         if self._inflight_kv is None:
-            self._inflight_kv = await self.js.create_key_value(
-                bucket=self.subjects.inflight_bucket, history=1
-            )
+            self._inflight_kv = await self._key_value(self.subjects.inflight_bucket)
         return self._inflight_kv
 
     async def task_backlog(self, pools: list[str] | None = None) -> dict[str | None, int]:
@@ -417,9 +433,7 @@ class Bus:
         A lease is a KV key created only if absent; one left by a worker that died expires
         with the bucket's max age (SWAP_LEASE_TTL_S)."""
         if self._swap_kv is None:
-            self._swap_kv = await self.js.create_key_value(
-                bucket=self.subjects.swap_bucket, history=1, ttl=SWAP_LEASE_TTL_S
-            )
+            self._swap_kv = await self._key_value(self.subjects.swap_bucket, SWAP_LEASE_TTL_S)
         kv = self._swap_kv
         while True:
             for slot in range(slots):

@@ -119,13 +119,20 @@ class JobSigner:
             )
         return cls(seed, account)
 
-    def job_creds(self, job: str, name: str | None = None, ttl_s: float | None = None) -> str:
+    def job_creds(
+        self,
+        job: str,
+        name: str | None = None,
+        ttl_s: float | None = None,
+        manage_streams: bool = False,
+    ) -> str:
         """A creds file's text: a new user that may use job `job`'s NATS resources only.
-        `ttl_s`: it expires then (the server disconnects it); None: never."""
+        `ttl_s`: it expires then (the server disconnects it); None: never.
+        `manage_streams`: it may also create, change and delete them (job_permissions)."""
         seed = new_seed(nkeys.PREFIX_BYTE_USER)
         expires = int(time.time() + ttl_s) if ttl_s is not None else None
         nats = {
-            **job_permissions(Subjects(job)),
+            **job_permissions(Subjects(job), manage_streams),
             "subs": UNLIMITED,
             "data": UNLIMITED,
             "payload": UNLIMITED,
@@ -240,9 +247,18 @@ class NatsKeys:
 
 
 # --- what a job's user may do -----------------------------------------------------------
-def job_permissions(subjects: Subjects) -> dict[str, dict[str, list[str]]]:
+STREAM_CHANGES = ("CREATE", "UPDATE", "DELETE")  # what only a job's starter may do
+
+
+def job_permissions(
+    subjects: Subjects, manage_streams: bool = False
+) -> dict[str, dict[str, list[str]]]:
     """Publish/subscribe allow-lists of one job's user: its own subjects and reply inbox,
-    and the JetStream API of exactly its own streams, consumers and buckets."""
+    and the JetStream API of exactly its own streams, consumers and buckets. Only a user
+    that `manage_streams` (whoever starts the job: the operator, `rollfleet run`) may
+    create, change or delete those streams: JetStream does not check permissions on a
+    stream's mirror or sources, so a job's user that could re-create its own streams could
+    make one a mirror of another job's."""
     api = "$JS.API"
     buckets = subjects.buckets()
     # A bucket is a stream: KV_<bucket> or OBJ_<bucket>; both are allowed for every bucket,
@@ -271,7 +287,10 @@ def job_permissions(subjects: Subjects) -> dict[str, dict[str, list[str]]]:
         ]
     for bucket in buckets:
         publish += [f"$KV.{bucket}.>", f"$O.{bucket}.>"]
-    return {"pub": {"allow": publish}, "sub": {"allow": own}}
+    permissions = {"pub": {"allow": publish}, "sub": {"allow": own}}
+    if not manage_streams:
+        permissions["pub"]["deny"] = [f"{api}.STREAM.{op}.*" for op in STREAM_CHANGES]
+    return permissions
 
 
 # --- creds files ------------------------------------------------------------------------

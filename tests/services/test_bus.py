@@ -151,6 +151,8 @@ async def test_ensure_streams_is_idempotent_and_creates_the_streams(nats_server)
             s.deadletter_stream,
             f"OBJ_{s.weight_bucket}",
             f"KV_{s.progress_bucket}",
+            f"KV_{s.swap_bucket}",
+            f"KV_{s.inflight_bucket}",
         }
     finally:
         await bus.close()

@@ -39,6 +39,7 @@ from rollfleet.nats_auth import (
     NatsKeys,
     decode_claims,
     format_creds,
+    job_permissions,
     public_key,
     read_creds,
 )
@@ -58,11 +59,22 @@ async def connect(server, keys: NatsKeys, job: str, **mint) -> Bus:
     return await Bus.connect(server.url, job, name=f"test-{job}", credentials=RawCredentials(creds))
 
 
+async def set_up(server, keys: NatsKeys, job: str) -> None:
+    """What the job's starter does (the operator, `rollfleet run`): make its streams."""
+    starter = await connect(server, keys, job, manage_streams=True)
+    try:
+        await starter.ensure_streams()
+    finally:
+        await starter.close()
+
+
 @pytest.fixture
 async def jobs(secure_nats, nats_keys):
+    for job in (JOB_A, JOB_B):
+        await set_up(secure_nats, nats_keys, job)
     a = await connect(secure_nats, nats_keys, JOB_A)
     b = await connect(secure_nats, nats_keys, JOB_B)
-    await a.ensure_streams()
+    await a.ensure_streams()  # a trainer's: everything is there, only looked up
     await b.ensure_streams()
     yield a, b
     await a.close()
@@ -146,14 +158,13 @@ async def test_job_user_runs_its_whole_bus_flow(jobs, caplog):
     assert await asyncio.wait_for(cancelled.get(), 5) == ["g1"]
     await a.restart_trajectory_consumer(0)
     await a.purge_work()
-    await a.delete_streams()
     assert violations(caplog) == []
 
 
 async def test_every_stream_and_bucket_of_a_job_is_open_to_its_user(secure_nats, nats_keys, caplog):
-    """Whatever Subjects lists (a stream or bucket added later included) the user may make
-    and use, a bucket as a KV bucket or an object store."""
-    bus = await connect(secure_nats, nats_keys, "job-c")
+    """Whatever Subjects lists (a stream or bucket added later included) the job's starter
+    may make and its user use, a bucket as a KV bucket or an object store."""
+    bus = await connect(secure_nats, nats_keys, "job-c", manage_streams=True)
     js, s = bus.js, bus.subjects
     try:
         for i, stream in enumerate(s.streams()):
@@ -254,28 +265,37 @@ async def test_a_cannot_write_b_tasks_weights_kv_or_streams(jobs, caplog):
     assert (await b.get_progress()).step == 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known hole: JetStream does not check a user's permissions on a stream's mirror "
-    "or sources, and a job's user may re-create its own streams (the trainer and workers "
-    "create and update them). Closing it needs an account per job, or stream set-up by the "
-    "job's starter only (bus.py).",
-)
-async def test_a_cannot_copy_b_trajectories_into_a_stream_of_its_own(jobs):
+async def test_a_job_user_cannot_change_streams_so_cannot_mirror_another_jobs(jobs, caplog):
+    """JetStream does not check permissions on a stream's mirror or sources: a job's user
+    that could re-create one of its streams as a mirror of B's would read B's trajectories.
+    Only the job's starter may create, change or delete streams."""
     a, b = jobs
     await b.publish(b.subjects.trajectories_for(0), make_trajectory("secret"))
     mine = a.subjects.deadletter_stream
-    await a.js.delete_stream(mine)
+    js = a.nc.jetstream(timeout=SHORT)
+    await dropped(js.delete_stream(mine))
+    await refused(caplog, "publish", f"$JS.API.STREAM.DELETE.{mine}")
     mirror = api.StreamConfig(name=mine, mirror=api.StreamSource(name=b.subjects.trajectory_stream))
-    try:
-        await a.nc.jetstream(timeout=SHORT).add_stream(mirror)
-    except (nats.errors.TimeoutError, nats.js.errors.APIError):
-        return  # refused: what isolation needs
-    for _ in range(100):
-        if (await a.js.stream_info(mine)).state.messages:
-            break
-        await asyncio.sleep(0.03)
-    assert (await a.js.stream_info(mine)).state.messages == 0, "B's trajectory reached A"
+    await dropped(js.update_stream(mirror))
+    await refused(caplog, "publish", f"$JS.API.STREAM.UPDATE.{mine}")
+    await dropped(js.add_stream(mirror))
+    await refused(caplog, "publish", f"$JS.API.STREAM.CREATE.{mine}")
+    assert (await a.js.stream_info(mine)).config.mirror is None
+    await a.publish(a.subjects.tasks, make_task(0))  # and its own streams still work
+    assert (await a.pending())["tasks"] == 1
+
+
+def test_only_a_starter_may_change_streams():
+    subjects = Subjects(JOB_A)
+    job_user = job_permissions(subjects)
+    starter = job_permissions(subjects, manage_streams=True)
+    assert job_user["pub"]["deny"] == [
+        "$JS.API.STREAM.CREATE.*",
+        "$JS.API.STREAM.UPDATE.*",
+        "$JS.API.STREAM.DELETE.*",
+    ]
+    assert "deny" not in starter["pub"]
+    assert job_user["pub"]["allow"] == starter["pub"]["allow"]
 
 
 # --- credentials ----------------------------------------------------------------------------
@@ -420,7 +440,7 @@ async def test_the_chart_nats_config_includes_the_keys_where_the_secret_is_mount
             if server.poll() is not None or not port_is_free(port):
                 break
             await asyncio.sleep(0.05)
-        creds = RawCredentials(keys.signer().job_creds(JOB_A))
+        creds = RawCredentials(keys.signer().job_creds(JOB_A, manage_streams=True))
         bus = await Bus.connect(url, JOB_A, credentials=creds)
         try:
             await bus.ensure_streams()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from nats.aio.client import RawCredentials
 
 from rollfleet.bus import NATS_CREDS_ENV, Bus
 from rollfleet.local.nats import EmbeddedNats, die_with_parent, free_port
@@ -179,6 +180,7 @@ class LocalRun:
         self.nats = EmbeddedNats(
             self.run_dir / "nats", log_file=self.run_dir / "logs" / "nats-server.log", keys=keys
         ).start()
+        asyncio.run(self._set_up_streams(keys))
         endpoints = Endpoints(
             nats_url=self.nats.url,
             # Several reward replicas: the workers' reward client spreads calls over them.
@@ -201,6 +203,20 @@ class LocalRun:
                     timeout = BUILD_TIMEOUT_S if building else 60.0
                     self._wait_healthy(child, timeout, models=building)
         self._write_services()
+
+    async def _set_up_streams(self, keys: NatsKeys) -> None:
+        """The job's streams and buckets, made by the run itself: the job's own user may
+        not create streams (rollfleet.nats_auth.job_permissions)."""
+        creds = keys.signer().job_creds(
+            self.job.bus_name, name="rollfleet run", ttl_s=600, manage_streams=True
+        )
+        bus = await Bus.connect(
+            self.nats.url, self.job.bus_name, name="cli", credentials=RawCredentials(creds)
+        )
+        try:
+            await bus.ensure_streams()
+        finally:
+            await bus.close()
 
     def _write_services(self) -> None:
         """`<run dir>/services.json`: each child's role and base URL (/healthz, /metrics), for
