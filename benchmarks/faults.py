@@ -52,11 +52,6 @@ class Injector(threading.Thread):
         self.killed: list[dict] = []
         self.done = threading.Event()
 
-    def step(self) -> int:
-        metrics = self.run_.run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        return json.loads(lines[-1])["step"] if lines else 0
-
     def target(self) -> int | None:
         """The pid of a live process of this kind (None while it is being restarted)."""
         if self.kind == "nats":
@@ -67,11 +62,17 @@ class Injector(threading.Thread):
 
     def run(self):
         for point in self.points:
-            while self.step() < point or (pid := self.target()) is None:
+            while harness.current_step(self.run_.run_dir) < point or (pid := self.target()) is None:
                 if self.done.wait(0.2):
                     return
             os.kill(pid, signal.SIGKILL)
-            self.killed.append({"step": self.step(), "pid": pid, "at": time.monotonic()})
+            self.killed.append(
+                {
+                    "step": harness.current_step(self.run_.run_dir),
+                    "pid": pid,
+                    "at": time.monotonic(),
+                }
+            )
 
 
 def run_arm(job: dict, run_dir: Path, kind: str | None, kills: int, seed: int) -> dict:

@@ -138,6 +138,13 @@ def run_job(job: dict, run_dir: Path) -> dict:
     }
 
 
+def current_step(run_dir: Path) -> int:
+    """The trainer's step as its last metrics.jsonl line says (0 before the first)."""
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
 class MetricsSampler(threading.Thread):
     """Keeps the last /metrics text of each child of a local run in `roles` (read every
     second while it runs: counters end where the run did)."""

@@ -51,11 +51,6 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.run_, self.samples, self.done = run, [], threading.Event()
 
-    def step(self) -> int:
-        metrics = self.run_.run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        return json.loads(lines[-1])["step"] if lines else 0
-
     async def messages(self, bus) -> int:
         s = bus.subjects
         names = (s.task_stream, s.trajectory_stream, s.deadletter_stream)
@@ -88,7 +83,7 @@ class Sampler(threading.Thread):
             rss["nats-server"] = rss_bytes([self.run_.nats.process.pid])
             self.samples.append(
                 {
-                    "step": self.step(),
+                    "step": harness.current_step(self.run_.run_dir),
                     "rss": rss,
                     "messages": messages,
                     "store": store_bytes(self.run_.run_dir / "nats"),
