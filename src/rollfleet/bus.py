@@ -145,7 +145,7 @@ class Bus:
                 user_credentials=credentials,
                 inbox_prefix=Subjects(job).inbox,  # the only replies this job's user may read
                 connect_timeout=5,
-                max_reconnect_attempts=int(OUTAGE_GRACE_S / 0.5),  # a NATS restart
+                max_reconnect_attempts=10,  # a server that is not there fails in seconds
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
                 error_cb=on_error,
@@ -165,6 +165,9 @@ class Bus:
                 # The server may close the socket before its "Authorization Violation" arrives.
                 hint = " (the server closed the connection: check the NATS token)"
             raise ConnectionError(f"cannot connect to NATS at {url}: {cause}{hint}") from None
+        # Once connected, ride out a restart of the server for OUTAGE_GRACE_S (nats-py
+        # reads this option at each reconnect attempt).
+        nc.options["max_reconnect_attempts"] = int(OUTAGE_GRACE_S / 0.5)
         return cls(nc, job)
 
     async def close(self) -> None:
