@@ -82,6 +82,19 @@ OUTAGE_ERRORS = (
 )
 
 
+def cancel_pending() -> bool:
+    """Whether this task was asked to stop. nats-py swallows a CancelledError that lands
+    inside some of its calls (its flush), so a loop around them checks for itself: a lease
+    waiter whose timeout passed kept polling until the lease it waited on expired."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def raise_if_cancelled() -> None:
+    if cancel_pending():
+        raise asyncio.CancelledError
+
+
 def nats_credentials() -> str | None:
     """The path of this job's NATS creds file (rollfleet.nats_auth): a per-job Secret in a
     cluster, a file in the run directory locally."""
@@ -444,12 +457,17 @@ class Bus:
                 try:
                     revision = await kv.create(key, holder.encode())
                 except KeyWrongLastSequenceError:
+                    raise_if_cancelled()
                     continue
+                if cancel_pending():  # our deadline passed during the create: give it back
+                    await kv.delete(key, last=revision)
+                    raise asyncio.CancelledError
                 try:
                     yield slot
                 finally:
                     await kv.delete(key, last=revision)
                 return
+            raise_if_cancelled()
             await asyncio.sleep(poll_s)
 
     async def put_file(self, name: str, data: bytes) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM
 
@@ -446,3 +446,31 @@ async def test_a_lease_is_released_when_the_block_raises(nats_server, bus):
                 assert (await kv.get("default.0")).value == b"w-1"
     finally:
         await other.close()
+
+
+class SwallowingLeases:
+    """A lease bucket whose slot is always taken and which, as nats-py's flush does, swallows
+    a CancelledError that lands while it waits."""
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            await asyncio.sleep(0.5)  # long enough that the waiter's deadline lands in here
+        except asyncio.CancelledError:
+            pass
+        raise KeyWrongLastSequenceError("wrong last sequence")
+
+
+async def test_a_lease_waiter_stops_at_its_deadline_even_when_nats_swallows_the_cancel(bus):
+    bus._swap_kv = SwallowingLeases()
+
+    async def wait_briefly():
+        async with asyncio.timeout(0.2):
+            async with bus.swap_lease("default", 1, "w-1"):
+                pytest.fail("the taken lease was handed out")
+
+    waiter = asyncio.create_task(wait_briefly())
+    # not wait_for: its own cancel would be swallowed the same way
+    done, _ = await asyncio.wait({waiter}, timeout=5)
+    assert waiter in done, "the waiter kept polling past its deadline"
+    with pytest.raises(TimeoutError):
+        waiter.result()
