@@ -427,6 +427,13 @@ class RewardClientSpec(Strict):
     breakerOpenSeconds: float = Field(
         10, gt=0, description="how long the circuit stays open before one trial call"
     )
+    outageWaitSeconds: float = Field(
+        300,
+        ge=0,
+        description="how long a worker keeps samples the reward service could not score "
+        "(unreachable, timing out, 502-504, circuit open) and tries again before they fail; "
+        "the trainer waits with them, so a shorter outage skips no prompt. 0: fail at once",
+    )
 
 
 class RewardSpec(Strict):

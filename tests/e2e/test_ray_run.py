@@ -33,7 +33,6 @@ def ray_symlinks() -> set[Path]:
 
 
 def test_two_trainer_workers_run_with_ray_and_leave_nothing(tmp_path):
-    links_before = ray_symlinks()
     ray_home = Path.home() / ".ray"  # where Ray keeps an auth token file when auth is on
     ray_home_before = sorted(ray_home.rglob("*")) if ray_home.exists() else None
     # Relative paths, as a user types them: Ray Train starts its workers in a folder of its
@@ -59,7 +58,9 @@ def test_two_trainer_workers_run_with_ray_and_leave_nothing(tmp_path):
     assert list((run_dir / "ray").glob("session_*")), "Ray's temp dir is in the run directory"
     time.sleep(0.5)
     assert run_processes(run_dir) == set()
-    assert ray_symlinks() == links_before  # the short link to the temp dir is removed
+    # the short link to the temp dir is removed (other tests' Ray runs may have links of their own)
+    ours = [p for p in ray_symlinks() if (p / "r").resolve().is_relative_to(tmp_path.resolve())]
+    assert ours == []
     assert (sorted(ray_home.rglob("*")) if ray_home.exists() else None) == ray_home_before
 
 

@@ -108,6 +108,69 @@ async def test_a_short_outage_is_ridden_out_by_retries():
     assert client.state == Circuit.CLOSED
 
 
+def outage_waits() -> float:
+    return (
+        REGISTRY.get_sample_value("rollfleet_rollout_reward_outage_waits_total", {"pool": "rc"})
+        or 0.0
+    )
+
+
+async def test_samples_are_held_through_an_outage_longer_than_the_retries():
+    """The retries are spent and the circuit opens, yet the samples wait for the service."""
+    with serving(app()) as url:
+        port = urlparse(url).port
+    settings = FAST.model_copy(update={"outageWaitSeconds": 20})
+    waits_before = outage_waits()
+    async with httpx.AsyncClient() as http:
+        client = RewardClient(http, url, settings, "rc", rng=random.Random(2))
+
+        async def come_back():
+            await asyncio.sleep(1.5)  # three breaker periods: score() alone fails well before
+            with serving(app(), port=port):
+                await asyncio.sleep(3)
+
+        back = asyncio.create_task(asyncio.to_thread(asyncio.run, come_back()))
+        started = time.perf_counter()
+        rewards = await client.score_through_outage([ITEM])
+        waited = time.perf_counter() - started
+        await back
+    assert rewards[0]["reward"] == 1.0 and client.state == Circuit.CLOSED
+    assert waited >= 1.5
+    assert outage_waits() - waits_before >= 2  # it tried again each time the circuit let it
+
+
+async def test_held_samples_fail_once_the_outage_wait_is_over():
+    settings = FAST.model_copy(update={"outageWaitSeconds": 1.0})
+    async with httpx.AsyncClient() as http:
+        client = RewardClient(http, "http://127.0.0.1:9", settings, "rc", rng=random.Random(3))
+        started = time.perf_counter()
+        with pytest.raises(RewardUnavailable) as error:
+            await client.score_through_outage([ITEM])
+    assert 1.0 <= time.perf_counter() - started < 5
+    assert error.value.reason in ("unreachable", "circuit_open")
+
+
+async def test_a_bad_reply_is_not_waited_for():
+    """A service that answers, wrongly, is not out: its samples fail at once."""
+    import fastapi
+
+    wrong = fastapi.FastAPI()
+
+    @wrong.post("/score")
+    async def score():
+        return {"rewards": []}
+
+    settings = FAST.model_copy(update={"outageWaitSeconds": 30})
+    with serving(wrong) as url:
+        async with httpx.AsyncClient() as http:
+            client = RewardClient(http, url, settings, "rc")
+            started = time.perf_counter()
+            with pytest.raises(RewardUnavailable) as error:
+                await client.score_through_outage([ITEM])
+    assert error.value.reason in ("bad_reply", "circuit_open")
+    assert time.perf_counter() - started < 5
+
+
 async def test_a_slow_service_times_out_with_the_reason_counted():
     import fastapi
 

@@ -147,7 +147,9 @@ async def test_multi_turn_episodes_go_through_the_env_and_get_scored(
 async def test_reward_service_down_marks_samples_failed_and_acks_the_task(
     nats_server, calculator_model, env_url
 ):
+    """After outageWaitSeconds (see test_reward_client for an outage that ends in time)."""
     spec = calculator_spec(group=2)
+    spec.reward.client.outageWaitSeconds = 0
     dead_reward = "http://127.0.0.1:9"  # discard port: nothing listens
 
     def failed(reason: str) -> float:

@@ -5,8 +5,12 @@ down for a while. Each call has its own timeout; a failed call is retried with
 exponential backoff and full jitter (so a pool's workers do not retry in step); after
 `breakerFailures` failed calls in a row the circuit opens and calls fail at once, with
 no request sent, for `breakerOpenSeconds`; then one trial call goes through (half-open):
-success closes the circuit, failure opens it again. A sample whose scoring fails is
-marked failed, counted under the reason, and the trainer drops its group.
+success closes the circuit, failure opens it again. While the service is
+out (unreachable, timing out, 502-504) the worker keeps its samples and tries again each
+time the circuit would let a trial through, for up to `outageWaitSeconds`
+(`score_through_outage`): the trainer waits for them, so an outage costs its seconds, not
+prompts. A sample whose scoring fails for good is marked failed, counted under the
+reason, and the trainer drops its group.
 
 In a cluster the URL is the Knative Service's, which spreads requests over its replicas.
 Locally `rollfleet run` starts `reward.replicas` processes and passes their URLs
@@ -15,6 +19,7 @@ flight.
 
     client = RewardClient(http, url, spec.reward.client, pool="default")
     rewards = await client.score(items)   # raises RewardUnavailable(reason)
+    rewards = await client.score_through_outage(items)   # the same, after waiting it out
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ CALL_SECONDS = Histogram(
     ["pool"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+OUTAGE_WAITS = Counter(
+    "rollfleet_rollout_reward_outage_waits_total",
+    "Times a worker held samples the reward service could not score, to try again",
+    ["pool"],
+)
 CIRCUIT = Gauge(
     "rollfleet_rollout_reward_circuit_state",
     "This worker's circuit breaker on the reward service: 0 closed, 1 half-open, 2 open",
@@ -66,6 +76,12 @@ class RewardUnavailable(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+# Reasons that say the service is out, not that these items cannot be scored.
+OUTAGE_REASONS = frozenset(
+    {"circuit_open", "unreachable", "timeout", "http_502", "http_503", "http_504"}
+)
 
 
 def failure_reason(error: Exception) -> str:
@@ -177,3 +193,19 @@ class RewardClient:
             self._record(ok=True)
             return rewards
         raise RewardUnavailable(reason, f"{self.settings.attempts} attempts")
+
+    async def score_through_outage(self, items: list[dict]) -> list[dict]:
+        """`score`, tried again while the service is out, for up to outageWaitSeconds."""
+        deadline = self.clock() + self.settings.outageWaitSeconds
+        while True:
+            try:
+                return await self.score(items)
+            except RewardUnavailable as e:
+                left = deadline - self.clock()
+                if e.reason not in OUTAGE_REASONS or left <= 0:
+                    raise
+                OUTAGE_WAITS.labels(self.pool).inc()
+                log.warning("reward service out (%s); trying again in up to %.0f s", e, left)
+                # until the circuit lets a trial call through
+                reopens = self.opened_at + self.settings.breakerOpenSeconds - self.clock()
+                await asyncio.sleep(min(left, max(reopens, self.settings.backoffSeconds)))

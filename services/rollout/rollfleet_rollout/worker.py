@@ -333,8 +333,9 @@ class RolloutWorker:
         return trajectory, self.stages.reward_input(task, episode, reward_item(task, episode))
 
     async def _score(self, samples: list[tuple[Trajectory, dict]]) -> None:
-        """Ask the reward service for every usable sample (rollfleet_rollout.reward_client);
-        when it cannot score them they are marked failed, counted under the reason."""
+        """Ask the reward service for every usable sample (rollfleet_rollout.reward_client),
+        waiting out an outage; when it cannot score them they are marked failed, counted
+        under the reason."""
         scored = [
             (t, item)
             for t, item in samples
@@ -343,7 +344,7 @@ class RolloutWorker:
         if not scored:
             return
         try:
-            rewards = await self.reward.score([item for _, item in scored])
+            rewards = await self.reward.score_through_outage([item for _, item in scored])
             for (t, _), r in zip(scored, rewards, strict=True):
                 t.reward, t.reward_parts = r["reward"], r["parts"]
         except (RewardUnavailable, KeyError, TypeError) as e:
