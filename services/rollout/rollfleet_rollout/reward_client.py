@@ -115,6 +115,7 @@ class RewardClient:
         CIRCUIT.labels(pool).set(self.state)
         for reason in ("circuit_open", "timeout", "unreachable", "bad_reply"):
             FAILED_SAMPLES.labels(pool, reason)  # exported as 0 from the start
+        OUTAGE_WAITS.labels(pool)
 
     def _set(self, state: Circuit) -> None:
         if state != self.state:

@@ -185,6 +185,8 @@ class Trainer:
         self.dropped_here = dict.fromkeys(
             ("stale", "cancelled", "failed", "duplicate", "unknown_group", "regenerated"), 0
         )
+        for reason in self.dropped_here:
+            DROPPED.labels(reason)  # exported as 0 from the start
         self.resumed: set[str] = set()  # groups taken up from the journal, not yet sampled anew
         self.to_reissue: deque[Group] = deque()  # their samples were too old: issue them again
         self.journal = GroupJournal(
