@@ -6,6 +6,7 @@ version is bad; and the swap leases that keep a pool from pausing all at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -453,10 +454,8 @@ class SwallowingLeases:
     a CancelledError that lands while it waits."""
 
     async def create(self, key: str, value: bytes) -> int:
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.5)  # long enough that the waiter's deadline lands in here
-        except asyncio.CancelledError:
-            pass
         raise KeyWrongLastSequenceError("wrong last sequence")
 
 
