@@ -25,15 +25,16 @@ Every pod runs non-root with a restricted security context and no service-accoun
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from typing import Any
 
 import yaml
 
 from rollfleet.bus import NATS_CREDS_ENV
 from rollfleet.nats_auth import BUS_ROLES
-from rollfleet.plan import Component, Endpoints, plan
+from rollfleet.plan import GPU, Component, Endpoints, plan
 from rollfleet.service import TOKEN_ENV
-from rollfleet.spec import RLJob
+from rollfleet.spec import RLJob, quantity_value
 from rollfleet_operator.config import OperatorConfig
 
 HTTP_PORT = 8080
@@ -121,13 +122,12 @@ def _env(component: Component, job: str) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(component: Component, gpu_resource: str = "nvidia.com/gpu") -> dict:
-    amounts = {
-        (gpu_resource if key == "nvidia.com/gpu" else key): value
-        for key, value in component.resources.items()
+def _resources(component: Component, gpu_resource: str = GPU) -> dict:
+    """The component's requests and limits, its GPUs under the GPU class's resource name."""
+    return {
+        part: {(gpu_resource if key == GPU else key): value for key, value in amounts.items()}
+        for part, amounts in component.resources.items()
     }
-    requests = {k: v for k, v in amounts.items() if k in ("cpu", "memory")}
-    return {"requests": requests, "limits": amounts}  # GPUs go in limits; memory capped
 
 
 def _container(
@@ -140,13 +140,15 @@ def _container(
     ]
     if component.role in BUS_ROLES:
         mounts.append({"name": "nats-creds", "mountPath": NATS_DIR, "readOnly": True})
+    if component.shared_memory:
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return {
         "name": component.role,
         "image": image,
         "imagePullPolicy": config.images.pullPolicy,
         "command": component.command(),
         "ports": [{"name": "http", "containerPort": HTTP_PORT}],
-        "env": _env(component, job),
+        "env": _env(component, job) + list(component.pod.env),
         "resources": _resources(component, gpu_resource),
         "readinessProbe": {**probe, "periodSeconds": 5},
         "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 6},
@@ -155,7 +157,15 @@ def _container(
     }
 
 
-def _pod(job: str, containers: list[dict], extra_volumes: list[dict] = ()) -> dict[str, Any]:
+def _pod(
+    job: str,
+    component: Component,
+    containers: list[dict],
+    extra_volumes: list[dict] = (),
+    placement: dict | None = None,
+) -> dict[str, Any]:
+    """The pod spec: the platform's volumes and security context, the component's /dev/shm,
+    then the manifest's pod overrides (spec.pod and the component's own `pod`)."""
     volumes = [
         {"name": "job", "configMap": {"name": names(job)["config"]}},
         {"name": "tmp", "emptyDir": {}},
@@ -165,12 +175,74 @@ def _pod(job: str, containers: list[dict], extra_volumes: list[dict] = ()) -> di
         creds = {"key": NATS_CREDS_KEY, "path": NATS_CREDS_FILE}
         secret = {"secretName": names(job)["tokens"], "items": [creds], "defaultMode": 0o440}
         volumes.append({"name": "nats-creds", "secret": secret})  # group: the pod's fsGroup
-    return {
+    if component.shared_memory:  # memory-backed; counted against the container's limit
+        _check_shared_memory(component)
+        shm = {"medium": "Memory", "sizeLimit": component.shared_memory}
+        volumes.append({"name": "dshm", "emptyDir": shm})
+    _add_user_volumes(component, containers[0], volumes)
+    pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "securityContext": POD_SECURITY,
         "containers": containers,
         "volumes": volumes,
     }
+    overrides = component.pod
+    for key in ("serviceAccountName", "priorityClassName", "runtimeClassName"):
+        if value := getattr(overrides, key):
+            pod[key] = value
+    if overrides.imagePullSecrets:
+        pod["imagePullSecrets"] = list(overrides.imagePullSecrets)
+    placement = dict(placement or {})
+    if overrides.nodeSelector:
+        placement["nodeSelector"] = {**placement.get("nodeSelector", {}), **overrides.nodeSelector}
+    if overrides.tolerations:
+        placement["tolerations"] = [*placement.get("tolerations", []), *overrides.tolerations]
+    return {**pod, **placement}
+
+
+def _check_shared_memory(component: Component) -> None:
+    limit = component.resources.get("limits", {}).get("memory")
+    if limit and quantity_value(component.shared_memory) >= quantity_value(limit):
+        raise RenderError(
+            f"spec.{component.path}.sharedMemory: /dev/shm of {component.shared_memory} "
+            f"(2Gi per GPU unless set) is not below resources.limits.memory ({limit}), which "
+            "counts it: set sharedMemory, or raise the memory limit"
+        )
+
+
+def _add_user_volumes(component: Component, container: dict, volumes: list[dict]) -> None:
+    """The manifest's volumes and mounts, refused where they would shadow the platform's."""
+    where = f"spec.pod or spec.{component.path}.pod"
+    taken = {v["name"] for v in volumes}
+    for volume in component.pod.volumes:
+        if volume["name"] in taken:
+            raise RenderError(
+                f"{where}.volumes: {volume['name']!r} is a volume the operator adds "
+                f"({sorted(taken)}); give yours another name"
+            )
+    volumes += component.pod.volumes
+    known = {v["name"] for v in volumes}
+    paths = {m["mountPath"] for m in container["volumeMounts"]}
+    for mount in component.pod.volumeMounts:
+        if mount["name"] not in known:
+            raise RenderError(
+                f"{where}.volumeMounts: {mount['mountPath']} mounts volume {mount['name']!r}, "
+                "which no volume of the pod is called: add it to volumes"
+            )
+        if mount["mountPath"] in paths:
+            raise RenderError(
+                f"{where}.volumeMounts: {mount['mountPath']} is where the operator mounts "
+                f"its own volume ({sorted(paths)}); mount yours elsewhere"
+            )
+    container["volumeMounts"] += component.pod.volumeMounts
+
+
+def _template_metadata(job: str, component: Component, role: str, pool: str | None = None):
+    """A pod template's labels (the manifest's extra ones first: ours win) and annotations."""
+    out: dict[str, Any] = {"labels": {**component.pod.labels, **labels(job, role, pool)}}
+    if component.pod.annotations:
+        out["annotations"] = dict(component.pod.annotations)
+    return out
 
 
 # --- children -------------------------------------------------------------------------------
@@ -226,7 +298,7 @@ def _rollout(rljob, component, index, namespace, config, stopped) -> dict[str, A
     pool = rljob.spec.rollout.pools[index]
     placement, gpu_resource = _placement(pool.name, pool.gpuClass, config, index)
     image = config.images.rolloutVllm if pool.engine == "vllm" else config.images.rollout
-    pod_labels = labels(job, "rollout", pool.name)
+    container = _container(component, image, config, job, gpu_resource)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -235,11 +307,8 @@ def _rollout(rljob, component, index, namespace, config, stopped) -> dict[str, A
             "replicas": 0 if stopped else component.replicas,
             "selector": {"matchLabels": selector(job, "rollout", pool.name)},
             "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {
-                    **_pod(job, [_container(component, image, config, job, gpu_resource)]),
-                    **placement,
-                },
+                "metadata": _template_metadata(job, component, "rollout", pool.name),
+                "spec": _pod(job, component, [container], placement=placement),
             },
         },
     }
@@ -299,8 +368,8 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
                     "serviceName": name,
                     "selector": {"matchLabels": selector(job, "trainer")},
                     "template": {
-                        "metadata": {"labels": labels(job, "trainer")},
-                        "spec": _pod(job, [container], task_files),
+                        "metadata": _template_metadata(job, component, "trainer"),
+                        "spec": _pod(job, component, [container], task_files),
                     },
                     "volumeClaimTemplates": [
                         {"metadata": {"name": "checkpoints"}, "spec": claim_spec}
@@ -331,7 +400,10 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
         ray_container.pop(probe)
     driver = {"cpu": "1", "memory": "2Gi"}
     head = {**ray_container, "resources": {"requests": driver, "limits": driver}}
-    pod_labels = labels(job, "trainer")
+    # The head runs the driver only: no GPUs, no /dev/shm beyond the default.
+    head["volumeMounts"] = [m for m in head["volumeMounts"] if m["name"] != "dshm"]
+    head_component = replace(component, shared_memory=None)
+    pod_metadata = _template_metadata(job, component, "trainer")
     return [
         {
             "apiVersion": "v1",
@@ -354,8 +426,8 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
                         # The head runs the driver only; ranks go to the workers.
                         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                         "template": {
-                            "metadata": {"labels": pod_labels},
-                            "spec": _pod(job, [head], [volume, *task_files]),
+                            "metadata": pod_metadata,
+                            "spec": _pod(job, head_component, [head], [volume, *task_files]),
                         },
                     },
                     "workerGroupSpecs": [
@@ -366,8 +438,10 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
                             "maxReplicas": spec.trainer.workers,
                             "rayStartParams": {},
                             "template": {
-                                "metadata": {"labels": pod_labels},
-                                "spec": _pod(job, [ray_container], [volume, *task_files]),
+                                "metadata": pod_metadata,
+                                "spec": _pod(
+                                    job, component, [ray_container], [volume, *task_files]
+                                ),
                             },
                         }
                     ],
@@ -385,7 +459,7 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
     # are trained into it when the pod starts; model folders are read from where they are.
     container["volumeMounts"].append({"name": "run", "mountPath": RUN_DIR})
     run_volume = [{"name": "run", "emptyDir": {}}]
-    pod_labels = labels(job, "reward")
+    pod_metadata = _template_metadata(job, component, "reward")
     if knative:
         # Knative names the serving port itself and probes it; it scales the revision on
         # in-flight requests per pod (the concurrency target), down to zero when idle.
@@ -402,8 +476,9 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
                 "spec": {
                     "template": {
                         "metadata": {
-                            "labels": pod_labels,
+                            **pod_metadata,
                             "annotations": {
+                                **pod_metadata.get("annotations", {}),
                                 "autoscaling.knative.dev/metric": "concurrency",
                                 "autoscaling.knative.dev/target": str(reward.targetConcurrency),
                                 "autoscaling.knative.dev/min-scale": "0",
@@ -414,7 +489,7 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
                                 ),
                             },
                         },
-                        "spec": _pod(job, [container], run_volume),
+                        "spec": _pod(job, component, [container], run_volume),
                     }
                 },
             }
@@ -429,8 +504,8 @@ def _reward(rljob, component, namespace, config, knative, stopped) -> list[dict[
                 "replicas": 0 if stopped else component.replicas,
                 "selector": {"matchLabels": selector(job, "reward")},
                 "template": {
-                    "metadata": {"labels": pod_labels},
-                    "spec": _pod(job, [container], run_volume),
+                    "metadata": pod_metadata,
+                    "spec": _pod(job, component, [container], run_volume),
                 },
             },
         },
@@ -454,8 +529,8 @@ def _env_sandboxes(rljob, component, namespace, config, stopped) -> list[dict[st
                 "podManagementPolicy": "Parallel",
                 "selector": {"matchLabels": selector(job, "env")},
                 "template": {
-                    "metadata": {"labels": labels(job, "env")},
-                    "spec": _pod(job, [container], task_files),
+                    "metadata": _template_metadata(job, component, "env"),
+                    "spec": _pod(job, component, [container], task_files),
                 },
             },
         },

@@ -20,6 +20,8 @@ import json
 import math
 import re
 import typing
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -27,7 +29,15 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import GenerateJsonSchema
 
-from rollfleet.spec import API_VERSION, KIND, Cel, RLJobSpec, RLJobStatus
+from rollfleet.spec import (
+    API_VERSION,
+    KIND,
+    KUBE_SCHEMA,
+    QUANTITY_PATTERN,
+    Cel,
+    RLJobSpec,
+    RLJobStatus,
+)
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "rljobs"
@@ -226,11 +236,103 @@ def _type_of(value: Any) -> str:
     return "string"
 
 
+# --- Kubernetes' own schemas, for fields that hold its API objects (spec.kube_field) -------
+# The oldest Kubernetes the chart supports: its OpenAPI as kubernetes-validate ships it
+# (JSON Schema 2020-12). Only `make crds` and the tests read it (a dev dependency).
+KUBE_VERSION = "1.30"
+# What the API server allows in a structural schema besides the keywords in _KEPT.
+_KUBE_EXTENSIONS = {"x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-map-type"}
+_KUBE_DROPPED = {
+    "$schema",
+    "$id",
+    "default",
+    "x-kubernetes-patch-strategy",
+    "x-kubernetes-patch-merge-key",
+}
+_INT_OR_STRING = {
+    "anyOf": [{"type": "integer"}, {"type": "string"}],
+    "x-kubernetes-int-or-string": True,
+}
+
+
+@cache
+def kube_definitions() -> dict[str, dict]:
+    import kubernetes_validate  # dev dependency: `make crds` runs in the dev venv
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    path = folder / f"v{KUBE_VERSION}.0-local" / "_definitions.json"
+    return json.loads(path.read_text())["$defs"]
+
+
+# A Volume's schema is 88 KB (some thirty volume sources): in each of the five places pod
+# overrides go it would take the CRD past what `kubectl apply` can store (256 KB). Its
+# items stay open, a name required; the API server checks them in the pods the operator
+# creates, and the operator reports what it refuses.
+_OPEN = {"io.k8s.api.core.v1.Volume": ["name"]}
+
+
+def kube_schema(name: str, defs: dict[str, dict], seen: tuple[str, ...] = ()) -> dict:
+    """Kubernetes' definition `name` (io.k8s.api.core.v1.EnvVar) as a structural schema."""
+    if name in _OPEN:
+        required = _OPEN[name]
+        properties = {key: {"type": "string"} for key in required}
+        return {"type": "object", "required": required, "properties": properties, _PRESERVE: True}
+    if name.endswith(".resource.Quantity"):
+        return {**_INT_OR_STRING, "pattern": QUANTITY_PATTERN}
+    if name.endswith(".intstr.IntOrString"):
+        return dict(_INT_OR_STRING)
+    if name in seen:
+        raise ValueError(f"recursive Kubernetes definition {name} cannot be inlined")
+    return _kube_node(defs[name], defs, (*seen, name))
+
+
+def _kube_node(node: dict, defs: dict[str, dict], seen: tuple[str, ...]) -> dict:
+    if "$ref" in node:
+        out = kube_schema(node["$ref"].rsplit("/", 1)[-1], defs, seen)
+        return {**out, **({"description": node["description"]} if "description" in node else {})}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "type":  # ["string", "null"]: null is pruned by the API server anyway
+            (out["type"],) = [
+                t for t in (value if isinstance(value, list) else [value]) if t != "null"
+            ]
+        elif key == "enum":
+            out[key] = [v for v in value if v is not None]
+        elif key in _KEPT or key in _KUBE_EXTENSIONS:
+            out[key] = value
+        elif key == "properties":
+            out[key] = {k: _kube_node(v, defs, seen) for k, v in value.items()}
+        elif key == "items" or (key == "additionalProperties" and isinstance(value, dict)):
+            out[key] = _kube_node(value, defs, seen)
+        elif key not in _KUBE_DROPPED and key != "additionalProperties":
+            raise ValueError(f"Kubernetes schema keyword {key!r} has no CRD equivalent: {node}")
+    if (
+        out.get("type") == "object"
+        and "properties" not in out
+        and "additionalProperties" not in out
+    ):
+        out[_PRESERVE] = True  # free-form in Kubernetes too (fieldsV1)
+    return out
+
+
+def _kube_field(node: dict, nullable: bool) -> dict:
+    """A pydantic field marked with KUBE_SCHEMA: Kubernetes' schema in its place (for a
+    list, as its items), with the field's own description."""
+    item = kube_schema(node[KUBE_SCHEMA], kube_definitions())
+    out: dict[str, Any] = {"type": "array", "items": item} if node.get("type") == "array" else item
+    out = {**out, "description": node.get("description", out.get("description", ""))}
+    if nullable:
+        out["nullable"] = True
+    return out
+
+
 def _convert(node: dict, defs: dict, seen: tuple[str, ...] = ()) -> dict:
     """One JSON Schema node (and everything below it) as a structural OpenAPI v3.0 node."""
     node, seen = _inline(node, defs, seen)
     node, nullable = _strip_null(node)
     node, seen = _inline(node, defs, seen)  # `Model | None`: the model behind the null
+    if KUBE_SCHEMA in node:
+        return _kube_field(node, nullable)
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _KEPT:

@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from rollfleet.spec import RLJob
+from rollfleet.spec import PodOverrides, PodSettings, RLJob
 
 Role = Literal["trainer", "rollout", "reward", "env"]
 
@@ -30,6 +30,10 @@ class Endpoints:
     http_host: str = "127.0.0.1"  # where services listen: every interface in a pod
 
 
+GPU = "nvidia.com/gpu"  # the renderer puts the GPU class's resource name in its place
+SHARED_MEMORY_PER_GPU_GI = 2  # default /dev/shm of a GPU pod: NCCL and vLLM's workers use it
+
+
 @dataclass(frozen=True)
 class Component:
     name: str
@@ -37,8 +41,13 @@ class Component:
     replicas: int
     module: str  # run as `python -m <module>`
     env: dict[str, str]
-    resources: dict[str, str] = field(default_factory=dict)
+    # The container's Kubernetes resource requirements ({"requests": {...}, "limits": {...}}),
+    # GPUs in limits under GPU; the manifest's `resources`, else the defaults below.
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
     placement: dict[str, str] = field(default_factory=dict)
+    shared_memory: str | None = None  # a memory-backed /dev/shm of this size
+    pod: PodOverrides = field(default_factory=PodOverrides)  # spec.pod, then the component's
+    path: str = ""  # its settings in the manifest, for errors: "trainer", "rollout.pools[1]"
 
     def command(self, python: str = "python") -> list[str]:
         return [python, "-m", self.module]
@@ -97,6 +106,23 @@ class ServiceEnv:
         )
 
 
+def pod_settings(job: RLJob, settings: PodSettings, cpu: str, memory: str, gpus: int = 0) -> dict:
+    """A component's resources, /dev/shm and pod overrides: the manifest's where it has
+    them, else requests and limits of `cpu` and `memory`; `gpus` always sets the GPU limit."""
+    if settings.resources is not None:
+        resources = settings.resources.as_kubernetes()
+    else:
+        amounts = {"cpu": cpu, "memory": memory}
+        resources = {"requests": dict(amounts), "limits": dict(amounts)}
+    if gpus:
+        resources.setdefault("limits", {})[GPU] = str(gpus)
+    shared_memory = settings.sharedMemory
+    if shared_memory is None and gpus:
+        shared_memory = f"{SHARED_MEMORY_PER_GPU_GI * gpus}Gi"
+    pod = settings.pod.over(job.spec.pod) if settings.pod else job.spec.pod
+    return {"resources": resources, "shared_memory": shared_memory, "pod": pod}
+
+
 def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
     spec = job.spec
     base = ServiceEnv(
@@ -109,11 +135,12 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
         http_host=endpoints.http_host,
     )
     # A reward service with models holds them in memory (and may train a builtin one).
-    reward_resources = (
-        {"cpu": "1", "memory": "2Gi"} if spec.reward.models else {"cpu": "500m", "memory": "512Mi"}
-    )
-    if spec.reward.gpus:
-        reward_resources["nvidia.com/gpu"] = str(spec.reward.gpus)
+    reward_cpu, reward_memory = ("1", "2Gi") if spec.reward.models else ("500m", "512Mi")
+    if spec.reward.gpus:  # a model server
+        reward_cpu, reward_memory = str(4 * spec.reward.gpus), f"{16 * spec.reward.gpus}Gi"
+    # The env service, and each sandbox's task env with room for one step's allowance: the
+    # per-step limit, not the kernel's OOM killer, stops a runaway action.
+    env_memory = f"{256 + spec.env.sandboxes * (128 + round(spec.env.stepMemoryMB))}Mi"
     components = [
         Component(
             "reward",
@@ -121,7 +148,8 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
             spec.reward.replicas,
             "rollfleet_reward",
             base.to_env(),
-            resources=reward_resources,
+            path="reward",
+            **pod_settings(job, spec.reward, reward_cpu, reward_memory, spec.reward.gpus),
         ),
         Component(
             "env",
@@ -129,24 +157,20 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
             spec.env.replicas,
             "rollfleet_env",
             base.to_env(),
-            # The service, and each sandbox's task env with room for one step's allowance:
-            # the per-step limit, not the kernel's OOM killer, stops a runaway action.
-            resources={
-                "cpu": "500m",
-                "memory": f"{256 + spec.env.sandboxes * (128 + round(spec.env.stepMemoryMB))}Mi",
-            },
+            path="env",
+            **pod_settings(job, spec.env, "500m", env_memory),
         ),
     ]
-    for pool in spec.rollout.pools:
+    for index, pool in enumerate(spec.rollout.pools):
         env = {
             **replace(base, pool=pool.name).to_env(),
             "ROLLFLEET_TORCH_THREADS": str(pool.threads),
         }
-        resources = {"cpu": str(pool.threads), "memory": "2Gi"}
-        placement = {}
-        if pool.gpuClass:
-            resources["nvidia.com/gpu"] = "1"
-            placement["gpuClass"] = pool.gpuClass
+        gpus = pool.gpusPerReplica if pool.gpuClass else 0
+        if gpus:  # a vLLM engine: the model, its CUDA graphs, and its CPU swap space
+            cpu, memory = str(4 * gpus), f"{16 * gpus}Gi"
+        else:
+            cpu, memory = str(pool.threads), "2Gi"
         components.append(
             Component(
                 f"rollout-{pool.name}",
@@ -154,15 +178,15 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
                 pool.replicas,
                 "rollfleet_rollout",
                 env,
-                resources=resources,
-                placement=placement,
+                placement={"gpuClass": pool.gpuClass} if pool.gpuClass else {},
+                path=f"rollout.pools[{index}]",
+                **pod_settings(job, pool, cpu, memory, gpus),
             )
         )
     # One trainer process; with trainer.workers > 1 it drives that many Ray Train workers,
     # each with these resources (a KubeRay RayJob in a cluster).
-    trainer_resources = {"cpu": "1", "memory": "4Gi"}
-    if spec.trainer.gpusPerWorker:
-        trainer_resources["nvidia.com/gpu"] = str(spec.trainer.gpusPerWorker)
+    gpus = spec.trainer.gpusPerWorker
+    cpu, memory = (str(4 * gpus), f"{32 * gpus}Gi") if gpus else ("1", "4Gi")
     components.append(
         Component(
             "trainer",
@@ -170,7 +194,8 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
             1,
             "rollfleet_trainer",
             base.to_env(),
-            resources=trainer_resources,
+            path="trainer",
+            **pod_settings(job, spec.trainer, cpu, memory, gpus),
         )
     )
     return components

@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -104,6 +105,239 @@ class Strict(BaseModel):
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 # A count Kubernetes keeps as an int32 (a Deployment's replicas).
 MAX_REPLICAS = 2**31 - 1
+
+
+# --- Kubernetes: resources, shared memory and pod overrides ----------------------------------
+# Each component (a rollout pool, the trainer workers, reward, env) takes what a Kubernetes
+# user writes in a pod spec; the operator applies it (rollfleet_operator.render) and
+# `rollfleet run`, which starts processes, not pods, leaves it aside. A field holding a
+# Kubernetes API object carries KUBE_SCHEMA: the CRD embeds Kubernetes' own schema for it
+# (rollfleet.crd), and pydantic checks what the renderer relies on.
+KUBE_SCHEMA = "x-rollfleet-kubernetes"
+# resource.Quantity's grammar (k8s.io/apimachinery): 500m, 2, 1.5Gi, 64Mi, 1e3
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_SUFFIXES = {
+    **{s: 1024**i for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"), 1)},
+    **{s: 1000**i for i, s in enumerate(("k", "M", "G", "T", "P", "E"), 1)},
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+}
+
+
+def quantity_value(quantity: str) -> float:
+    """A Kubernetes quantity as a number: "1.5Gi" -> 1610612736.0, "500m" -> 0.5."""
+    for suffix in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * _QUANTITY_SUFFIXES[suffix]
+    return float(quantity)  # plain, or with an exponent (1e3)
+
+
+def _quantity_text(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # YAML reads `cpu: 2` as a number; Kubernetes takes both
+    return value
+
+
+Quantity = Annotated[
+    str, BeforeValidator(_quantity_text), Field(pattern=QUANTITY_PATTERN, max_length=64)
+]
+
+
+def kube_field(definition: str, description: str, default: Any = None, **kwargs) -> Any:
+    """A field holding Kubernetes API objects (`definition`, a name from its OpenAPI)."""
+    extra = {KUBE_SCHEMA: definition}
+    if isinstance(default, list) or kwargs.get("default_factory") is list:
+        kwargs.setdefault("default_factory", list)
+        return Field(description=description, json_schema_extra=extra, **kwargs)
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def _named(kind: str, items: list[dict[str, Any]], *required: str) -> list[dict[str, Any]]:
+    """Objects the renderer reads by name: each has its required keys, and names are unique."""
+    names = []
+    for i, item in enumerate(items):
+        for key in ("name", *required):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ValueError(f"{kind}[{i}] has no {key}: give each one a {key}")
+        names.append(item["name"])
+    if len(set(names)) != len(names):
+        raise ValueError(f"{kind}: names must be unique, got {names}")
+    return items
+
+
+class Resources(Strict):
+    """Compute resources of one container (Kubernetes' ResourceRequirements). GPUs are not
+    listed here: each component has one field for its GPU count, which sets the limit."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_gpus_and_requests_within_limits(self):
+        for part in ("requests", "limits"):
+            for name in getattr(self, part):
+                if name.endswith("/gpu"):
+                    raise ValueError(
+                        f"{part}.{name}: GPUs are set by the component's GPU count "
+                        "(rollout.pools[].gpusPerReplica, trainer.gpusPerWorker, reward.gpus), "
+                        "not in resources"
+                    )
+        for name, request in self.requests.items():
+            limit = self.limits.get(name)
+            if limit is not None and quantity_value(request) > quantity_value(limit):
+                raise ValueError(
+                    f"requests.{name} ({request}) is above limits.{name} ({limit}): "
+                    "a request cannot exceed its limit"
+                )
+        return self
+
+    def as_kubernetes(self) -> dict[str, dict[str, str]]:
+        return {
+            part: dict(values) for part in ("requests", "limits") if (values := getattr(self, part))
+        }
+
+
+# Labels and environment variables the platform sets itself; an override may not change them.
+RESERVED_LABEL_PREFIXES = ("app.kubernetes.io/", "rollfleet.io/")
+RESERVED_ENV_PREFIX = "ROLLFLEET_"
+
+
+class PodOverrides(Strict):
+    """What a cluster needs and the operator cannot guess, for the pods of the whole job
+    (spec.pod) or of one component (its `pod`, merged over the job's: names in maps and
+    lists replace the job's, everything else adds to it)."""
+
+    imagePullSecrets: list[dict[str, Any]] = kube_field(
+        "io.k8s.api.core.v1.LocalObjectReference",
+        "Secrets to pull the images from a private registry: [{name: regcred}]",
+        default=[],
+    )
+    serviceAccountName: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="the pods' service account (the token is still not mounted: the "
+        "services never call the Kubernetes API; cloud workload identity works without it)",
+    )
+    priorityClassName: str | None = Field(None, max_length=253)
+    runtimeClassName: str | None = Field(
+        None, max_length=253, description="e.g. nvidia, where GPU nodes need that runtime"
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="extra pod labels")
+    annotations: dict[str, str] = Field(default_factory=dict, description="extra pod annotations")
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict, description="beyond the GPU class's (rollout pools)"
+    )
+    tolerations: list[dict[str, Any]] = kube_field(
+        "io.k8s.api.core.v1.Toleration", "beyond the GPU class's", default=[]
+    )
+    env: list[dict[str, Any]] = kube_field(
+        "io.k8s.api.core.v1.EnvVar",
+        "extra environment variables of the main container (value or valueFrom)",
+        default=[],
+    )
+    volumes: list[dict[str, Any]] = kube_field(
+        "io.k8s.api.core.v1.Volume", "extra pod volumes", default=[]
+    )
+    volumeMounts: list[dict[str, Any]] = kube_field(
+        "io.k8s.api.core.v1.VolumeMount",
+        "mounts of those volumes in the main container",
+        default=[],
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _platform_labels_stay(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if key.startswith(RESERVED_LABEL_PREFIXES):
+                raise ValueError(
+                    f"{key}: labels under {list(RESERVED_LABEL_PREFIXES)} select the job's "
+                    "pods and are set by the operator; use a label of your own"
+                )
+        return labels
+
+    @field_validator("env")
+    @classmethod
+    def _platform_env_stays(cls, env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for var in _named("env", env):
+            if var["name"].startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(
+                    f"env {var['name']}: {RESERVED_ENV_PREFIX}* variables wire the services "
+                    "together and are set by the operator; set the manifest field instead"
+                )
+        return env
+
+    @field_validator("imagePullSecrets", "volumes")
+    @classmethod
+    def _named_items(cls, items: list[dict[str, Any]], info) -> list[dict[str, Any]]:
+        return _named(info.field_name, items)
+
+    @field_validator("volumeMounts")
+    @classmethod
+    def _mounts_name_a_path(cls, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, mount in enumerate(mounts):
+            for key in ("name", "mountPath"):
+                if not isinstance(mount.get(key), str) or not mount[key]:
+                    raise ValueError(f"volumeMounts[{i}] has no {key}")
+        return mounts
+
+    def over(self, base: PodOverrides | None) -> PodOverrides:
+        """These overrides merged over `base` (the job's): this one wins on each name."""
+        if base is None:
+            return self
+
+        def by(key: str, first: list[dict], second: list[dict]) -> list[dict]:
+            merged = {item[key]: item for item in first}
+            merged.update({item[key]: item for item in second})
+            return list(merged.values())
+
+        return PodOverrides.model_construct(
+            imagePullSecrets=by("name", base.imagePullSecrets, self.imagePullSecrets),
+            serviceAccountName=self.serviceAccountName or base.serviceAccountName,
+            priorityClassName=self.priorityClassName or base.priorityClassName,
+            runtimeClassName=self.runtimeClassName or base.runtimeClassName,
+            labels={**base.labels, **self.labels},
+            annotations={**base.annotations, **self.annotations},
+            nodeSelector={**base.nodeSelector, **self.nodeSelector},
+            tolerations=[*base.tolerations, *self.tolerations],
+            env=by("name", base.env, self.env),
+            volumes=by("name", base.volumes, self.volumes),
+            volumeMounts=by("mountPath", base.volumeMounts, self.volumeMounts),
+        )
+
+
+class PodSettings(Strict):
+    """A component's container resources, shared memory and pod overrides (mixed in)."""
+
+    resources: Resources | None = kube_field(
+        "io.k8s.api.core.v1.ResourceRequirements",
+        "the container's requests and limits, as in a pod spec; default: what the builtin "
+        "model needs (README: Resources)",
+    )
+    sharedMemory: Quantity | None = Field(
+        None,
+        description="size of a memory-backed /dev/shm (vLLM, NCCL); it counts against the "
+        "memory limit. Default: 2Gi per GPU, none on CPU",
+    )
+    pod: PodOverrides | None = Field(None, description="over spec.pod, for these pods only")
+
+    @model_validator(mode="after")
+    def _shared_memory_fits(self):
+        limit = self.resources.limits.get("memory") if self.resources else None
+        if (
+            self.sharedMemory
+            and limit
+            and quantity_value(self.sharedMemory) >= quantity_value(limit)
+        ):
+            raise ValueError(
+                f"sharedMemory ({self.sharedMemory}) must be below resources.limits.memory "
+                f"({limit}): /dev/shm is memory the container's limit counts"
+            )
+        return self
 
 
 class WarmupSpec(Strict):
@@ -272,7 +506,7 @@ class SamplingSpec(Strict):
     )
 
 
-class PoolSpec(Strict):
+class PoolSpec(PodSettings):
     name: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     replicas: int = Field(2, ge=1, le=MAX_REPLICAS, description="rollout workers in this pool")
     engine: Literal["torch", "vllm"] = "torch"
@@ -286,12 +520,37 @@ class PoolSpec(Strict):
         le=256,
         description="torch engine: CPU threads per worker (the pod requests as many CPUs)",
     )
+    gpusPerReplica: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="GPUs per worker of a GPU pool: vLLM's tensor-parallel size (the "
+        "model's attention heads must divide by it) and the pod's GPU limit",
+    )
     prefers: Literal["prefill", "decode", "any"] = Field(
         "any",
         description="affinity routing: the work this pool is best at; prefill = many turns and "
         "long contexts (compute-bound: compute-optimised GPUs such as H800), decode = long "
         "generations (bandwidth-bound: H20), any = no preference",
     )
+
+    __cel__ = (
+        Cel(
+            '{self.gpusPerReplica} == 1 || (has(self.gpuClass) && {self.engine} == "vllm")',
+            "gpusPerReplica above 1 shards a vLLM engine over a replica's GPUs: set gpuClass "
+            "and engine: vllm, or gpusPerReplica: 1",
+            field_path=".gpusPerReplica",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel_needs_vllm_on_gpus(self):
+        if self.gpusPerReplica > 1 and (self.engine != "vllm" or not self.gpuClass):
+            raise ValueError(
+                f"gpusPerReplica ({self.gpusPerReplica}) above 1 shards a vLLM engine over a "
+                "replica's GPUs: set gpuClass and engine: vllm, or gpusPerReplica: 1"
+            )
+        return self
 
 
 MAX_POOLS = 16  # bounds the cost of the CRD's CEL rules that iterate over the pools
@@ -366,7 +625,7 @@ class RolloutSpec(Strict):
         return self
 
 
-class TrainerSpec(Strict):
+class TrainerSpec(PodSettings):
     steps: int = Field(200, ge=1, description="RL steps (policy versions) to train")
     promptsPerStep: int = Field(16, ge=1, description="prompts (groups) per training batch")
     workers: int = Field(1, ge=1, description="data-parallel trainer workers (>1 uses Ray Train)")
@@ -436,7 +695,7 @@ class RewardClientSpec(Strict):
     )
 
 
-class RewardSpec(Strict):
+class RewardSpec(PodSettings):
     functions: list[RewardFunctionSpec] = Field(
         default_factory=list, description="weighted reward functions; empty = the task's verifier"
     )
@@ -473,7 +732,7 @@ class RewardSpec(Strict):
         return models
 
 
-class EnvSpec(Strict):
+class EnvSpec(PodSettings):
     replicas: int = Field(1, ge=1)
     sessionTimeoutSeconds: float = Field(
         300, gt=0, description="idle sessions are closed after this"
@@ -558,6 +817,11 @@ class RLJobSpec(Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     weights: WeightsSpec = WeightsSpec()
     suspend: bool = False
+    pod: PodOverrides = Field(
+        default_factory=PodOverrides,
+        description="every pod of the job: image pull secrets, service account, labels, "
+        "extra env and volumes... (a component's own `pod` adds to these)",
+    )
     methods: MethodsSpec = Field(
         default_factory=MethodsSpec,
         description="method modules switched on, each with its own parameters (README: Method modules)",

@@ -218,7 +218,7 @@ def test_a_search_corpus_on_a_volume_reaches_the_trainer_and_env(workers):
     children = render(job, "ns", CONFIG, knative=True)
     reward = by_name(children)["Service", names("search")["reward"]]
     [container] = reward["spec"]["template"]["spec"]["containers"]
-    assert container["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
     with_files = set()
     for child in children:
         if child["apiVersion"] in CUSTOM:
@@ -235,3 +235,181 @@ def test_a_search_corpus_on_a_volume_reaches_the_trainer_and_env(workers):
                 assert {"name": "run", "emptyDir": {}} in pod["volumes"]
                 assert {"name": "run", "mountPath": "/var/lib/rollfleet"} in mounts
     assert with_files == {names("search")["trainer"], names("search")["env"]}
+
+
+# --- a real model on a GPU cluster: resources, /dev/shm, tensor parallelism, overrides ------
+def qwen_children() -> dict[tuple[str, str], dict]:
+    job = load_manifest("examples/qwen-7b-h800-h20.yaml")
+    return by_name(render(job, "team-a", CONFIG, knative=True))
+
+
+def test_the_7b_example_gets_its_resources_shared_memory_and_tensor_parallel_gpus():
+    children = qwen_children()
+    compute = children["Deployment", "qwen-7b-rollout-compute"]["spec"]["template"]["spec"]
+    bandwidth = children["Deployment", "qwen-7b-rollout-bandwidth"]["spec"]["template"]["spec"]
+    assert compute["containers"][0]["resources"] == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"},
+    }
+    # two GPUs per H20 worker: vLLM's tensor-parallel size comes from the same field
+    assert bandwidth["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    for pod, size in ((compute, "8Gi"), (bandwidth, "16Gi")):
+        shm = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}
+        assert shm in pod["volumes"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    rayjob = children["RayJob", "qwen-7b-trainer"]["spec"]["rayClusterSpec"]
+    head = rayjob["headGroupSpec"]["template"]["spec"]
+    worker = rayjob["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["containers"][0]["resources"] == {
+        "requests": {"cpu": "16", "memory": "256Gi"},
+        "limits": {"memory": "256Gi", "nvidia.com/gpu": "2"},
+    }
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in worker[
+        "volumes"
+    ]
+    # the head runs the driver only: no GPU, no /dev/shm of its own
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    assert all(v["name"] != "dshm" for v in head["volumes"])
+
+
+def test_the_7b_examples_pod_overrides_reach_the_pods_they_name():
+    children = qwen_children()
+    pods = {name: pod_specs(child) for (_, name), child in children.items() if pod_specs(child)}
+    assert set(pods) == {
+        "qwen-7b-rollout-compute",
+        "qwen-7b-rollout-bandwidth",
+        "qwen-7b-trainer",
+        "qwen-7b-reward",
+        "qwen-7b-env",
+    }
+    for name, specs in pods.items():
+        for pod in specs:
+            # spec.pod: every pod pulls with the secret and mounts the model read-only
+            assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert volumes["models"]["persistentVolumeClaim"] == {
+                "claimName": "model-cache",
+                "readOnly": True,
+            }
+            container = pod["containers"][0]
+            assert {"name": "models", "mountPath": "/models", "readOnly": True} in container[
+                "volumeMounts"
+            ]
+            assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
+            # the components' own: the weights volume where versions are written and read
+            assert ("weights" in volumes) == (name not in ("qwen-7b-reward", "qwen-7b-env"))
+            trainer = name == "qwen-7b-trainer"
+            assert (pod.get("priorityClassName") == "rl-training") == trainer
+
+
+def test_labels_annotations_and_scheduling_overrides_add_to_the_operators():
+    job = parse_manifest(
+        {
+            "apiVersion": "rollfleet.io/v1alpha1",
+            "kind": "RLJob",
+            "metadata": {"name": "tagged"},
+            "spec": {
+                "pod": {
+                    "labels": {"team": "rl"},
+                    "annotations": {"cost-center": "42"},
+                    "serviceAccountName": "rl-jobs",
+                    "runtimeClassName": "nvidia",
+                    "nodeSelector": {"zone": "a"},
+                    "tolerations": [{"key": "spot", "operator": "Exists"}],
+                },
+                "rollout": {
+                    "pools": [{"name": "h20", "engine": "vllm", "gpuClass": "H20"}],
+                },
+            },
+        }
+    )
+    children = by_name(render(job, "ns", CONFIG, knative=False))
+    template = children["Deployment", "tagged-rollout-h20"]["spec"]["template"]
+    assert template["metadata"]["labels"]["team"] == "rl"
+    assert template["metadata"]["labels"]["rollfleet.io/pool"] == "h20"  # ours stay
+    assert template["metadata"]["annotations"] == {"cost-center": "42"}
+    pod = template["spec"]
+    assert (pod["serviceAccountName"], pod["runtimeClassName"]) == ("rl-jobs", "nvidia")
+    assert pod["automountServiceAccountToken"] is False  # the services never call the API
+    # the GPU class's placement, and the job's on top
+    assert pod["nodeSelector"] == {"rollfleet.io/node-profile": "bandwidth-optimised", "zone": "a"}
+    assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu", "spot"]
+    for child in children.values():
+        kubernetes_validate.validate(child, "1.30", strict=True)
+
+
+def cluster_job(**spec) -> dict:
+    return {
+        "apiVersion": "rollfleet.io/v1alpha1",
+        "kind": "RLJob",
+        "metadata": {"name": "j"},
+        "spec": spec,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"pod": {"volumes": [{"name": "tmp", "emptyDir": {}}]}},
+            r"spec\.pod or spec\.\w+\.pod\.volumes: 'tmp' is a volume the operator adds",
+        ),
+        (
+            {"trainer": {"pod": {"volumeMounts": [{"name": "data", "mountPath": "/data"}]}}},
+            r"spec\.pod or spec\.trainer\.pod\.volumeMounts: /data mounts volume 'data', which no volume",
+        ),
+        (
+            {
+                "pod": {
+                    "volumes": [{"name": "scratch", "emptyDir": {}}],
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+                }
+            },
+            r"volumeMounts: /tmp is where the operator mounts its own volume",
+        ),
+        (
+            {"trainer": {"gpusPerWorker": 4, "resources": {"limits": {"memory": "8Gi"}}}},
+            r"spec\.trainer\.sharedMemory: /dev/shm of 8Gi \(2Gi per GPU unless set\) is not below resources\.limits\.memory \(8Gi\)",
+        ),
+    ],
+)
+def test_overrides_that_would_break_the_pod_name_the_field(spec, message):
+    with pytest.raises(RenderError, match=message):
+        render(parse_manifest(cluster_job(**spec)), "ns", CONFIG, knative=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"trainer": {"resources": {"requests": {"cpu": "two"}}}}, "requests.cpu"),
+        (
+            {"trainer": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
+            "GPUs are set by the component's GPU count",
+        ),
+        (
+            {"env": {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}}},
+            r"requests.memory \(2Gi\) is above limits.memory \(1Gi\)",
+        ),
+        (
+            {"reward": {"sharedMemory": "4Gi", "resources": {"limits": {"memory": "2Gi"}}}},
+            r"sharedMemory \(4Gi\) must be below resources.limits.memory",
+        ),
+        ({"pod": {"labels": {"app.kubernetes.io/instance": "x"}}}, "select the job's pods"),
+        (
+            {"pod": {"env": [{"name": "ROLLFLEET_NATS_URL", "value": "nats://elsewhere"}]}},
+            "wire the services together",
+        ),
+        ({"pod": {"env": [{"value": "1"}]}}, r"env\[0\] has no name"),
+        (
+            {"pod": {"volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]}},
+            "names must be unique",
+        ),
+        (
+            {"rollout": {"pools": [{"name": "p", "gpusPerReplica": 2}]}},
+            "set gpuClass and engine: vllm",
+        ),
+    ],
+)
+def test_bad_cluster_settings_are_refused_naming_the_field(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_manifest(cluster_job(**spec))

@@ -19,6 +19,7 @@ from rollfleet_rollout.vllm_engine import (
     VllmEngine,
     VllmNotInstalled,
     WeightLoaderExtension,
+    check_tensor_parallel,
     chunk_weights,
     from_vllm_output,
     require_vllm,
@@ -453,6 +454,55 @@ async def test_chunks_reach_every_worker_through_the_extension():
     assert engine.policy_version == 1
 
 
+class ShardedModel:
+    """One tensor-parallel rank's model, as vLLM's parallel layers load: it keeps its rows
+    (a column-parallel weight) of each whole tensor it is given."""
+
+    def __init__(self, rank: int, ranks: int):
+        self.rank, self.ranks, self.shards = rank, ranks, {}
+
+    def load_weights(self, weights):
+        for name, tensor in weights:
+            self.shards[name] = tensor.chunk(self.ranks, dim=0)[self.rank].clone()
+
+
+async def test_every_tensor_parallel_rank_keeps_its_slice_of_each_version():
+    ranks = 2
+    workers = [make_worker("cpu") for _ in range(ranks)]
+    for rank, worker in enumerate(workers):
+        worker.model_runner = SimpleNamespace(model=ShardedModel(rank, ranks))
+    llm = FakeAsyncLLM()
+
+    async def on_rpc(method, args):
+        for worker in workers:
+            getattr(worker, method)(*args)
+
+    llm.on_rpc = on_rpc
+    engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=1, chunk_bytes=64)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        f"layers.{i}.q_proj.weight": torch.randn(8, 4, generator=generator) for i in range(3)
+    }
+    await engine.load_weights(1, tensors)
+    for name, tensor in tensors.items():
+        shards = [w.model_runner.model.shards[name] for w in workers]
+        assert [s.shape for s in shards] == [(4, 4), (4, 4)]
+        assert torch.equal(torch.cat(shards), tensor)  # the ranks' slices make the whole
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "ranks", "ok"),
+    [(28, 4, 2, True), (28, 4, 4, True), (28, 4, 8, False), (32, 8, 8, True), (12, 12, 5, False)],
+)
+def test_tensor_parallel_must_divide_the_heads(heads, kv_heads, ranks, ok):
+    config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads)
+    if ok:
+        check_tensor_parallel(config, ranks)
+    else:
+        with pytest.raises(ValueError, match=r"gpusPerReplica: .* divisor of the head count"):
+            check_tensor_parallel(config, ranks)
+
+
 async def test_vllm_engine_capacity_recovers_when_a_stream_is_abandoned():
     engine = VllmEngine(FakeAsyncLLM(), FAKE_VLLM, version=0, slots=2)
     stream = engine.generate(GenerationRequest("r", [1], SamplingParams()))
@@ -586,6 +636,7 @@ def test_from_model_starts_vllm_with_prompt_embeds_and_the_weight_extension(monk
     assert model.saved_to == tokenizer.saved_to == str(tmp_path)
     assert (args["max_model_len"], args["max_num_seqs"], args["seed"]) == (256, 8, 7)
     assert args["enable_prompt_embeds"] is True
+    assert args["tensor_parallel_size"] == 1
     # log-probs of the distribution sampled from (temperature, top-p), as the trainer scores
     assert args["logprobs_mode"] == "processed_logprobs"
     module, _, cls = args["worker_extension_cls"].rpartition(".")
@@ -646,3 +697,14 @@ def test_input_embeddings_finds_the_table_by_identity(tiny_model_dir):
     name, table = input_embeddings(model)
     assert name == "model.embed_tokens.weight"
     assert torch.equal(table, model.get_input_embeddings().weight.detach())
+
+
+def test_from_model_shards_over_the_pools_gpus_per_replica(monkeypatch, tmp_path):
+    created: list[dict] = []
+    fake_vllm_modules(monkeypatch, created)
+    monkeypatch.setattr(vllm_engine.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    model = Saves(hidden_size=16, num_attention_heads=4, num_key_value_heads=2)
+    VllmEngine.from_model(model, Saves(), version=0, max_len=64, seed=0, tensor_parallel=2)
+    assert created[0]["tensor_parallel_size"] == 2
+    with pytest.raises(ValueError, match="gpusPerReplica"):
+        VllmEngine.from_model(model, Saves(), version=0, max_len=64, seed=0, tensor_parallel=3)

@@ -33,7 +33,8 @@ def test_default_job_plans_reward_env_one_pool_and_a_trainer():
     assert [components[n].replicas for n in components] == [1, 1, 2, 1]
     assert components["rollout-default"].command("py") == ["py", "-m", "rollfleet_rollout"]
     assert components["trainer"].module == "rollfleet_trainer"
-    assert "nvidia.com/gpu" not in components["rollout-default"].resources
+    assert "nvidia.com/gpu" not in components["rollout-default"].resources["limits"]
+    assert components["rollout-default"].shared_memory is None  # on CPU: the default /dev/shm
 
 
 def test_every_component_learns_the_endpoints_and_pools_learn_their_name():
@@ -60,18 +61,21 @@ def test_gpu_pools_request_a_gpu_and_carry_their_class():
         ("rollout-prefill", 2, {"gpuClass": "H800"}),
         ("rollout-decode", 3, {"gpuClass": "H20"}),
     ]
-    assert all(c.resources["nvidia.com/gpu"] == "1" for c in pools)
+    assert all(c.resources["limits"]["nvidia.com/gpu"] == "1" for c in pools)
+    # a vLLM engine's defaults: 4 CPUs, 16 GiB and 2 GiB of /dev/shm per GPU
+    assert pools[0].resources["requests"] == {"cpu": "4", "memory": "16Gi"}
+    assert pools[0].shared_memory == "2Gi"
 
 
 def test_trainer_workers_get_the_gpus_they_ask_for():
     cpu = next(c for c in plan(job(), ENDPOINTS) if c.role == "trainer")
-    assert "nvidia.com/gpu" not in cpu.resources
+    assert "nvidia.com/gpu" not in cpu.resources["limits"]
     spec = {"trainer": {"workers": 4, "promptsPerStep": 16, "gpusPerWorker": 2}}
     gpu = next(c for c in plan(job(**spec), ENDPOINTS) if c.role == "trainer")
-    assert (gpu.replicas, gpu.resources["nvidia.com/gpu"]) == (
-        1,
-        "2",
-    )  # one driver, per-worker GPUs
+    # one driver, per-worker GPUs
+    assert (gpu.replicas, gpu.resources["limits"]["nvidia.com/gpu"]) == (1, "2")
+    assert gpu.resources["requests"] == {"cpu": "8", "memory": "64Gi"}
+    assert gpu.shared_memory == "4Gi"
 
 
 def test_service_env_round_trips_through_the_environment(monkeypatch):
@@ -100,24 +104,74 @@ def test_service_env_without_the_job_says_who_starts_services(monkeypatch):
 
 def test_a_reward_service_with_models_gets_memory_and_its_gpus():
     plain = next(c for c in plan(job(), ENDPOINTS) if c.role == "reward")
-    assert plain.resources == {"cpu": "500m", "memory": "512Mi"}
+    assert plain.resources == {
+        "requests": {"cpu": "500m", "memory": "512Mi"},
+        "limits": {"cpu": "500m", "memory": "512Mi"},
+    }
     spec = {"reward": {"models": {"judge": "/models/judge"}, "gpus": 1, "replicas": 2}}
     reward = next(c for c in plan(job(**spec), ENDPOINTS) if c.role == "reward")
     assert reward.replicas == 2
-    assert reward.resources == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
+    assert reward.resources == {
+        "requests": {"cpu": "4", "memory": "16Gi"},
+        "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+    }
+    cpu_models = next(
+        c for c in plan(job(reward={"models": {"judge": "/m"}}), ENDPOINTS) if c.role == "reward"
+    )
+    assert cpu_models.resources["requests"] == {"cpu": "1", "memory": "2Gi"}
 
 
 def test_a_pools_torch_threads_reach_its_workers_and_its_cpu_request():
     pools = [{"name": "fast", "threads": 2}, {"name": "wide"}]
     components = {c.name: c for c in plan(job(rollout={"pools": pools}), ENDPOINTS)}
     fast, wide = components["rollout-fast"], components["rollout-wide"]
-    assert (fast.env["ROLLFLEET_TORCH_THREADS"], fast.resources["cpu"]) == ("2", "2")
-    assert (wide.env["ROLLFLEET_TORCH_THREADS"], wide.resources["cpu"]) == ("1", "1")
+    assert (fast.env["ROLLFLEET_TORCH_THREADS"], fast.resources["requests"]["cpu"]) == ("2", "2")
+    assert (wide.env["ROLLFLEET_TORCH_THREADS"], wide.resources["requests"]["cpu"]) == ("1", "1")
 
 
 def test_the_env_service_has_memory_for_each_sandbox_and_its_step_allowance():
     default = next(c for c in plan(job(), ENDPOINTS) if c.role == "env")
-    assert default.resources["memory"] == f"{256 + 2 * (128 + 512)}Mi"
+    assert default.resources["limits"]["memory"] == f"{256 + 2 * (128 + 512)}Mi"
     bigger = job(env={"sandboxes": 4, "stepMemoryMB": 1024})
     env = next(c for c in plan(bigger, ENDPOINTS) if c.role == "env")
-    assert env.resources["memory"] == f"{256 + 4 * (128 + 1024)}Mi"
+    assert env.resources["limits"]["memory"] == f"{256 + 4 * (128 + 1024)}Mi"
+
+
+def test_a_components_own_resources_replace_the_defaults_and_keep_its_gpus():
+    resources = {"requests": {"cpu": 16, "memory": "96Gi"}, "limits": {"memory": "96Gi"}}
+    pool = {"name": "h20", "engine": "vllm", "gpuClass": "H20", "gpusPerReplica": 2}
+    spec = {"rollout": {"pools": [{**pool, "resources": resources, "sharedMemory": "16Gi"}]}}
+    (rollout,) = [c for c in plan(job(**spec), ENDPOINTS) if c.role == "rollout"]
+    assert rollout.resources == {
+        "requests": {"cpu": "16", "memory": "96Gi"},  # YAML's 16 as Kubernetes writes it
+        "limits": {"memory": "96Gi", "nvidia.com/gpu": "2"},  # tensor parallel over two
+    }
+    assert rollout.shared_memory == "16Gi"
+
+
+def test_pod_overrides_merge_the_components_over_the_jobs():
+    spec = {
+        "pod": {
+            "imagePullSecrets": [{"name": "regcred"}],
+            "serviceAccountName": "rl-jobs",
+            "labels": {"team": "rl", "tier": "batch"},
+            "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "A", "value": "job"}],
+        },
+        "trainer": {
+            "pod": {
+                "priorityClassName": "training",
+                "labels": {"tier": "train"},
+                "env": [{"name": "A", "value": "trainer"}],
+            }
+        },
+    }
+    components = {c.name: c for c in plan(job(**spec), ENDPOINTS)}
+    trainer, reward = components["trainer"].pod, components["reward"].pod
+    assert trainer.imagePullSecrets == [{"name": "regcred"}]
+    assert (trainer.serviceAccountName, trainer.priorityClassName) == ("rl-jobs", "training")
+    assert trainer.labels == {"team": "rl", "tier": "train"}
+    assert trainer.env == [
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "A", "value": "trainer"},
+    ]
+    assert reward.priorityClassName is None and reward.labels == {"team": "rl", "tier": "batch"}

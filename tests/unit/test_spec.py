@@ -85,7 +85,7 @@ def test_explicit_reward_functions_keep_order_weights_and_params():
 def test_unknown_field_is_named():
     message = error_of(manifest(trainer={"stepz": 10}))
     assert (
-        "spec.trainer.stepz: unknown field; allowed: evalEvery, evalSamples, gpusPerWorker, promptsPerStep, steps, strategy, workers"
+        "spec.trainer.stepz: unknown field; allowed: evalEvery, evalSamples, gpusPerWorker, pod, promptsPerStep, resources, sharedMemory, steps, strategy, workers"
         in message
     )
 
@@ -93,7 +93,7 @@ def test_unknown_field_is_named():
 def test_unknown_field_in_a_list_item_lists_that_items_fields():
     message = error_of(manifest(rollout={"pools": [{"name": "a", "gpu": "H20"}]}))
     assert (
-        "spec.rollout.pools.0.gpu: unknown field; allowed: engine, gpuClass, maxBatch, name, prefers, replicas, threads"
+        "spec.rollout.pools.0.gpu: unknown field; allowed: engine, gpuClass, gpusPerReplica, maxBatch, name, pod, prefers, replicas, resources, sharedMemory, threads"
         in message
     )
 
@@ -273,6 +273,13 @@ def test_every_example_manifest_is_valid_and_its_inputs_exist(path, monkeypatch)
 
     monkeypatch.chdir(ROOT)  # examples name their data relative to the repository root
     job = load_manifest(path)  # raises ManifestError naming the field
+    mounts = [m["mountPath"] for m in job.spec.pod.volumeMounts]
+    model = job.spec.model.path
+    if model and any(model.startswith(f"{mount}/") for mount in mounts):
+        # a cluster's example: its model is on a volume the pods mount, not on this machine
+        with pytest.raises(ManifestError, match="spec.model.path"):
+            _check_inputs(job)
+        return
     _check_inputs(job)  # raises ManifestError for a missing data file or model folder
 
 

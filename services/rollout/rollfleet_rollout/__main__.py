@@ -36,6 +36,7 @@ def engine_factory(pool, spec, seed: int):
                 max_len=spec.model.maxLength,
                 seed=seed,
                 slots=pool.maxBatch,
+                tensor_parallel=pool.gpusPerReplica,
             )
         from rollfleet_rollout.torch_engine import TorchEngine
 

@@ -11,6 +11,8 @@ Written against vLLM's V1 async engine (targets vLLM 0.32; `AsyncLLM`):
 - abort: `AsyncLLM.abort(request_id)`;
 - pause/resume: `pause_generation(mode="keep", clear_cache=False)` freezes in-flight
   requests across a weight swap, `resume_generation()` continues them under the new weights;
+- tensor parallelism: `tensor_parallel_size` is the pool's `gpusPerReplica`; every rank
+  receives each chunk (collective_rpc) and its model's `load_weights` keeps its slice;
 - load weights: the worker hands over a version it fetched and checked from the weight
   store; `load_weights` pauses, sends the tensors in chunks of at most `chunk_bytes`
   through `collective_rpc("rollfleet_load_weights", args=(chunk,))`, which runs
@@ -179,6 +181,21 @@ def chunk_weights(tensors: dict, chunk_bytes: int) -> list[dict]:
     return chunks
 
 
+def check_tensor_parallel(config, tensor_parallel: int) -> None:
+    """vLLM splits attention heads (and key/value heads) over the tensor-parallel ranks;
+    say so here, naming the field, rather than from deep inside vLLM's start-up."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads is None or tensor_parallel == 1:
+        return
+    if heads % tensor_parallel or (kv_heads % tensor_parallel and tensor_parallel % kv_heads):
+        raise ValueError(
+            f"spec.rollout.pools[].gpusPerReplica: {tensor_parallel} GPUs cannot share the "
+            f"model's {heads} attention heads ({kv_heads} key/value heads) evenly: choose a "
+            "divisor of the head count"
+        )
+
+
 class WeightLoaderExtension:
     """Mixed into vLLM's GPU worker (`worker_extension_cls`): receives new weights in place.
 
@@ -240,9 +257,12 @@ class VllmEngine(Engine):
         slots: int = 256,
         chunk_bytes: int = WEIGHT_CHUNK_BYTES,
         prompt_embeds: bool = True,
+        tensor_parallel: int = 1,
     ):
-        """Start AsyncLLM on a folder written from the trainer's model and tokenizer."""
+        """Start AsyncLLM on a folder written from the trainer's model and tokenizer,
+        sharded over `tensor_parallel` GPUs (the pool's gpusPerReplica)."""
         vllm = require_vllm()
+        check_tensor_parallel(model.config, tensor_parallel)
         from vllm.v1.engine.async_llm import AsyncLLM
 
         folder = tempfile.mkdtemp(prefix="rollfleet-vllm-")
@@ -253,6 +273,9 @@ class VllmEngine(Engine):
             max_model_len=max_len,
             max_num_seqs=slots,
             seed=seed,
+            # Each rank holds a slice of every layer; weight swaps send every rank the whole
+            # tensors and the model's load_weights keeps its slice (WeightLoaderExtension).
+            tensor_parallel_size=tensor_parallel,
             enable_prefix_caching=True,
             # EngineArgs.enable_prompt_embeds: accept {"prompt_embeds": ...} prompts
             enable_prompt_embeds=prompt_embeds,
