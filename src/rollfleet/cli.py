@@ -5,6 +5,7 @@ rollfleet run --resume runs/countdown-20260101-120000
 rollfleet validate FILE                   # check a manifest, print the resolved spec
 rollfleet plan FILE                       # the components it would run
 rollfleet crd                             # the RLJob CustomResourceDefinition (YAML)
+rollfleet export RUN_DIR OUT [--step N]   # a checkpoint as a Hugging Face model folder
 rollfleet nats-keys OUT_DIR               # NATS operator-mode keys for a cluster + kubectl line
 rollfleet simulate CLUSTER.yaml           # the job on a GPU cluster, simulated
 """
@@ -203,6 +204,20 @@ def _plan(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from rollfleet_trainer.export import ExportError, export_checkpoint, start_folder
+
+    run_dir = Path(args.run_dir)
+    try:
+        start = start_folder(run_dir, Path(args.job) if args.job else None)
+        where = export_checkpoint(run_dir, args.out, start, step=args.step)
+    except ExportError as e:
+        print(f"rollfleet export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {where}")
+    return 0
+
+
 def _crd(args) -> int:
     from rollfleet.crd import render_crd
 
@@ -264,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("file")
         p.set_defaults(fn=fn)
     sub.add_parser("crd", help="print the RLJob CustomResourceDefinition").set_defaults(fn=_crd)
+    export = sub.add_parser(
+        "export", help="a checkpoint as a Hugging Face model folder (or fsspec URL)"
+    )
+    export.add_argument("run_dir", help="the run directory (its checkpoints/)")
+    export.add_argument("out", help="a folder, or an fsspec URL such as s3://bucket/policy")
+    export.add_argument(
+        "--step", type=int, help="the checkpoint of this step (default: the newest)"
+    )
+    export.add_argument("--job", help="the job's manifest, where the run directory has none")
+    export.set_defaults(fn=_export)
     keys = sub.add_parser("nats-keys", help="make NATS keys for a cluster (per-job NATS users)")
     keys.add_argument("out_dir", metavar="OUT_DIR", help="where the keys go (a new folder)")
     keys.add_argument("--namespace", default="rollfleet", help="the chart's namespace")

@@ -788,6 +788,13 @@ class WeightsSpec(Strict):
 class CheckpointSpec(Strict):
     every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
     keep: int = Field(2, ge=1, description="checkpoints kept on disk")
+    exportTo: str | None = Field(
+        "export",
+        min_length=1,
+        description="where the final policy goes as a Hugging Face model folder when the job "
+        "ends: a folder (relative: in the run directory) or an fsspec URL (s3://, gs://; "
+        "credentials from the environment); null: no export (rollfleet export does it later)",
+    )
 
 
 def _methods_spec() -> type[BaseModel]:

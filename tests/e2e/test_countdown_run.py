@@ -10,6 +10,7 @@ import json
 from statistics import mean
 
 import pytest
+import torch
 import yaml
 
 from tests.e2e.harness import cli, manifest, records, run_processes, start_run, watch
@@ -83,6 +84,58 @@ def test_outputs_and_version_sequence(countdown_run):
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept == [f"step-{STEPS // 2:08d}", f"step-{STEPS:08d}"]  # every 40, keep 2
     assert (run_dir / "model" / "warmup" / "model.safetensors").is_file()
+
+
+def trained_and_exported_logprobs(run_dir, exported):
+    """Token log-probs of a few prompts: under the trainer's final model (its start folder
+    with the last checkpoint loaded, as the trainer resumes), under the exported folder
+    (loaded by transformers alone), and under the start model."""
+    from transformers import AutoModelForCausalLM
+
+    from rollfleet.models.batching import pad_sequences, token_logprobs
+    from rollfleet.tasks import make_task
+    from rollfleet_trainer.checkpoint import latest_checkpoint, read_checkpoint
+    from rollfleet_trainer.model import load_folder
+
+    start, tokenizer = load_folder(run_dir / "model" / "warmup")
+    trainer, _ = load_folder(run_dir / "model" / "warmup")
+    weights, _, _ = read_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    trainer.load_state_dict(weights, strict=False)  # a tied lm_head is the embedding
+    loaded = AutoModelForCausalLM.from_pretrained(exported)
+    task = make_task("countdown", {}, seed=5)
+    prompts = [task.example("heldout", i).prompt for i in range(4)]
+    ids, mask = pad_sequences([tokenizer.encode(p) + tokenizer.encode(" 3") for p in prompts], 0)
+    with torch.no_grad():
+        return [token_logprobs(m.eval(), ids, mask) * mask for m in (trainer, loaded, start)]
+
+
+def test_the_final_policy_is_exported_as_a_model_folder(countdown_run):
+    run_dir = countdown_run["run_dir"]
+    result = json.loads((run_dir / "result.json").read_text())
+    exported = run_dir / "export"
+    assert result["exported_to"] == str(exported)
+    info = json.loads((exported / "rollfleet.json").read_text())
+    assert (info["job"], info["step"], info["version"]) == ("e2e-countdown", STEPS, STEPS)
+    assert (exported / "model.safetensors").is_file() and (exported / "tokenizer.json").is_file()
+    trained, loaded, start = trained_and_exported_logprobs(run_dir, exported)
+    assert torch.allclose(trained, loaded, atol=1e-5)
+    assert not torch.allclose(trained, start, atol=1e-3)  # the trained weights, not the start
+
+
+def test_rollfleet_export_writes_any_kept_checkpoint(countdown_run, tmp_path):
+    run_dir = countdown_run["run_dir"]
+    done = cli("export", str(run_dir), str(tmp_path / "mid"), "--step", str(STEPS // 2))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "mid" / "rollfleet.json").read_text())["step"] == STEPS // 2
+    missing = cli("export", str(run_dir), str(tmp_path / "none"), "--step", "7")
+    assert missing.returncode == 2
+    assert "no checkpoint of step 7" in missing.stderr and f"step-{STEPS:08d}" in missing.stderr
+    # an fsspec URL goes through fsspec (file:// here; s3:// and gs:// with their packages)
+    from rollfleet_trainer.export import export_checkpoint
+
+    url = f"file://{tmp_path}/by-url"
+    assert export_checkpoint(run_dir, url, run_dir / "model" / "warmup") == url
+    assert json.loads((tmp_path / "by-url" / "rollfleet.json").read_text())["step"] == STEPS
 
 
 def test_resume_continues_the_version_sequence(countdown_run):

@@ -277,7 +277,7 @@ def test_every_example_manifest_is_valid_and_its_inputs_exist(path, monkeypatch)
     model = job.spec.model.path
     if model and any(model.startswith(f"{mount}/") for mount in mounts):
         # a cluster's example: its model is on a volume the pods mount, not on this machine
-        with pytest.raises(ManifestError, match="spec.model.path"):
+        with pytest.raises(ManifestError, match=r"spec\.model\.path"):
             _check_inputs(job)
         return
     _check_inputs(job)  # raises ManifestError for a missing data file or model folder

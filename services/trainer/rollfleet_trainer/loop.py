@@ -54,6 +54,7 @@ from rollfleet.spec import RLJob
 from rollfleet.tasks import make_task
 from rollfleet.weight_transport import make_weight_store, publish_version
 from rollfleet_trainer.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from rollfleet_trainer.export import export_checkpoint
 from rollfleet_trainer.journal import GroupJournal
 from rollfleet_trainer.model import build_from_bus, prepare_policy
 from rollfleet_trainer.parallel import DataParallel
@@ -682,6 +683,7 @@ class Trainer:
                 prepare_policy, self.spec, self.run_dir
             )
             await publish_model_files(self.bus, folder, self.stages.model_files)
+            self.start_folder = folder  # its config and tokenizer go with an export
         await asyncio.to_thread(dp.barrier)
         if not dp.is_leader:
             folder = self.run_dir / "model" / f"rank-{dp.rank}"
@@ -777,6 +779,15 @@ class Trainer:
             "rl_seconds": round(self.state["rl_seconds"], 1),
             "trainer_workers": dp.world,
         }
+        if target := self.spec.checkpoint.exportTo:
+            where = target if "://" in target else str(self.run_dir / target)
+            result["exported_to"] = await asyncio.to_thread(
+                export_checkpoint,
+                self.run_dir,
+                where,
+                self.start_folder,
+                job=self.job.metadata.name,
+            )
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
         await self.progress("Succeeded", heldout_after=after["accuracy"])
         log.info("done: %s", result)
