@@ -335,7 +335,11 @@ def _checkpoint_mount() -> dict[str, str]:
 
 
 def _task_files(rljob, container: dict) -> list[dict[str, Any]]:
-    """Mount `task.volume` (a corpus, datasets) read-only in `container`; its pod volume."""
+    """Mount `task.volume` (a corpus, datasets) read-only in `container`, and give it the
+    keys of `task.secret` (object-store credentials) as environment variables; returns
+    the pod volume."""
+    if secret := rljob.spec.task.secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
     volume = rljob.spec.task.volume
     if volume is None:
         return []

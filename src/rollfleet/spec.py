@@ -405,6 +405,14 @@ class TaskSpec(Strict):
     volume: TaskVolume | None = Field(
         None, description="a cluster's volume holding the task's files (mounted read-only)"
     )
+    secret: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="a Secret whose keys become environment variables of the pods that read "
+        "the task's files (trainer, env): object-store credentials for s3:// or gs:// paths, "
+        "such as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    )
 
     @model_validator(mode="after")
     def _params_fit_the_task(self):
@@ -490,7 +498,7 @@ class AsyncSpec(Strict):
     )
     partialRollout: Literal["continue", "reprefill"] = Field(
         "continue",
-        description="on a weight swap, in-flight samples keep their tokens and versions and continue on the old KV cache, or re-prefill it under the new weights",
+        description="on a weight swap, in-flight samples keep their tokens and versions and continue on the old KV cache, or re-prefill it under the new weights (vllm pools: reprefill also turns prefix caching on, cleared at every swap)",
     )
 
 
@@ -855,14 +863,6 @@ class RLJobSpec(Strict):
             field_path=".async.replicatePrompts",
             reason="FieldValueForbidden",
         ),
-        Cel(  # _reprefill_needs_the_torch_engine (the default pool uses torch)
-            '{self.async.partialRollout} != "reprefill" || !has(self.rollout) || '
-            '!has(self.rollout.pools) || self.rollout.pools.all(p, {p.engine} != "vllm")',
-            "async.partialRollout: reprefill is done by the torch engine only, and vllm pools "
-            "continue in-flight requests: set partialRollout: continue",
-            field_path=".async.partialRollout",
-            reason="FieldValueForbidden",
-        ),
         # _methods_fit_the_job: each method's job-level rules, and the methods that run alone
         *(rule for _, info in sorted(METHODS.items()) for rule in info.params.__job_cel__),
         *(
@@ -908,16 +908,6 @@ class RLJobSpec(Strict):
             raise ValueError(
                 "async.envAsync: false keeps a group's env sessions in lockstep, which needs "
                 "the group in one task: set replicatePrompts: false (or envAsync: true)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _reprefill_needs_the_torch_engine(self):
-        vllm = [p.name for p in self.rollout.pools if p.engine == "vllm"]
-        if self.async_.partialRollout == "reprefill" and vllm:
-            raise ValueError(
-                f"async.partialRollout: reprefill is done by the torch engine only; pools {vllm} "
-                "use vllm, which continues in-flight requests: set partialRollout: continue"
             )
         return self
 

@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import safetensors.torch
 import torch
 
 from rollfleet_rollout import vllm_engine
@@ -18,6 +19,7 @@ from rollfleet_rollout.vllm_engine import (
     WEIGHT_CHUNK_BYTES,
     VllmEngine,
     VllmNotInstalled,
+    VllmRequestFailed,
     WeightLoaderExtension,
     check_tensor_parallel,
     chunk_weights,
@@ -181,21 +183,26 @@ def make_worker(device="cpu"):
 
     worker = Worker()
     worker.device = torch.device(device)
-    worker.model_runner = SimpleNamespace(model=RecordingModel())
+    worker.model_runner = runner(RecordingModel())
     return worker
+
+
+def runner(model):
+    """vLLM's model runner as the extension uses it: get_model() is the raw model."""
+    return SimpleNamespace(model=model, get_model=lambda: model)
 
 
 def test_weight_loader_extension_passes_name_tensor_pairs_to_the_model():
     worker = make_worker("cpu")
     tensors = {"model.embed_tokens.weight": torch.ones(3, 2), "model.norm.weight": torch.zeros(2)}
-    assert worker.rollfleet_load_weights(tensors) is None
+    assert worker.rollfleet_load_weights(safetensors.torch.save(tensors)) is None
     calls = worker.model_runner.model.calls
     assert len(calls) == 1
     weights = calls[0]
     assert isinstance(weights, list)
-    assert [name for name, _ in weights] == list(tensors)
+    assert sorted(name for name, _ in weights) == sorted(tensors)  # safetensors sorts
     for name, tensor in weights:
-        assert tensor is tensors[name]  # already on the worker's device: no copies
+        assert torch.equal(tensor, tensors[name])
 
 
 def test_weight_loader_extension_moves_tensors_to_the_worker_device():
@@ -204,9 +211,9 @@ def test_weight_loader_extension_moves_tensors_to_the_worker_device():
         "model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4, dtype=torch.bfloat16),
         "model.norm.weight": torch.zeros(4),
     }
-    worker.rollfleet_load_weights(tensors)
+    worker.rollfleet_load_weights(safetensors.torch.save(tensors))
     (weights,) = worker.model_runner.model.calls
-    assert [name for name, _ in weights] == list(tensors)
+    assert sorted(name for name, _ in weights) == sorted(tensors)
     for name, tensor in weights:
         assert tensor.device.type == "meta"
         assert (tensor.shape, tensor.dtype) == (tensors[name].shape, tensors[name].dtype)
@@ -227,7 +234,7 @@ def test_chunk_weights_packs_in_order_and_bounds_each_chunk():
     assert [list(c) for c in chunks] == [["a", "b"], ["c"], ["d"], ["e"]]
     for chunk in chunks:
         for name, tensor in chunk.items():
-            assert tensor is tensors[name]
+            assert torch.equal(tensor, tensors[name])
 
 
 def test_chunk_weights_random_sizes_every_tensor_once_and_chunks_full():
@@ -305,7 +312,8 @@ def rpc_chunks(calls) -> list[dict]:
         if call[0] == "rpc":
             assert call[1] == "rollfleet_load_weights"
             (chunk,) = call[2]
-            chunks.append(chunk)
+            assert isinstance(chunk, bytes)  # vLLM's RPC carries bytes, not tensors
+            chunks.append(safetensors.torch.load(chunk))
     return chunks
 
 
@@ -336,8 +344,8 @@ async def test_vllm_engine_generate_and_version_switch():
     # weights load with the engine paused (requests kept) and resumed afterwards
     assert [call[0] for call in llm.calls[1:]] == ["pause", "rpc", "resume"]
     assert llm.calls[1] == ("pause", "keep", False)
-    assert rpc_chunks(llm.calls) == [{"w": tensors["w"]}]
-    assert rpc_chunks(llm.calls)[0]["w"] is tensors["w"]
+    [chunk] = rpc_chunks(llm.calls)
+    assert list(chunk) == ["w"] and torch.equal(chunk["w"], tensors["w"])
 
 
 async def test_a_stop_sequence_aborts_the_vllm_request_where_it_ends():
@@ -371,12 +379,12 @@ async def test_load_weights_sends_bounded_chunks_between_pause_and_resume():
     assert llm.calls[0] == ("pause", "keep", False)
     chunks = rpc_chunks(llm.calls)
     names = list(tensors)
-    assert [list(c) for c in chunks] == [names[0:2], names[2:3], names[3:4], names[4:6]]
-    assert [name for chunk in chunks for name in chunk] == names  # each once, in order
+    assert [sorted(c) for c in chunks] == [names[0:2], names[2:3], names[3:4], names[4:6]]
+    assert sorted(name for chunk in chunks for name in chunk) == names  # each once
     for chunk in chunks:
         assert sum(tensor_bytes(t) for t in chunk.values()) <= 64 or len(chunk) == 1
         for name, tensor in chunk.items():
-            assert tensor is tensors[name]
+            assert torch.equal(tensor, tensors[name])
     assert versions_during_rpc == [4, 4, 4, 4]  # the new version only once all loaded
     assert engine.policy_version == 5
 
@@ -387,7 +395,7 @@ async def test_load_weights_failure_resumes_and_keeps_the_version(caplog):
     tensors = {name: torch.zeros(1) for name in ("a", "b", "c")}  # one chunk each
 
     async def on_rpc(method, args):
-        if "b" in args[0]:
+        if "b" in safetensors.torch.load(args[0]):
             raise RuntimeError("worker died")
 
     llm.on_rpc = on_rpc
@@ -448,7 +456,7 @@ async def test_chunks_reach_every_worker_through_the_extension():
         calls = worker.model_runner.model.calls
         assert len(calls) == 5  # 12 + 12 > 16: one tensor per chunk
         received = [pair for call in calls for pair in call]
-        assert [name for name, _ in received] == list(tensors)
+        assert sorted(name for name, _ in received) == sorted(tensors)
         for name, tensor in received:
             assert torch.equal(tensor, tensors[name])
     assert engine.policy_version == 1
@@ -470,7 +478,7 @@ async def test_every_tensor_parallel_rank_keeps_its_slice_of_each_version():
     ranks = 2
     workers = [make_worker("cpu") for _ in range(ranks)]
     for rank, worker in enumerate(workers):
-        worker.model_runner = SimpleNamespace(model=ShardedModel(rank, ranks))
+        worker.model_runner = runner(ShardedModel(rank, ranks))
     llm = FakeAsyncLLM()
 
     async def on_rpc(method, args):
@@ -708,3 +716,24 @@ def test_from_model_shards_over_the_pools_gpus_per_replica(monkeypatch, tmp_path
     assert created[0]["tensor_parallel_size"] == 2
     with pytest.raises(ValueError, match="gpusPerReplica"):
         VllmEngine.from_model(model, Saves(), version=0, max_len=64, seed=0, tensor_parallel=3)
+
+
+def test_a_request_vllm_fails_raises_so_the_task_is_handed_back():
+    failed = fake_output([7, 8], [-0.1, -0.2], True, "error")
+    with pytest.raises(VllmRequestFailed, match="finish reason error"):
+        from_vllm_output(failed, "r9", [], 3)
+
+
+async def test_reprefill_clears_the_cache_at_a_swap_and_caches_prefixes(monkeypatch, tmp_path):
+    """partialRollout: reprefill -> prefix caching on, cleared with the KV at every swap;
+    continue -> no prefix caching, so no new request reuses KV of an older version."""
+    for reprefill in (False, True):
+        created: list[dict] = []
+        fake_vllm_modules(monkeypatch, created)
+        monkeypatch.setattr(vllm_engine.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+        engine = VllmEngine.from_model(
+            Saves(hidden_size=4), Saves(), version=0, max_len=64, seed=0, reprefill=reprefill
+        )
+        assert created[0]["enable_prefix_caching"] is reprefill
+        await engine.load_weights(1, {"w": torch.ones(2)})
+        assert engine.engine.calls[0] == ("pause", "keep", reprefill)

@@ -194,7 +194,6 @@ RULES = {
     ("", ".rollout.sampling.maxNewTokens"): "must be below model.maxLength",
     ("", ".algorithm.miniBatches"): "must be a multiple of algorithm.miniBatches",
     ("", ".async.replicatePrompts"): "set replicatePrompts: false",
-    ("", ".async.partialRollout"): "set partialRollout: continue",
     ("methods.attention_credit", ".horizon"): "must be [near, far] with 1 <= near <= far",
     ("methods.ravr", ".template"): "must contain {question} and {answer}",
     ("", ".methods.ravr.posteriorSamples"): "must be below rollout.sampling.groupSize",
@@ -359,17 +358,6 @@ REFUSED = [
         {"async": {"envAsync": False, "replicatePrompts": True}},
         ("", ".async.replicatePrompts"),
     ),
-    (
-        {"async": {"partialRollout": "reprefill"}, "rollout": {"pools": [{"engine": "vllm"}]}},
-        ("", ".async.partialRollout"),
-    ),
-    (
-        {
-            "async": {"partialRollout": "reprefill"},
-            "rollout": {"pools": [{"name": "a"}, {"name": "b", "engine": "vllm"}]},
-        },
-        ("", ".async.partialRollout"),
-    ),
 ]
 
 
@@ -388,9 +376,8 @@ ACCEPTED = [
     {"rollout": {"pools": [{}, {"name": "b"}]}},
     {"async": {"envAsync": False}},
     {"async": {"replicatePrompts": True}},
-    {"async": {"partialRollout": "reprefill"}},  # the default pool uses torch
-    {"async": {"partialRollout": "reprefill"}, "rollout": {}},
-    {"async": {"partialRollout": "reprefill"}, "rollout": {"pools": [{"engine": "torch"}]}},
+    {"async": {"partialRollout": "reprefill"}},
+    {"async": {"partialRollout": "reprefill"}, "rollout": {"pools": [{"engine": "vllm"}]}},
     {"async": {}, "rollout": {"pools": [{"engine": "vllm"}]}},
 ]
 
@@ -602,15 +589,6 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
             return (
                 {"async": _pick(s["async"], "envAsync", "replicatePrompts")} if "async" in s else {}
             )
-        case ("", ".async.partialRollout"):
-            alone = {"async": _pick(s["async"], "partialRollout")} if "async" in s else {}
-            if "rollout" in s:
-                alone["rollout"] = {}
-                if pools is not None:
-                    alone["rollout"]["pools"] = [
-                        {"name": f"p{i}", **_pick(p, "engine")} for i, p in enumerate(pools)
-                    ]
-            return alone
     return None
 
 

@@ -197,12 +197,6 @@ def test_algorithm_names_and_loss_settings():
 def test_scheduling_switches_that_cannot_combine_are_refused():
     message = error_of(manifest(**{"async": {"envAsync": False, "replicatePrompts": True}}))
     assert "async.envAsync: false keeps a group's env sessions in lockstep" in message
-    pools = [{"name": "gpu", "engine": "vllm"}]
-    message = error_of(
-        manifest(rollout={"pools": pools}, **{"async": {"partialRollout": "reprefill"}})
-    )
-    assert "async.partialRollout: reprefill is done by the torch engine only" in message
-    assert "['gpu']" in message
 
 
 def test_every_bad_field_is_reported_at_once():

@@ -236,6 +236,67 @@ def test_jsonl_errors_without_path_bad_json_or_nothing_to_hold_out(tmp_path):
         make_task("jsonl", {"path": str(one)})
 
 
+def test_jsonl_task_reads_parquet_files(tmp_path):
+    """Users' datasets are usually Parquet: the same task reads it, by the suffix."""
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [{"prompt": f"q{i}", "answer": i, "source": "gsm"} for i in range(6)]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train.parquet")
+    heldout = _write_rows(tmp_path / "test.jsonl", [{"prompt": "t", "answer": "7"}])
+    task = make_task(
+        "jsonl", {"path": str(tmp_path / "train.parquet"), "heldout_path": str(heldout)}
+    )
+    assert [task.example("train", i).prompt for i in range(6)] == [f"q{i}" for i in range(6)]
+    assert task.example("train", 4).answer == "4" and task.example("heldout", 0).answer == "7"
+    not_parquet = _write_rows(tmp_path / "rows.parquet", [{"prompt": "a", "answer": "1"}])
+    with pytest.raises(
+        ValueError, match=r"task\.params\.path: .*rows\.parquet: not a Parquet file"
+    ):
+        make_task("jsonl", {"path": str(not_parquet)})
+
+
+def test_jsonl_task_reads_fsspec_urls(tmp_path):
+    import fsspec
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(5)]
+    local = _write_rows(tmp_path / "train.jsonl", rows)
+    with fsspec.open("memory://bucket/test.parquet", "wb") as f:  # an object store in memory
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows[:2]), f)
+    task = make_task(
+        "jsonl", {"path": f"file://{local}", "heldout_path": "memory://bucket/test.parquet"}
+    )
+    assert task.size("train") == 5 and task.size("heldout") == 2
+    assert task.example("heldout", 1).prompt == "q1"
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "message"),
+    [
+        (
+            "s3://bucket/train.jsonl",
+            ValueError,
+            r"task\.params\.path: s3://bucket/train\.jsonl needs the fsspec filesystem for s3://",
+        ),
+        (
+            "nosuch://bucket/train.jsonl",
+            ValueError,
+            r"task\.params\.path: nosuch://bucket/train\.jsonl cannot be opened",
+        ),
+        (
+            "memory://bucket/missing.jsonl",
+            FileNotFoundError,
+            r"task\.params\.path: memory://bucket/missing\.jsonl does not exist",
+        ),
+    ],
+)
+def test_a_bad_task_url_fails_naming_the_field(url, error, message):
+    with pytest.raises(error, match=message):
+        make_task("jsonl", {"path": url})
+
+
 # --- calculator -----------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ def engine_factory(pool, spec, seed: int):
                 seed=seed,
                 slots=pool.maxBatch,
                 tensor_parallel=pool.gpusPerReplica,
+                reprefill=reprefill,
             )
         from rollfleet_rollout.torch_engine import TorchEngine
 

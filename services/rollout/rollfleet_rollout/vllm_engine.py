@@ -9,24 +9,33 @@ Written against vLLM's V1 async engine (targets vLLM 0.32; `AsyncLLM`):
   prompt is completed with the rest of the prompt embedded from a CPU copy of the
   policy's embedding table, refreshed with each version);
 - abort: `AsyncLLM.abort(request_id)`;
-- pause/resume: `pause_generation(mode="keep", clear_cache=False)` freezes in-flight
-  requests across a weight swap, `resume_generation()` continues them under the new weights;
+- pause/resume: `pause_generation(mode="keep", clear_cache=...)` freezes in-flight
+  requests across a weight swap, `resume_generation()` continues them under the new
+  weights. With `async.partialRollout: reprefill` the cache is cleared (prefix cache and
+  the kept requests' KV, recomputed under the new weights) and prefix caching is on; with
+  `continue` (the default) the kept requests go on from their old KV and prefix caching
+  is off, so no new request ever reuses KV computed under an older version;
 - tensor parallelism: `tensor_parallel_size` is the pool's `gpusPerReplica`; every rank
   receives each chunk (collective_rpc) and its model's `load_weights` keeps its slice;
 - load weights: the worker hands over a version it fetched and checked from the weight
-  store; `load_weights` pauses, sends the tensors in chunks of at most `chunk_bytes`
-  through `collective_rpc("rollfleet_load_weights", args=(chunk,))`, which runs
+  store; `load_weights` pauses, sends the tensors in chunks of at most `chunk_bytes`,
+  each as safetensors bytes (vLLM's RPC decodes tensors only for typed signatures), through
+  `collective_rpc("rollfleet_load_weights", args=(chunk,))`, which runs
   `WeightLoaderExtension` inside every vLLM worker (`worker_extension_cls`): it moves the
   chunk to the worker's device and calls the model's own `load_weights` with
-  (name, tensor) pairs, so the engine is never restarted. Then it resumes.
+  (name, tensor) pairs, so the engine is never restarted. Then it resumes;
+- a request vLLM ends with finish reason "error" raises VllmRequestFailed: the worker hands
+  its task back.
 
 vLLM is imported lazily: it installs only with a CUDA build of torch. None of this module
-has run against a real vLLM: not on the development machine, not in CI.
+has run against a real vLLM: not on the development machine, not in CI. Every name,
+argument and return shape above was checked against vLLM 0.32.0's source (the PyPI
+wheel, commit 5df63a720) on 2026-12-01; README "vLLM" has what that check changed.
 `tests/services/test_vllm_engine.py` tests the request/response mapping, the chunked
 weight loading and the pause/resume ordering with plain stand-in objects shaped like
 vLLM's, and the clear error when vLLM is missing. What the stand-ins cannot show: that
-vLLM 0.32 still has these names and signatures, that its RPC serialisation carries the
-chunks, and that `load_weights` accepts every tensor name the trainer publishes.
+vLLM runs them as read, and that `load_weights` accepts every tensor name the trainer
+publishes.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import logging
 import tempfile
 from collections.abc import AsyncIterator
 
+import safetensors.torch
 import torch
 
 from rollfleet.episodes import ends_with_stop
@@ -57,6 +67,11 @@ WEIGHT_CHUNK_BYTES = 256 * 2**20
 
 class VllmNotInstalled(RuntimeError):
     pass
+
+
+class VllmRequestFailed(RuntimeError):
+    """vLLM ended a request with finish reason "error": the task is handed back and
+    generated again (by this worker or another)."""
 
 
 def require_vllm():
@@ -146,6 +161,8 @@ def from_vllm_output(
     versions.extend([version] * (len(tokens) - len(versions)))
     reason = None
     if output.finished:
+        if completion.finish_reason == "error":  # vLLM's internal, retryable failure
+            raise VllmRequestFailed(f"vLLM failed request {request_id!r} (finish reason error)")
         reason = {"stop": "stop", "length": "length", "abort": "abort"}.get(
             completion.finish_reason or "", "stop"
         )
@@ -208,9 +225,12 @@ class WeightLoaderExtension:
     lm_head is tied to `embed_tokens`), so updating `model.embed_tokens.weight` updates both.
     """
 
-    def rollfleet_load_weights(self, tensors: dict) -> None:
+    def rollfleet_load_weights(self, chunk: bytes) -> None:
+        """`chunk`: safetensors bytes. vLLM's RPC serialiser decodes tensors only where the
+        receiving signature is typed, so tensors sent as they are arrive as lists."""
+        tensors = safetensors.torch.load(chunk)
         weights = [(name, tensor.to(self.device)) for name, tensor in tensors.items()]
-        self.model_runner.model.load_weights(weights=weights)
+        self.model_runner.get_model().load_weights(weights=weights)
 
 
 def input_embeddings(model) -> tuple[str, torch.Tensor]:
@@ -232,6 +252,7 @@ class VllmEngine(Engine):
         prompt_embeds: bool = True,
         hidden_size: int | None = None,
         embeddings: tuple[str, torch.Tensor] | None = None,
+        reprefill: bool = False,
     ):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -243,6 +264,7 @@ class VllmEngine(Engine):
         # (tensor name, CPU copy) of the input embeddings, to embed a prompt's tokens after
         # a soft prefix (to_vllm_prompt); refreshed with every version that carries them.
         self.embeddings = embeddings
+        self.reprefill = reprefill  # clear the KV cache on a swap (see the module's docstring)
         self.running = 0
 
     @classmethod
@@ -258,6 +280,7 @@ class VllmEngine(Engine):
         chunk_bytes: int = WEIGHT_CHUNK_BYTES,
         prompt_embeds: bool = True,
         tensor_parallel: int = 1,
+        reprefill: bool = False,
     ):
         """Start AsyncLLM on a folder written from the trainer's model and tokenizer,
         sharded over `tensor_parallel` GPUs (the pool's gpusPerReplica)."""
@@ -276,7 +299,8 @@ class VllmEngine(Engine):
             # Each rank holds a slice of every layer; weight swaps send every rank the whole
             # tensors and the model's load_weights keeps its slice (WeightLoaderExtension).
             tensor_parallel_size=tensor_parallel,
-            enable_prefix_caching=True,
+            # Cached prefixes are reused only where a swap clears them (reprefill).
+            enable_prefix_caching=reprefill,
             # EngineArgs.enable_prompt_embeds: accept {"prompt_embeds": ...} prompts
             enable_prompt_embeds=prompt_embeds,
             # Sampled tokens' log-probs after temperature and top-k/top-p (renormalised over
@@ -294,6 +318,7 @@ class VllmEngine(Engine):
             prompt_embeds=prompt_embeds,
             hidden_size=getattr(model.config, "hidden_size", None),
             embeddings=input_embeddings(model) if prompt_embeds else None,
+            reprefill=reprefill,
         )
 
     async def start(self) -> None:
@@ -337,7 +362,7 @@ class VllmEngine(Engine):
         await self.engine.abort(request_id)
 
     async def pause(self) -> None:
-        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        await self.engine.pause_generation(mode="keep", clear_cache=self.reprefill)
 
     async def resume(self) -> None:
         await self.engine.resume_generation()
@@ -357,7 +382,9 @@ class VllmEngine(Engine):
         try:
             for i, chunk in enumerate(chunks):
                 try:
-                    await self.engine.collective_rpc("rollfleet_load_weights", args=(chunk,))
+                    await self.engine.collective_rpc(
+                        "rollfleet_load_weights", args=(safetensors.torch.save(chunk),)
+                    )
                 except Exception:
                     log.error(
                         "weights v%d: chunk %d/%d failed; %d of %d tensors were loaded, "

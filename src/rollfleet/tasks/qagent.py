@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from rollfleet.tasks import Example, Split, Task, TaskEnv, register_task
-from rollfleet.tasks.jsonl import _read_rows, read_jsonl
+from rollfleet.tasks.jsonl import _read_rows, read_records
 
 # Two-hop question types: (question suffix, first relation, second relation).
 RELATIONS = {
@@ -151,7 +151,7 @@ class Index:
 def read_corpus(path: str) -> list[Passage]:
     """Passages from a JSON Lines file: `text` (or `contents`) and an optional `id`."""
     passages = []
-    for number, row in read_jsonl(Path(path), "task.params.corpus"):
+    for number, row in read_records(path, "task.params.corpus"):
         text = row.get("text", row.get("contents"))
         if not isinstance(text, str):
             raise ValueError(f"{path}:{number}: a passage needs a string field 'text'")
@@ -275,7 +275,7 @@ class QAgentTask(Task):
             self.kb = None
             self.index = Index(read_corpus(corpus))
             self._rows = {
-                split: _read_rows(Path(path), "question", "answer", f"task.params.{field}")
+                split: _read_rows(path, "question", "answer", f"task.params.{field}")
                 for split, field, path in (
                     ("train", "questions", questions),
                     ("heldout", "heldout", heldout),
