@@ -350,18 +350,59 @@ def _task_files(rljob, container: dict) -> list[dict[str, Any]]:
     return [{"name": "task-files", "persistentVolumeClaim": claim}]
 
 
+HF_CACHE_DIR = "/var/cache/huggingface"  # HF_HOME in the trainer's pods
+
+
+def _model_cache(rljob, namespace: str, container: dict, shared: bool, config):
+    """For `model.huggingface`: the Hugging Face cache on a claim (the job's `cacheClaim`,
+    or `<job>-model-cache`, which this returns as a child to create) mounted as HF_HOME,
+    and the token from `tokenSecret`. Returns (pod volumes, children)."""
+    source = rljob.spec.model.huggingface
+    if source is None:
+        return [], []
+    job = rljob.metadata.name
+    container["env"].append({"name": "HF_HOME", "value": HF_CACHE_DIR})
+    if source.tokenSecret:
+        token = {"secretKeyRef": {"name": source.tokenSecret, "key": "token"}}
+        container["env"].append({"name": "HF_TOKEN", "valueFrom": token})
+    container["volumeMounts"].append({"name": "model-cache", "mountPath": HF_CACHE_DIR})
+    claim = source.cacheClaim or f"{job}-model-cache"
+    volumes = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": claim}}]
+    if source.cacheClaim:
+        return volumes, []
+    spec: dict[str, Any] = {
+        # every trainer pod of a RayJob mounts it; the leader rank, wherever Ray put it, fetches
+        "accessModes": ["ReadWriteMany" if shared else "ReadWriteOnce"],
+        "resources": {"requests": {"storage": source.cacheSize}},
+    }
+    if config.trainer.storageClassName:
+        spec["storageClassName"] = config.trainer.storageClassName
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(claim, namespace, job, "trainer"),
+        "spec": spec,
+    }
+    return volumes, [pvc]
+
+
 def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any]]:
     job, spec = rljob.metadata.name, rljob.spec
     name = names(job)["trainer"]
     container = _container(component, config.images.trainer, config, job, "nvidia.com/gpu")
     container["volumeMounts"].append(_checkpoint_mount())
     task_files = _task_files(rljob, container)  # held-out evaluation and warm-up read them
+    cache, cache_claims = _model_cache(
+        rljob, namespace, container, spec.trainer.workers > 1, config
+    )
+    task_files += cache
     storage = {"requests": {"storage": config.trainer.checkpointStorage}}
     claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": storage}
     if config.trainer.storageClassName:
         claim_spec["storageClassName"] = config.trainer.storageClassName
     if spec.trainer.workers == 1:
         return [
+            *cache_claims,
             _service(name, namespace, job, "trainer"),
             {
                 "apiVersion": "apps/v1",
@@ -409,6 +450,7 @@ def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any
     head_component = replace(component, shared_memory=None)
     pod_metadata = _template_metadata(job, component, "trainer")
     return [
+        *cache_claims,
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",

@@ -87,8 +87,15 @@ def _check_inputs(job) -> None:
         )
     if spec.suspend:
         raise ManifestError("spec.suspend is true: a suspended job does not run; set it to false")
-    if spec.model.path:
-        _check_model_folder(spec.model.path, spec.model.maxLength)
+    from rollfleet.models.source import ModelSourceError, model_folder
+
+    try:  # model.huggingface is fetched into the cache now: the trainer finds it there
+        own = model_folder(spec.model)
+    except ModelSourceError as e:
+        raise ManifestError(str(e)) from None
+    if own is not None:
+        field = "spec.model.path" if spec.model.path else "spec.model.huggingface"
+        _check_model_folder(str(own), spec.model.maxLength, field)
     try:
         task = make_task(spec.task.name, spec.task.params, spec.seed)
         prompts = [
@@ -98,7 +105,7 @@ def _check_inputs(job) -> None:
         ]
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise ManifestError(f"spec.task: {e}") from None
-    _check_context(spec, prompts)
+    _check_context(spec, prompts, own)
 
 
 def _count(size: int | None) -> int:
@@ -106,13 +113,13 @@ def _count(size: int | None) -> int:
     return PROMPTS_CHECKED if size is None else min(size, PROMPTS_CHECKED)
 
 
-def _check_model_folder(path: str, max_length: int) -> None:
-    """`model.path` must be a Hugging Face folder the trainer can load (a config of a
+def _check_model_folder(path: str, max_length: int, field: str = "spec.model.path") -> None:
+    """The job's model must be a Hugging Face folder the trainer can load (a config of a
     registered architecture, the fast tokenizer, weights) whose positions cover
     model.maxLength; otherwise the trainer would fail on it after everything started."""
     from rollfleet.models.architectures import ARCHITECTURES
 
-    folder, where = Path(path), f"spec.model.path: {path!r}"
+    folder, where = Path(path), f"{field}: {path!r}"
     if not folder.is_dir():
         what = "is a file, not" if folder.exists() else "does not exist; it should be"
         raise ManifestError(f"{where} {what} a Hugging Face model folder")
@@ -143,14 +150,14 @@ def _check_model_folder(path: str, max_length: int) -> None:
         )
 
 
-def _check_context(spec, prompts: list[str]) -> None:
+def _check_context(spec, prompts: list[str], own: Path | None) -> None:
     """The task's longest prompt and rollout.sampling.maxNewTokens together must fit
     model.maxLength, the context the engines give a sample (spec.py checks that
-    maxNewTokens alone does)."""
-    if spec.model.path:
+    maxNewTokens alone does). `own`: the job's model folder, None for the builtin one."""
+    if own is not None:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(Path(spec.model.path) / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(own / "tokenizer.json"))
         lengths = [len(e.ids) for e in tokenizer.encode_batch(prompts, add_special_tokens=False)]
     else:
         lengths = [len(p) for p in prompts]  # the builtin tokenizer: one token per character

@@ -114,6 +114,7 @@ MAX_REPLICAS = 2**31 - 1
 # Kubernetes API object carries KUBE_SCHEMA: the CRD embeds Kubernetes' own schema for it
 # (rollfleet.crd), and pydantic checks what the renderer relies on.
 KUBE_SCHEMA = "x-rollfleet-kubernetes"
+KUBE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # an object's name (DNS subdomain)
 # resource.Quantity's grammar (k8s.io/apimachinery): 500m, 2, 1.5Gi, 64Mi, 1e3
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
@@ -218,7 +219,7 @@ class PodOverrides(Strict):
     )
     serviceAccountName: str | None = Field(
         None,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=KUBE_NAME,
         max_length=253,
         description="the pods' service account (the token is still not mounted: the "
         "services never call the Kubernetes API; cloud workload identity works without it)",
@@ -351,9 +352,47 @@ class WarmupSpec(Strict):
     )
 
 
+class HuggingFaceSource(Strict):
+    """A model on the Hugging Face Hub, fetched once into the job's cache
+    (rollfleet.models.source)."""
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$",
+        max_length=96,
+        description="the model's id: org/name",
+    )
+    revision: str = Field(
+        "main",
+        pattern=r"^[\w][\w./-]*$",
+        max_length=255,
+        description="a commit, tag or branch; a commit pins the run (a resume must resolve "
+        "the same commit)",
+    )
+    tokenSecret: str | None = Field(
+        None,
+        pattern=KUBE_NAME,
+        max_length=253,
+        description="a Secret whose key `token` is a Hugging Face token, for gated or "
+        "private models (locally: the HF_TOKEN variable)",
+    )
+    cacheClaim: str | None = Field(
+        None,
+        pattern=KUBE_NAME,
+        max_length=253,
+        description="a PersistentVolumeClaim holding the Hugging Face cache, shared by jobs; "
+        "default: the operator creates <job>-model-cache for this job",
+    )
+    cacheSize: Quantity = Field("100Gi", description="size of the claim the operator creates")
+
+
 class ModelSpec(Strict):
     path: str | None = Field(
-        None, description="Hugging Face model folder; empty means the builtin tiny Llama"
+        None,
+        description="Hugging Face model folder (locally, or on a volume the pods mount); "
+        "empty (and no huggingface) means the builtin tiny Llama",
+    )
+    huggingface: HuggingFaceSource | None = Field(
+        None, description="or a model id on the Hugging Face Hub at a revision"
     )
     architecture: ArchitectureName = Field(
         "llama",
@@ -371,7 +410,19 @@ class ModelSpec(Strict):
             "model.heads must divide model.hidden",
             field_path=".heads",
         ),
+        Cel(
+            "!has(self.path) || !has(self.huggingface)",
+            "model.path and model.huggingface name two models: keep one",
+            field_path=".huggingface",
+            reason="FieldValueForbidden",
+        ),
     )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path and self.huggingface:
+            raise ValueError("model.path and model.huggingface name two models: keep one")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -407,7 +458,7 @@ class TaskSpec(Strict):
     )
     secret: str | None = Field(
         None,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=KUBE_NAME,
         max_length=253,
         description="a Secret whose keys become environment variables of the pods that read "
         "the task's files (trainer, env): object-store credentials for s3:// or gs:// paths, "

@@ -413,3 +413,42 @@ def test_overrides_that_would_break_the_pod_name_the_field(spec, message):
 def test_bad_cluster_settings_are_refused_naming_the_field(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_manifest(cluster_job(**spec))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_hugging_face_model_gets_a_cache_claim_and_its_token(workers):
+    huggingface = {"id": "Qwen/Qwen2.5-7B-Instruct", "revision": "a09a3545", "tokenSecret": "hf"}
+    job = parse_manifest(
+        cluster_job(
+            model={"huggingface": huggingface},
+            trainer={"workers": workers, "promptsPerStep": 16},
+        )
+    )
+    children = by_name(render(job, "ns", CONFIG, knative=False))
+    claim = children["PersistentVolumeClaim", "j-model-cache"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    # a RayJob's pods all mount it, wherever Ray puts the leader rank that fetches
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany" if workers > 1 else "ReadWriteOnce"]
+    trainer = children["RayJob" if workers > 1 else "StatefulSet", "j-trainer"]
+    for pod in pod_specs(trainer):
+        volume = {"name": "model-cache", "persistentVolumeClaim": {"claimName": "j-model-cache"}}
+        assert volume in pod["volumes"]
+        container = pod["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["HF_HOME"]["value"] == "/var/cache/huggingface"
+        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+        assert {"name": "model-cache", "mountPath": "/var/cache/huggingface"} in container[
+            "volumeMounts"
+        ]
+    # only the trainer loads the model: the pools take it from the trainer over NATS
+    pool = children["Deployment", "j-rollout-default"]["spec"]["template"]["spec"]
+    assert all(v["name"] != "model-cache" for v in pool["volumes"])
+    for child in children.values():
+        if child["apiVersion"] not in CUSTOM:
+            kubernetes_validate.validate(child, "1.30", strict=True)
+    # a claim the job names is used as it is, not created
+    shared = parse_manifest(
+        cluster_job(model={"huggingface": {**huggingface, "cacheClaim": "hf-cache"}})
+    )
+    kinds = {kind for kind, _ in by_name(render(shared, "ns", CONFIG, knative=False))}
+    assert "PersistentVolumeClaim" not in kinds

@@ -187,6 +187,7 @@ CEL = "x-kubernetes-validations"
 # Where each rule sits (a path below .spec) and the field it blames: one per validator.
 RULES = {
     ("model", ".heads"): "must divide model.hidden",
+    ("model", ".huggingface"): "name two models: keep one",
     ("rollout", ".pools"): "pool names must be unique",
     ("rollout.pools[]", ".gpusPerReplica"): "set gpuClass and engine: vllm",
     ("rollout", ".routing"): "needs routing: affinity",
@@ -430,6 +431,8 @@ def random_spec(rng: random.Random) -> dict:
                 "heads": [1, 2, 3, 4, 5, 8],
                 "architecture": ["llama", "nezha"],
                 "maxLength": [8, 12, 64],
+                "path": ["/models/m"],
+                "huggingface": [{"id": "org/m"}],
             },
         ),
         "task": lambda: _maybe(rng, {"name": ["countdown", "recommend", "qagent", "recgpt"]}),
@@ -563,6 +566,8 @@ def project(rule: tuple[str, str], s: dict) -> dict | None:
                 "task": {"name": "recgpt"},
                 "reward": {"models": {"align": "builtin:recgpt-align"}},
             }
+        case ("model", ".huggingface") if "model" in s:
+            return {"model": _pick(s["model"], "path", "huggingface")}
         case ("model", _) if "model" in s:
             return {"model": _pick(s["model"], "hidden", "heads")}
         case ("rollout.pools[]", ".gpusPerReplica"):

@@ -11,7 +11,7 @@ OUT is a folder, or an fsspec URL (s3://bucket/path, gs://...) when that filesys
 package is installed (s3fs, gcsfs) and its credentials are in the environment (in a
 cluster, from a Secret through the job's `pod.env`). The config and tokenizer come from
 the folder the trainer started from: `<run dir>/model/warmup` (the builtin model, or a
-model after its methods' warm-up), else the job's `model.path`.
+model after its methods' warm-up), else the job's `model.path` or `model.huggingface`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rollfleet.models.architectures import import_architectures
+from rollfleet.models.source import ModelSourceError, model_folder
 from rollfleet.spec import load_manifest
 from rollfleet_trainer.checkpoint import latest_checkpoint
 
@@ -46,12 +47,15 @@ def start_folder(run_dir: Path, job_file: Path | None = None) -> Path:
             f"{run_dir} has no model/warmup folder and no job.yaml: pass --job with the "
             "job's manifest (in a cluster, /etc/rollfleet/job.yaml)"
         )
-    path = load_manifest(job_file).spec.model.path
-    if not path or not (Path(path) / "config.json").is_file():
+    try:
+        folder = model_folder(load_manifest(job_file).spec.model)  # model.path, or the snapshot
+    except ModelSourceError as e:
+        raise ExportError(str(e)) from None
+    if folder is None or not (folder / "config.json").is_file():
         raise ExportError(
-            f"spec.model.path: {path!r} is not a model folder to take the config from"
+            f"spec.model: {str(folder)!r} is not a model folder to take the config from"
         )
-    return Path(path)
+    return folder
 
 
 def checkpoint_at(run_dir: Path, step: int | None) -> Path:

@@ -18,6 +18,7 @@ from rollfleet.bus import Bus
 from rollfleet.methods import Stages
 from rollfleet.models.architectures import ARCHITECTURES, import_architectures
 from rollfleet.models.files import fetch_model_files
+from rollfleet.models.source import model_folder
 from rollfleet.models.warmup import warmup_sft
 from rollfleet.spec import RLJobSpec
 from rollfleet.tasks import make_task
@@ -48,7 +49,8 @@ async def build_from_bus(bus: Bus, folder: Path, extra: tuple[str, ...] = ()):
 def prepare_policy(spec: RLJobSpec, run_dir: Path):
     """Returns (model, tokenizer, folder holding its config and tokenizer files).
 
-    The start model (`model.path`, or the builtin model after its warm-up SFT), then the
+    The start model (`model.path`, `model.huggingface`'s snapshot, or the builtin model
+    after its warm-up SFT), then the
     enabled methods' `warmup` stages; the result is cached in <run dir>/model/warmup."""
     stages = Stages.for_spec(spec)
     folder = run_dir / "model" / "warmup"
@@ -56,10 +58,10 @@ def prepare_policy(spec: RLJobSpec, run_dir: Path):
         log.info("using the cached warm-up model in %s", folder)
         model, tokenizer = load_folder(folder)
         return model.eval(), tokenizer, folder
-    if spec.model.path:
-        model, tokenizer = load_folder(Path(spec.model.path))
+    if (own := model_folder(spec.model, run_dir)) is not None:
+        model, tokenizer = load_folder(own)
         if not stages.warms_up:
-            return model.eval(), tokenizer, Path(spec.model.path)
+            return model.eval(), tokenizer, own
     else:
         model, tokenizer = builtin_warm_model(spec, run_dir)
     if stages.warms_up:
