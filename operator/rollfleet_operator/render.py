@@ -386,12 +386,25 @@ def _model_cache(rljob, namespace: str, container: dict, shared: bool, config):
     return volumes, [pvc]
 
 
+def _tracking_secrets(rljob, container: dict) -> None:
+    """The trackers' credentials, from the Secrets the job names, for the trainer."""
+    tracking = rljob.spec.tracking
+    for settings, secret_field, key, variable in (
+        (tracking.wandb, "apiKeySecret", "apiKey", "WANDB_API_KEY"),
+        (tracking.mlflow, "tokenSecret", "token", "MLFLOW_TRACKING_TOKEN"),
+    ):
+        if settings is not None and (secret := getattr(settings, secret_field)):
+            ref = {"secretKeyRef": {"name": secret, "key": key}}
+            container["env"].append({"name": variable, "valueFrom": ref})
+
+
 def _trainer(rljob, component, namespace, config, stopped) -> list[dict[str, Any]]:
     job, spec = rljob.metadata.name, rljob.spec
     name = names(job)["trainer"]
     container = _container(component, config.images.trainer, config, job, "nvidia.com/gpu")
     container["volumeMounts"].append(_checkpoint_mount())
     task_files = _task_files(rljob, container)  # held-out evaluation and warm-up read them
+    _tracking_secrets(rljob, container)
     cache, cache_claims = _model_cache(
         rljob, namespace, container, spec.trainer.workers > 1, config
     )

@@ -856,6 +856,47 @@ class CheckpointSpec(Strict):
     )
 
 
+class WandbSpec(Strict):
+    project: str = Field(min_length=1, max_length=128, description="the W&B project")
+    entity: str | None = Field(None, description="team or user; default: the API key's")
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="offline writes the run's files into the run directory (`wandb sync` "
+        "uploads them later); online needs WANDB_API_KEY",
+    )
+    apiKeySecret: str | None = Field(
+        None,
+        pattern=KUBE_NAME,
+        max_length=253,
+        description="a Secret whose key `apiKey` is the W&B API key, given to the trainer as "
+        "WANDB_API_KEY (locally: set the variable)",
+    )
+
+
+class MlflowSpec(Strict):
+    trackingUri: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="the MLflow tracking server (http://mlflow.mlflow:5000) or store",
+    )
+    experiment: str | None = Field(None, max_length=500, description="default: the job's name")
+    tokenSecret: str | None = Field(
+        None,
+        pattern=KUBE_NAME,
+        max_length=253,
+        description="a Secret whose key `token` is the server's bearer token, given to the "
+        "trainer as MLFLOW_TRACKING_TOKEN (locally: set the variable)",
+    )
+
+
+class TrackingSpec(Strict):
+    """Step metrics to experiment trackers, beside metrics.jsonl and Prometheus
+    (rollfleet_trainer.tracking)."""
+
+    wandb: WandbSpec | None = Field(None, description="Weights & Biases")
+    mlflow: MlflowSpec | None = Field(None, description="MLflow")
+
+
 def _methods_spec() -> type[BaseModel]:
     """`spec.methods`: one optional field per registered method, typed by its parameters."""
     fields: dict[str, Any] = {
@@ -883,6 +924,9 @@ class RLJobSpec(Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     weights: WeightsSpec = WeightsSpec()
     suspend: bool = False
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="experiment trackers: W&B, MLflow"
+    )
     pod: PodOverrides = Field(
         default_factory=PodOverrides,
         description="every pod of the job: image pull secrets, service account, labels, "

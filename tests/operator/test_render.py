@@ -283,23 +283,19 @@ def test_the_7b_examples_pod_overrides_reach_the_pods_they_name():
         "qwen-7b-env",
     }
     for name, specs in pods.items():
+        trainer = name == "qwen-7b-trainer"
         for pod in specs:
-            # spec.pod: every pod pulls with the secret and mounts the model read-only
+            # spec.pod: every pod pulls with the secret
             assert pod["imagePullSecrets"] == [{"name": "regcred"}]
             volumes = {v["name"]: v for v in pod["volumes"]}
-            assert volumes["models"]["persistentVolumeClaim"] == {
-                "claimName": "model-cache",
-                "readOnly": True,
-            }
-            container = pod["containers"][0]
-            assert {"name": "models", "mountPath": "/models", "readOnly": True} in container[
-                "volumeMounts"
-            ]
-            assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
             # the components' own: the weights volume where versions are written and read
             assert ("weights" in volumes) == (name not in ("qwen-7b-reward", "qwen-7b-env"))
-            trainer = name == "qwen-7b-trainer"
             assert (pod.get("priorityClassName") == "rl-training") == trainer
+            # the Hugging Face cache: the trainer fetches the model, the pools get it from it
+            assert ("model-cache" in volumes) == trainer
+    cache = children["PersistentVolumeClaim", "qwen-7b-model-cache"]["spec"]
+    assert cache["accessModes"] == ["ReadWriteMany"]  # four Ray trainer pods mount it
+    assert cache["resources"]["requests"]["storage"] == "50Gi"
 
 
 def test_labels_annotations_and_scheduling_overrides_add_to_the_operators():
@@ -452,3 +448,23 @@ def test_a_hugging_face_model_gets_a_cache_claim_and_its_token(workers):
     )
     kinds = {kind for kind, _ in by_name(render(shared, "ns", CONFIG, knative=False))}
     assert "PersistentVolumeClaim" not in kinds
+
+
+def test_trackers_get_their_credentials_from_secrets_in_the_trainer_only():
+    tracking = {
+        "wandb": {"project": "rl", "apiKeySecret": "wandb"},
+        "mlflow": {"trackingUri": "http://mlflow.mlflow:5000", "tokenSecret": "mlflow"},
+    }
+    children = by_name(
+        render(parse_manifest(cluster_job(tracking=tracking)), "ns", CONFIG, knative=False)
+    )
+    [trainer] = pod_specs(children["StatefulSet", "j-trainer"])
+    env = {e["name"]: e for e in trainer["containers"][0]["env"]}
+    assert env["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "apiKey"}}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mlflow", "key": "token"}
+    }
+    [pool] = pod_specs(children["Deployment", "j-rollout-default"])
+    assert not {"WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN"} & {
+        e["name"] for e in pool["containers"][0]["env"]
+    }

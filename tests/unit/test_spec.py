@@ -4,6 +4,7 @@ import copy
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from rollfleet.spec import ManifestError, load_manifest, parse_manifest
 
@@ -262,16 +263,16 @@ def test_load_manifest_bad_yaml_and_bad_field_name_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_example_manifest_is_valid_and_its_inputs_exist(path, monkeypatch):
+def test_every_example_manifest_is_valid_and_its_inputs_exist(path, monkeypatch, tmp_path):
     from rollfleet.cli import _check_inputs
 
     monkeypatch.chdir(ROOT)  # examples name their data relative to the repository root
     job = load_manifest(path)  # raises ManifestError naming the field
-    mounts = [m["mountPath"] for m in job.spec.pod.volumeMounts]
-    model = job.spec.model.path
-    if model and any(model.startswith(f"{mount}/") for mount in mounts):
-        # a cluster's example: its model is on a volume the pods mount, not on this machine
-        with pytest.raises(ManifestError, match=r"spec\.model\.path"):
+    if job.spec.model.huggingface:
+        # a cluster's example: its model is on the Hub, which this machine cannot reach
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+        with pytest.raises(ManifestError, match=r"spec\.model\.huggingface: .* not in the"):
             _check_inputs(job)
         return
     _check_inputs(job)  # raises ManifestError for a missing data file or model folder

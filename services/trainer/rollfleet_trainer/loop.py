@@ -58,6 +58,7 @@ from rollfleet_trainer.export import export_checkpoint
 from rollfleet_trainer.journal import GroupJournal
 from rollfleet_trainer.model import build_from_bus, prepare_policy
 from rollfleet_trainer.parallel import DataParallel
+from rollfleet_trainer.tracking import Trackers
 
 log = logging.getLogger("trainer")
 
@@ -684,6 +685,7 @@ class Trainer:
             )
             await publish_model_files(self.bus, folder, self.stages.model_files)
             self.start_folder = folder  # its config and tokenizer go with an export
+            self.trackers = await asyncio.to_thread(Trackers.open, self.job, self.run_dir)
         await asyncio.to_thread(dp.barrier)
         if not dp.is_leader:
             folder = self.run_dir / "model" / f"rank-{dp.rank}"
@@ -789,6 +791,7 @@ class Trainer:
                 job=self.job.metadata.name,
             )
         (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        await asyncio.to_thread(self.trackers.close, result)
         await self.progress("Succeeded", heldout_after=after["accuracy"])
         log.info("done: %s", result)
         return result
@@ -879,6 +882,7 @@ class Trainer:
         OFF_POLICY.set(stats["off_policy_fraction"])
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        await asyncio.to_thread(self.trackers.log, record)
         await self.progress(
             "Running",
             mean_reward=stats["mean_reward"],
