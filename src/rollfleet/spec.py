@@ -698,6 +698,11 @@ class TrainerSpec(PodSettings):
     evalSamples: int = Field(
         4, ge=1, description="answers sampled per held-out prompt; accuracy is their mean (avg@k)"
     )
+    sharePrefix: bool = Field(
+        True,
+        description="compute each group's shared prompt once in the forward and backward "
+        "(exact: used where a group's samples share their prompt tokens); false: per sample",
+    )
     evalEvery: int = Field(
         0, ge=0, description="held-out evaluation every N steps; 0 = only at start and end"
     )

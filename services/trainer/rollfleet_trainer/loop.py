@@ -46,6 +46,7 @@ from rollfleet.evaluation import heldout_accuracy
 from rollfleet.methods import Stages
 from rollfleet.models.batching import TrainBatch, token_logprobs
 from rollfleet.models.files import publish_model_files
+from rollfleet.models.prefix_sharing import grouped_token_logprobs, shared_prompt_groups, supports
 from rollfleet.models.weights import export_state
 from rollfleet.protocol import Progress, RolloutTask, Trajectory, TrajectoryStatus
 from rollfleet.routing import Router
@@ -498,16 +499,22 @@ class Trainer:
     def policy_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """The `policy_logprobs` stage: a method's, or the model's sampling log-probs."""
         logprobs = self.stages.policy_logprobs(self.train_model, batch)
-        if logprobs is None:
-            sampling = self.spec.rollout.sampling
-            logprobs = token_logprobs(
-                self.train_model,
-                batch.input_ids,
-                batch.attention_mask,
-                sampling.temperature,
-                sampling.topP,
+        if logprobs is not None:
+            return logprobs
+        sampling = self.spec.rollout.sampling
+        # each group's shared prompt once (rollfleet.models.prefix_sharing), where exact
+        groups = shared_prompt_groups(batch) if self.spec.trainer.sharePrefix else None
+        if groups is not None and supports(self.train_model):
+            return grouped_token_logprobs(
+                self.train_model, batch, groups, sampling.temperature, sampling.topP
             )
-        return logprobs
+        return token_logprobs(
+            self.train_model,
+            batch.input_ids,
+            batch.attention_mask,
+            sampling.temperature,
+            sampling.topP,
+        )
 
     def train_step(self, groups: list[Group]) -> dict:
         """One batch: advantages, then `algorithm.epochs` passes of `miniBatches` updates.
