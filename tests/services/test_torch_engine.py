@@ -135,6 +135,37 @@ async def test_logprobs_match_hf_forward_under_continuous_batching(make_engine, 
     assert len({len(r.prompt_ids) for r in requests}) > 4
 
 
+async def test_a_groups_shared_prompt_is_prefilled_once_and_sampled_as_before(make_engine, model):
+    """Four samples of one prompt and two other prompts admitted together: three prompts
+    prefilled, the group's KV copied into its other slots; the same seeded samples, token
+    for token, as an engine that prefills every request."""
+    rng = random.Random(3)
+    shared = random_prompt(rng, 18)
+    prompts = [shared] * 4 + [random_prompt(rng, 9), random_prompt(rng, 13)]
+
+    async def generate(engine):
+        requests = [
+            request(f"r{i}", p, max_new_tokens=10, temperature=1.0) for i, p in enumerate(prompts)
+        ]
+        outputs = await asyncio.gather(*(drain(engine.generate(r)) for r in requests))
+        return [(o.token_ids, o.logprobs) for o in outputs]
+
+    sharing = await make_engine(slots=8, max_len=64, seed=5, eos_token_id=NO_EOS)
+    alone = await make_engine(slots=8, max_len=64, seed=5, eos_token_id=NO_EOS, share_prompts=False)
+    shared_out, alone_out = await generate(sharing), await generate(alone)
+    assert (sharing.prefill_tokens, sharing.prefill_tokens_shared) == (18 + 9 + 13, 3 * 18)
+    assert (alone.prefill_tokens, alone.prefill_tokens_shared) == (4 * 18 + 9 + 13, 0)
+    for (tokens, logprobs), (alone_tokens, alone_logprobs) in zip(
+        shared_out, alone_out, strict=True
+    ):
+        assert tokens == alone_tokens
+        assert logprobs == pytest.approx(alone_logprobs, abs=1e-5)
+    assert len({tuple(t) for t, _ in shared_out[:4]}) > 1  # the group's samples differ
+    for prompt, (tokens, logprobs) in zip(prompts, shared_out, strict=True):
+        expected = hf_logprobs(model, prompt, tokens)
+        assert (torch.tensor(logprobs) - expected).abs().max().item() < 1e-4
+
+
 async def test_slot_decode_at_mixed_positions_matches_hf(model):
     """SlotLlama directly: two slots prefilled with different prompt lengths, then decoded
     together, each at its own position."""

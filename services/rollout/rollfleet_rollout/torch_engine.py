@@ -1,8 +1,9 @@
 """The torch engine: continuous batching over a fixed set of slots sharing one KV cache.
 
 Each slot holds one sequence at its own position. Every engine step first prefills
-waiting requests into free slots, then runs one batched decode forward over all active
-slots; finished sequences leave and new ones join at the next step. New weights are
+waiting requests into free slots (requests with the same prompt, a group's samples, share
+one prefill: its KV is copied into their slots), then runs one batched decode forward
+over all active slots; finished sequences leave and new ones join at the next step. New weights are
 swapped in between steps, and every token records the policy version that produced it.
 
 The forward pass is written here over the modules of a Hugging Face Llama model (the
@@ -148,6 +149,14 @@ class SlotLlama:
         return self._logits(last)
 
     @torch.inference_mode()
+    def copy_slots(self, sources: list[int], targets: list[int], width: int) -> None:
+        """Copy the first `width` cached positions of each source slot into its target."""
+        device = self.k_cache.device
+        src, dst = torch.tensor(sources, device=device), torch.tensor(targets, device=device)
+        self.k_cache[:, dst, :, :width] = self.k_cache[:, src, :, :width]
+        self.v_cache[:, dst, :, :width] = self.v_cache[:, src, :, :width]
+
+    @torch.inference_mode()
     def decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
         """One token for each of `slots` at its own position; returns next-token logits [B, V]."""
         span = int(positions.max()) + 1
@@ -238,8 +247,11 @@ class TorchEngine(Engine):
         seed: int = 0,
         version: int = 0,
         reprefill_on_swap: bool = False,
+        share_prompts: bool = True,
     ):
         self.model = model.eval()
+        # A group's samples admitted together prefill their prompt once (`_prefill`).
+        self.share_prompts = share_prompts
         # Partial rollout: after a weight swap, in-flight sequences keep their tokens (and
         # versions) and either continue on the KV cache the old weights computed, or have it
         # recomputed under the new weights first (`async.partialRollout: reprefill`).
@@ -260,6 +272,8 @@ class TorchEngine(Engine):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.tokens_generated = 0
+        self.prefill_tokens = 0  # prompt tokens run through the model
+        self.prefill_tokens_shared = 0  # prompt tokens whose KV was copied instead
         self.steps = 0
         self.backbone_rows = 0
         backbone = getattr(model, "model", None)
@@ -435,12 +449,37 @@ class TorchEngine(Engine):
         )
 
     def _prefill(self, admitted: list[_Sequence]):
+        """Prefill the admitted sequences' prompts. Sequences with the same prompt (a
+        group's samples) share one prefill: its keys and values are copied into the
+        others' slots and its last logits row is sampled once for each of them."""
+        first: dict[tuple, int] = {}  # prompt -> index into `unique`
+        unique: list[_Sequence] = []
+        source = []
+        for i, seq in enumerate(admitted):
+            shareable = self.share_prompts and seq.request.prompt_embeds is None
+            key = tuple(seq.request.prompt_ids) if shareable else ("alone", i)
+            if key not in first:
+                first[key] = len(unique)
+                unique.append(seq)
+            source.append(first[key])
         logits = self.runner.prefill(
-            [s.slot for s in admitted],
-            [s.request.prompt_ids for s in admitted],
-            [s.request.prompt_embeds for s in admitted],
+            [s.slot for s in unique],
+            [s.request.prompt_ids for s in unique],
+            [s.request.prompt_embeds for s in unique],
         )
-        self._append(admitted, logits)
+        copies = [
+            (unique[j].slot, seq.slot)
+            for seq, j in zip(admitted, source, strict=True)
+            if seq is not unique[j]
+        ]
+        if copies:
+            width = max(len(seq.request.prompt_ids) for seq in admitted)
+            self.runner.copy_slots([a for a, _ in copies], [b for _, b in copies], width)
+        self.prefill_tokens += sum(len(s.request.prompt_ids) for s in unique)
+        self.prefill_tokens_shared += sum(len(s.request.prompt_ids) for s in admitted) - sum(
+            len(s.request.prompt_ids) for s in unique
+        )
+        self._append(admitted, logits[torch.tensor(source, device=logits.device)])
 
     def _decode(self):
         seqs = list(self._active.values())
