@@ -164,13 +164,13 @@ def plan(job: RLJob, endpoints: Endpoints) -> list[Component]:
     for index, pool in enumerate(spec.rollout.pools):
         env = {
             **replace(base, pool=pool.name).to_env(),
-            "ROLLFLEET_TORCH_THREADS": str(pool.threads),
+            "ROLLFLEET_TORCH_THREADS": str(pool.threads or 1),
         }
         gpus = pool.gpusPerReplica if pool.gpuClass else 0
         if gpus:  # a vLLM engine: the model, its CUDA graphs, and its CPU swap space
             cpu, memory = str(4 * gpus), f"{16 * gpus}Gi"
         else:
-            cpu, memory = str(pool.threads), "2Gi"
+            cpu, memory = str(pool.threads or 1), "2Gi"
         components.append(
             Component(
                 f"rollout-{pool.name}",

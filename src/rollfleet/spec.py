@@ -573,11 +573,13 @@ class PoolSpec(PodSettings):
         None, description="GPU class for placement (e.g. H800, H20); none = CPU"
     )
     maxBatch: int = Field(64, ge=1, description="sequences decoded together (engine slots)")
-    threads: int = Field(
-        1,
+    threads: int | None = Field(
+        None,
         ge=1,
         le=256,
-        description="torch engine: CPU threads per worker (the pod requests as many CPUs)",
+        description="torch engine: CPU threads per worker (the pod requests as many CPUs); "
+        "default: 1 in a cluster, and locally a share of the machine's cores "
+        "(rollfleet.local.runtime.torch_threads)",
     )
     gpusPerReplica: int = Field(
         1,

@@ -175,3 +175,34 @@ def test_pod_overrides_merge_the_components_over_the_jobs():
         {"name": "A", "value": "trainer"},
     ]
     assert reward.priorityClassName is None and reward.labels == {"team": "rl", "tier": "batch"}
+
+
+@pytest.mark.parametrize(
+    ("cores", "spec", "expected"),
+    [
+        (2, {}, {"trainer": 1, "rollout-default": 1}),
+        (16, {}, {"trainer": 8, "rollout-default": 4}),
+        (
+            16,
+            {"trainer": {"workers": 2, "promptsPerStep": 16}},
+            {"trainer": 4, "rollout-default": 4},
+        ),
+        (
+            16,
+            {
+                "rollout": {
+                    "pools": [
+                        {"name": "a", "replicas": 3},
+                        {"name": "b", "replicas": 1, "threads": 2},
+                    ]
+                }
+            },
+            {"trainer": 8, "rollout-a": 2, "rollout-b": 2},
+        ),
+        (1, {}, {"trainer": 1, "rollout-default": 1}),
+    ],
+)
+def test_the_local_runtime_shares_the_cores_between_trainer_and_workers(cores, spec, expected):
+    from rollfleet.local.runtime import torch_threads
+
+    assert torch_threads(job(**spec), cores) == expected

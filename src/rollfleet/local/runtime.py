@@ -76,6 +76,24 @@ class Child:
             return "(no log)"
 
 
+def torch_threads(job: RLJob, cores: int) -> dict[str, int]:
+    """Torch threads of each compute process, by component name (the rest get one).
+
+    The trainer and the rollout workers run at the same time (asynchronous RL): the
+    trainer gets half the cores (shared by its Ray ranks), the workers share the other
+    half, at least one thread each; a pool's own `threads` stands. On 2 cores every process
+    gets 1 (the busy processes already outnumber the cores); on 16 cores with the default
+    two workers, the trainer 8 and each worker 4."""
+    spec = job.spec
+    trainer_cores = max(1, cores // 2)
+    workers = sum(pool.replicas for pool in spec.rollout.pools)
+    per_worker = max(1, (cores - trainer_cores) // max(1, workers))
+    threads = {"trainer": max(1, trainer_cores // spec.trainer.workers)}
+    for pool in spec.rollout.pools:
+        threads[f"rollout-{pool.name}"] = pool.threads or per_worker
+    return threads
+
+
 def write_job_file(job: RLJob, run_dir: Path) -> Path:
     path = run_dir / "job.yaml"
     data = job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
@@ -107,6 +125,7 @@ class LocalRun:
         self.restarts: dict[str, int] = {}  # child name -> restarts in this run
         self.nats_crashes: list[float] = []
         # The HTTP services everyone else calls get their ports up front; the rest pick their own.
+        self.threads = torch_threads(job, len(os.sched_getaffinity(0)))
         self._ports = {
             "reward": [free_port() for _ in range(job.spec.reward.replicas)],
             "env": [free_port()],
@@ -122,6 +141,7 @@ class LocalRun:
         if port is None:
             ports = self._ports.get(component.role)
             port = ports[replica] if ports else free_port()
+        threads = self.threads.get(component.name, 1)
         env = {
             **os.environ,
             **component.env,
@@ -129,8 +149,8 @@ class LocalRun:
             "ROLLFLEET_REPLICA": str(replica),
             TOKEN_ENV: self.service_token,
             "PYTHONUNBUFFERED": "1",
-            # Each process is one worker on a small machine; oversubscribing threads only thrashes.
-            "OMP_NUM_THREADS": "1",
+            "ROLLFLEET_TORCH_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads),  # more than the process's share only thrashes
             "TOKENIZERS_PARALLELISM": "false",
         }
         if component.role in BUS_ROLES:
