@@ -105,3 +105,41 @@ def test_a_trainer_step_with_shared_prompts_ends_where_the_per_sample_step_ends(
     for a, b in zip(shared_stats, alone_stats, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["response_tokens"] == b["response_tokens"]
+
+
+def test_the_work_counted_is_the_prompt_once_per_group():
+    from rollfleet.models.prefix_sharing import forward_work
+
+    groups = synthetic_groups(step=1, prompts=2, group_size=GROUP, vocab=64)
+    batch = batch_of(groups)
+    prompts = [len(g.samples[0][0].prompt_ids) for g in groups]
+    responses = [[len(g.samples[i][0].response_ids) for i in range(GROUP)] for g in groups]
+    alone_tokens, alone_pairs = forward_work(batch, None)
+    shared_tokens, shared_pairs = forward_work(batch, shared_prompt_groups(batch))
+    assert alone_tokens == sum(GROUP * p + sum(r) for p, r in zip(prompts, responses, strict=True))
+    assert shared_tokens == sum(p + sum(r) for p, r in zip(prompts, responses, strict=True))
+    assert alone_tokens - shared_tokens == sum((GROUP - 1) * p for p in prompts)
+    # a response attends to the prompt and to itself either way: the prompt's own pairs are
+    # what is saved
+    saved = sum((GROUP - 1) * p * (p + 1) // 2 for p in prompts)
+    assert alone_pairs - shared_pairs == saved
+
+
+def test_flops_count_two_per_matmul_weight_per_token(folder):
+    from rollfleet.models.flops import FlopMeter, matmul_weights
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    weights = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    # the input embedding is a lookup; a tied lm_head multiplies by that same table
+    assert matmul_weights(model) == weights - embedding + (
+        embedding if config.tie_word_embeddings else 0
+    )
+    meter = FlopMeter(model)
+    meter.add(10, 55, factor=3)
+    meter.busy_seconds = 2.0
+    expected = 3 * (
+        2 * matmul_weights(model) * 10 + 4 * config.num_hidden_layers * config.hidden_size * 55
+    )
+    assert meter.flops == expected and meter.per_second() == expected / 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rollfleet.episodes import ends_with_stop
 from rollfleet.models.architectures import architecture_of, load_slot_runner
+from rollfleet.models.flops import FlopMeter, causal_pairs
 from rollfleet_rollout.engine import Engine, GenerationOutput, GenerationRequest
 
 
@@ -272,6 +274,7 @@ class TorchEngine(Engine):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.tokens_generated = 0
+        self.meter = FlopMeter(model)  # model FLOPs and busy seconds (rollfleet.models.flops)
         self.prefill_tokens = 0  # prompt tokens run through the model
         self.prefill_tokens_shared = 0  # prompt tokens whose KV was copied instead
         self.steps = 0
@@ -391,7 +394,9 @@ class TorchEngine(Engine):
                     self.model.load_state_dict(tensors, strict=False)
                     self.policy_version = version
                     if self.reprefill_on_swap and self._active:
+                        started = time.perf_counter()
                         self._reprefill(list(self._active.values()))
+                        self.meter.busy_seconds += time.perf_counter() - started
                 if self._paused:
                     continue
                 queued = (*self._waiting, *self._items, *self._active.values())
@@ -408,12 +413,14 @@ class TorchEngine(Engine):
                     seq.slot = free.pop(0)
                     self._active[seq.slot] = seq
                     admitted.append(seq)
+            started = time.perf_counter()
             if items:
                 self._decode_items(items)
             if admitted:
                 self._prefill(admitted)
             if self._active:
                 self._decode()
+            self.meter.busy_seconds += time.perf_counter() - started
             self.steps += 1
         for seq in [*self._waiting, *self._items, *self._active.values()]:
             self._finish(seq, "abort")
@@ -442,6 +449,9 @@ class TorchEngine(Engine):
     def _reprefill(self, seqs: list[_Sequence]):
         """Recompute the KV cache of every token but the last (the next decode step feeds
         it), so sequences continue as if the new weights had read their whole context."""
+        for seq in seqs:
+            length = len(seq.request.prompt_ids) + len(seq.output.token_ids) - 1
+            self.meter.add(length, causal_pairs(length))
         self.runner.prefill(
             [s.slot for s in seqs],
             [s.request.prompt_ids + s.output.token_ids[:-1] for s in seqs],
@@ -476,6 +486,9 @@ class TorchEngine(Engine):
             width = max(len(seq.request.prompt_ids) for seq in admitted)
             self.runner.copy_slots([a for a, _ in copies], [b for _, b in copies], width)
         self.prefill_tokens += sum(len(s.request.prompt_ids) for s in unique)
+        for seq in unique:
+            length = len(seq.request.prompt_ids)
+            self.meter.add(length, causal_pairs(length))
         self.prefill_tokens_shared += sum(len(s.request.prompt_ids) for s in admitted) - sum(
             len(s.request.prompt_ids) for s in unique
         )
@@ -487,6 +500,7 @@ class TorchEngine(Engine):
         slots = torch.tensor([s.slot for s in seqs], device=device)
         tokens = torch.tensor([s.next_token for s in seqs], device=device)
         positions = torch.tensor([s.position for s in seqs], device=device)
+        self.meter.add(len(seqs), sum(s.position + 1 for s in seqs))
         self._append(seqs, self.runner.decode(slots, tokens, positions))
 
     def _append(self, seqs: list[_Sequence], logits: torch.Tensor):

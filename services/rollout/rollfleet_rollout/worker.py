@@ -65,6 +65,11 @@ from rollfleet_rollout.reward_client import FAILED_SAMPLES, RewardClient, Reward
 log = logging.getLogger("rollout")
 
 TOKENS = Counter("rollfleet_rollout_tokens_total", "Tokens generated", ["pool"])
+ENGINE_FLOPS = Gauge(
+    "rollfleet_rollout_engine_model_flops_per_second",
+    "The torch engine's model FLOPs (prefill and decode) over its busy time so far",
+    ["pool"],
+)
 SAMPLES = Counter("rollfleet_rollout_samples_total", "Trajectories published", ["pool", "status"])
 TASKS_RUNNING = Gauge(
     "rollfleet_rollout_tasks_running", "Tasks in progress on this worker", ["pool"]
@@ -264,6 +269,8 @@ class RolloutWorker:
             if out.finish_reason == "abort":
                 CANCELLED.labels(self.pool.name).inc()
             TOKENS.labels(self.pool.name).inc(len(out.token_ids))
+            if (meter := getattr(self.engine, "meter", None)) is not None:
+                ENGINE_FLOPS.labels(self.pool.name).set(meter.per_second())
             return Generated(out.token_ids, out.logprobs, out.versions, out.finish_reason)
 
         async def check(turn: int | None, episode: Episode) -> TrajectoryStatus | None:

@@ -46,7 +46,13 @@ from rollfleet.evaluation import heldout_accuracy
 from rollfleet.methods import Stages
 from rollfleet.models.batching import TrainBatch, token_logprobs
 from rollfleet.models.files import publish_model_files
-from rollfleet.models.prefix_sharing import grouped_token_logprobs, shared_prompt_groups, supports
+from rollfleet.models.flops import FlopMeter
+from rollfleet.models.prefix_sharing import (
+    forward_work,
+    grouped_token_logprobs,
+    shared_prompt_groups,
+    supports,
+)
 from rollfleet.models.weights import export_state
 from rollfleet.protocol import Progress, RolloutTask, Trajectory, TrajectoryStatus
 from rollfleet.routing import Router
@@ -84,6 +90,10 @@ HELDOUT = Gauge(
 IN_FLIGHT = Gauge("rollfleet_trainer_groups_in_flight", "Prompt groups issued and not yet consumed")
 SAMPLES = Counter("rollfleet_trainer_samples_total", "Samples consumed by training steps")
 DROPPED = Counter("rollfleet_trainer_samples_dropped_total", "Samples not trained on", ["reason"])
+FLOPS = Gauge(
+    "rollfleet_trainer_model_flops_per_second",
+    "The leader rank's model FLOPs over its last step's time (forward and backward)",
+)
 STALENESS = Histogram(
     "rollfleet_trainer_staleness",
     "Policy versions between a sample's oldest token and the trainer",
@@ -463,6 +473,8 @@ class Trainer:
         leader's CPU (a sharded model's forward needs every rank)."""
         self.device = self._device()
         self.model, self.tokenizer = model, tokenizer
+        self.meter = FlopMeter(model)  # model FLOPs of each step (rollfleet.models.flops)
+        self.flops_recorded = 0.0  # the meter's count at the last metrics record
         if self.dp.sharded:
             self.eval_model = copy.deepcopy(model) if self.dp.is_leader else model
             full = model.state_dict() if self.dp.is_leader else {}
@@ -496,6 +508,12 @@ class Trainer:
         return state
 
     # --- one optimizer step -----------------------------------------------------------------
+    def shared_groups(self, batch: TrainBatch) -> list[list[int]] | None:
+        """The batch's groups where each group's prompt is computed once, or None."""
+        if not self.spec.trainer.sharePrefix or not supports(self.train_model):
+            return None
+        return shared_prompt_groups(batch)
+
     def policy_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """The `policy_logprobs` stage: a method's, or the model's sampling log-probs."""
         logprobs = self.stages.policy_logprobs(self.train_model, batch)
@@ -503,8 +521,10 @@ class Trainer:
             return logprobs
         sampling = self.spec.rollout.sampling
         # each group's shared prompt once (rollfleet.models.prefix_sharing), where exact
-        groups = shared_prompt_groups(batch) if self.spec.trainer.sharePrefix else None
-        if groups is not None and supports(self.train_model):
+        groups = self.shared_groups(batch)
+        tokens, pairs = forward_work(batch, groups)
+        self.meter.add(tokens, pairs, factor=3 if torch.is_grad_enabled() else 1)
+        if groups is not None:
             return grouped_token_logprobs(
                 self.train_model, batch, groups, sampling.temperature, sampling.topP
             )
@@ -874,6 +894,10 @@ class Trainer:
             "dropped_unknown_group": self.state["dropped_unknown_group"],
             "dropped_regenerated": self.state["dropped_regenerated"],
             "step_seconds": step_seconds,
+            # this rank's model FLOPs of the step over its time (rollfleet.models.flops)
+            "model_flops_per_second": (self.meter.flops - self.flops_recorded) / step_seconds
+            if step_seconds
+            else None,
             **stats,
         }
         every, steps = self.spec.trainer.evalEvery, self.spec.trainer.steps
@@ -881,6 +905,9 @@ class Trainer:
             evaluated = await asyncio.to_thread(self.evaluate)
             record["heldout_accuracy"] = evaluated["accuracy"]
             record["heldout_greedy"] = evaluated["greedy"]
+        self.flops_recorded = self.meter.flops
+        if record["model_flops_per_second"] is not None:
+            FLOPS.set(record["model_flops_per_second"])
         STEP.set(self.state["step"])
         REWARD.set(stats["mean_reward"])
         LOSS.set(stats["loss"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from rollfleet.models.batching import TrainBatch, sampling_logprobs
+from rollfleet.models.flops import causal_pairs
 
 
 def supports(model) -> bool:
@@ -114,3 +115,20 @@ def grouped_token_logprobs(
             picked = sampling_logprobs(logits[g, previous], tokens, temperature, top_p)
             out[r, 1:length] = picked
     return out
+
+
+def forward_work(batch: TrainBatch, groups: list[list[int]] | None) -> tuple[int, int]:
+    """(tokens, attended (query, key) pairs) of one forward over the batch: each group's
+    prompt once with `groups` (grouped_token_logprobs), every row whole without."""
+    lengths = [int(n) for n in batch.attention_mask.sum(-1).tolist()]
+    if groups is None:
+        return sum(lengths), sum(causal_pairs(n) for n in lengths)
+    tokens = pairs = 0
+    for rows in groups:
+        p = batch.prompt_lengths[rows[0]]
+        tokens += p
+        pairs += causal_pairs(p)
+        for r in rows:
+            tokens += lengths[r] - p
+            pairs += causal_pairs(lengths[r] - p, prefix=p)
+    return tokens, pairs
