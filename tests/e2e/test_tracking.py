@@ -120,6 +120,7 @@ def test_step_metrics_reach_wandb_offline_and_a_real_mlflow_server(tmp_path, mon
         result = json.loads((run_dir / "result.json").read_text())
 
         client = MlflowClient(url)
+        # one run, the job's: logging from the trainer's worker thread starts no other
         (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
         assert run.info.run_name == "e2e-tracked" and run.info.status == "FINISHED"
         assert run.data.params["task.name"] == "countdown"
@@ -139,7 +140,10 @@ def test_step_metrics_reach_wandb_offline_and_a_real_mlflow_server(tmp_path, mon
     steps = {}
     for record in wandb:
         if record.WhichOneof("record_type") == "history":
-            items = {i.key: json.loads(i.value_json) for i in record.history.item}
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
             steps[items["_step"]] = items
     assert sorted(steps) == sorted(written)
     for step, items in steps.items():

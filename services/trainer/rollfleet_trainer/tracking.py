@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ class WandbTracker:
         import wandb
 
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=settings.project,
@@ -78,32 +80,47 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    def __init__(self, settings, job, run_dir: Path, config: dict):
-        import mlflow
+    """Through MlflowClient and the run's id: mlflow's fluent API keeps the active run per
+    thread, and the trainer logs from a worker thread."""
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(settings.trackingUri)
-        experiment = mlflow.set_experiment(settings.experiment or job.metadata.name)
-        found = mlflow.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir.resolve()}'",
-            output_format="list",
+    def __init__(self, settings, job, run_dir: Path, config: dict):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(settings.trackingUri)
+        name = settings.experiment or job.metadata.name
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(name)
+        )
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir.resolve()}'"
         )
         if found:  # a resumed run continues its curve
-            self.run = mlflow.start_run(run_id=found[0].info.run_id)
-        else:
-            self.run = mlflow.start_run(
-                run_name=job.metadata.name, tags={RUN_DIR_TAG: str(run_dir.resolve())}
-            )
-            # MLflow keeps parameters as text of at most 6,000 characters each
-            mlflow.log_params({k: str(v)[:6000] for k, v in flat(config).items()})
+            self.run_id = found[0].info.run_id
+            return
+        run = self.client.create_run(
+            experiment_id, run_name=job.metadata.name, tags={RUN_DIR_TAG: str(run_dir.resolve())}
+        )
+        self.run_id = run.info.run_id
+        # MLflow keeps parameters as text of at most 6,000 characters each, 100 per call
+        params = [Param(k, str(v)[:6000]) for k, v in flat(config).items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def log(self, record: dict) -> None:
-        self.mlflow.log_metrics(numbers(record), step=int(record["step"]))
+        self._metrics(numbers(record), int(record["step"]))
 
     def close(self, result: dict) -> None:
-        self.mlflow.log_metrics({f"result.{k}": v for k, v in numbers(result).items()})
-        self.mlflow.end_run()
+        self._metrics({f"result.{k}": v for k, v in numbers(result).items()}, 0)
+        self.client.set_terminated(self.run_id)
 
 
 class Trackers:
