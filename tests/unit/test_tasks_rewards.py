@@ -73,6 +73,24 @@ def test_countdown_prompt_format_and_meta():
         assert ex.id == f"countdown-train-{index}"
 
 
+def test_countdown_few_shot_prompts_start_with_the_same_solved_problems():
+    plain = make_task("countdown", {}, seed=0)
+    shots = make_task("countdown", {"few_shot": 8}, seed=0)
+    preamble = shots.example("train", 0).prompt.removesuffix(plain.example("train", 0).prompt)
+    assert preamble.count(";") == 8 and preamble.endswith(";")
+    for split in ("train", "heldout"):
+        for index in range(20):
+            ex, base = shots.example(split, index), plain.example(split, index)
+            assert ex.prompt == preamble + base.prompt  # the same preamble everywhere
+            assert (ex.meta, ex.demonstration) == (base.meta, base.demonstration)
+    for shot in preamble.rstrip(";").split(";"):  # each shot is a solved train problem
+        problem, expr = shot.split(":")
+        numbers, target = problem.split(">")
+        assert verify(expr, [int(n) for n in numbers.split()], int(target))
+    # the long-prompt workload: the prompt is at least 8x the 12 new tokens of the job
+    assert min(len(shots.example("train", i).prompt) for i in range(20)) >= 8 * 12
+
+
 def test_countdown_heldout_is_a_fixed_slice_of_the_problem_space():
     task = make_task("countdown", seed=0)
     assert task.size("heldout") == 500

@@ -4,6 +4,10 @@ Prompt `3 5 7>22:`; any expression that uses each number exactly once and evalua
 target is correct (`3*5+7`), so the reward is a verifier rather than an exact match. The
 held-out split is a slice of the problem space that the train split never generates.
 
+`few_shot` > 0 starts every prompt with that many solved train problems
+(`1 4 6>10:4+6*1;...`), the same ones for every prompt: a long prompt before a short
+answer, the long-prompt workload of the performance benchmarks.
+
 `pad_tail` > 0 ends the demonstrations with a run of dots after the expression
 (`3*5+7.....`), its length drawn from a Pareto distribution with that shape (scaled by
 `pad_scale`, capped at `pad_max`): a model warmed up on them answers with long-tailed
@@ -122,6 +126,7 @@ class Countdown(Task):
         pad_tail: float = 0.0,
         pad_scale: float = 4.0,
         pad_max: int = 40,
+        few_shot: int = 0,
     ):
         if numbers < 2:
             raise ValueError("task.params.numbers must be at least 2")
@@ -142,6 +147,19 @@ class Countdown(Task):
             max_target,
         )
         self.heldout_size, self.heldout_percent = heldout_size, heldout_percent
+        if not 0 <= few_shot <= 64:
+            raise ValueError("task.params.few_shot must be between 0 and 64")
+        self.shots = "".join(f"{p}{e};" for p, e in self._solved(few_shot))
+
+    def _solved(self, count: int) -> list[tuple[str, str]]:
+        """`count` train problems with a solution each: (prompt, expression)."""
+        rng = random.Random(f"countdown/{self.seed}/shots")
+        solved = []
+        while len(solved) < count:
+            shown, target, expr = _problem(rng, self.numbers, self.max_number, self.max_target)
+            if self.split_of(shown, target) == "train":
+                solved.append((" ".join(map(str, shown)) + f">{target}:", expr))
+        return solved
 
     def split_of(self, shown: list[int], target: int) -> Split:
         key = f"{self.seed}:{','.join(map(str, shown))}>{target}".encode()
@@ -156,7 +174,7 @@ class Countdown(Task):
             shown, target, expr = _problem(rng, self.numbers, self.max_number, self.max_target)
             if self.split_of(shown, target) == split:
                 break
-        prompt = " ".join(map(str, shown)) + f">{target}:"
+        prompt = self.shots + " ".join(map(str, shown)) + f">{target}:"
         return Example(
             id=f"countdown-{split}-{index}",
             prompt=prompt,
