@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt bench-affinity bench-reward bench-simulate bench-faults bench-soak images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt bench-affinity bench-reward bench-simulate bench-faults bench-soak bench-prefix images dashboards-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ bench-reward: $(STAMP)  ## a slow long-tailed reward on 1, 2, 4 and 8 replicas: 
 
 bench-faults: $(STAMP)  ## each of five kinds of process SIGKILLed 3 times mid-run: lost, trained twice, accuracy (~55 min)
 	$(BIN)/python benchmarks/faults.py
+
+bench-prefix: $(STAMP)  ## a group's shared prompt once against per sample: trainer steps and engine tokens/s, default and long prompts (~5 min)
+	$(BIN)/python benchmarks/prefix_sharing.py
 
 bench-soak: $(STAMP)  ## the default job for 2,000 steps: resident memory of every process and NATS's backlog (~30 min)
 	$(BIN)/python benchmarks/soak.py
