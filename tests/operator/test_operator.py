@@ -75,6 +75,9 @@ async def test_every_example_yields_its_children(
                 ["PersistentVolumeClaim", "RayJob"] if workers > 1 else ["Service", "StatefulSet"]
             )
             expected += ["KnativeService"] if knative else ["Deployment", "Service"]
+            hugging_face = spec.get("model", {}).get("huggingface", {})
+            if hugging_face and not hugging_face.get("cacheClaim"):
+                expected.append("PersistentVolumeClaim")  # the model cache the job gets
             assert kinds == sorted(expected), path.name
             for obj in found.values():
                 refs = obj["metadata"]["ownerReferences"]

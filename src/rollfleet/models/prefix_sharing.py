@@ -26,9 +26,14 @@ from rollfleet.models.flops import causal_pairs
 
 
 def supports(model) -> bool:
-    """Whether the model takes a custom 4D mask: transformers' sdpa and eager attention."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+    """Whether the model takes a custom 4D mask: a model class of transformers' own (the
+    builtin architectures with attention of their own, FusedKV and NEZHA, build their
+    masks themselves) with sdpa or eager attention."""
+    inner = getattr(model, "module", model)
+    # FSDP2 wraps the class in one of torch's own (FSDPLlamaForCausalLM): look behind it
+    cls = next(c for c in type(inner).__mro__ if not c.__module__.startswith("torch."))
+    own = cls.__module__.startswith("transformers.models.")
+    return own and getattr(inner.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def shared_prompt_groups(batch: TrainBatch) -> list[list[int]] | None:
