@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as tensors_from_bytes
 
 from rollfleet.episodes import ends_with_stop
 from rollfleet_rollout.engine import (
@@ -228,7 +229,7 @@ class WeightLoaderExtension:
     def rollfleet_load_weights(self, chunk: bytes) -> None:
         """`chunk`: safetensors bytes. vLLM's RPC serialiser decodes tensors only where the
         receiving signature is typed, so tensors sent as they are arrive as lists."""
-        tensors = safetensors.torch.load(chunk)
+        tensors = tensors_from_bytes(chunk)  # safetensors: no pickle
         weights = [(name, tensor.to(self.device)) for name, tensor in tensors.items()]
         self.model_runner.get_model().load_weights(weights=weights)
 
