@@ -5,12 +5,13 @@ the real `Trainer.train_step`; the single-worker reference runs in this process.
 step trains on 4 prompt groups of 4 samples with responses of different lengths, so the
 two ranks hold different token counts and the loss normalisation across ranks matters.
 
-- 2 workers (DDP) after K steps == 1 worker after K steps;
-- 2 workers with FSDP2 (fully_shard) after K steps == 1 worker;
-- a checkpoint written by 2 workers resumes on 1, and one written by 1 resumes on 2,
-  and either way K more steps end where 2K uninterrupted single-worker steps end;
-- sequence-mean aggregation with RAVR (its pull rows give the ranks different row
-  counts) takes the same steps on 2 workers as on 1.
+- 2 workers (DDP) after K steps == 1 worker after K steps, and their checkpoint resumes
+  on 1 worker: K more steps end where 2K uninterrupted single-worker steps end;
+- a checkpoint written by 1 worker resumes on 2 workers with FSDP2 (fully_shard), and K
+  more steps end there too;
+- FSDP2 shards every registered architecture (FusedKV's fused layers) and keeps the step,
+  here under sequence-mean aggregation with RAVR (its pull rows give the ranks different
+  row counts).
 """
 
 from __future__ import annotations
@@ -246,51 +247,14 @@ def test_single_worker_training_moves_the_weights_and_resumes_exactly(setting):
     )
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_take_the_steps_of_one(local_ray, setting, strategy):
-    root, config = setting
-    fit_two_workers(config(f"two-{strategy}", STEPS, "k.safetensors", strategy=strategy), local_ray)
-    assert json.loads((root / f"two-{strategy}" / "world.json").read_text()) == {"world": 2}
-    assert_close(
-        weights(root / f"two-{strategy}" / "k.safetensors"),
-        weights(root / "single" / "k.safetensors"),
-    )
-
-
-def test_fsdp_shards_every_registered_architecture_and_keeps_the_step(local_ray, setting):
-    """FusedKV (its top layers have no key/value projections, and fusion weights instead)
-    under FSDP on two workers takes the step of one process."""
-    root, config = setting
-    folder = ARCHITECTURES["fusedkv"].create(root / "fusedkv-model", seed=0)
-    train(config("fusedkv-single", STEPS, "k.safetensors", model_dir=folder))
-    fit_two_workers(
-        config("fusedkv-two", STEPS, "k.safetensors", strategy="fsdp", model_dir=folder),
-        local_ray,
-    )
-    one = weights(root / "fusedkv-single" / "k.safetensors")
-    assert any("fusion" in name for name in one)
-    assert_close(weights(root / "fusedkv-two" / "k.safetensors"), one)
-
-
-def test_sequence_mean_aggregation_and_ravr_are_also_exact_across_workers(local_ray, setting):
-    """The ranks sum the aggregation's denominator (here: sequences) before dividing, and a
-    method that adds rows (RAVR's pull rows) keeps the step of one process."""
-    root, config = setting
-    seq = {"aggregation": "seq-mean-token-mean", "ravr": True}
-    train(config("seq-single", STEPS, "k.safetensors", **seq))
-    fit_two_workers(config("seq-two", STEPS, "k.safetensors", **seq), local_ray)
-    one, two = (
-        weights(root / "seq-single" / "k.safetensors"),
-        weights(root / "seq-two" / "k.safetensors"),
-    )
-    assert_close(two, one)
-    token_mean = weights(root / "single" / "k.safetensors")
-    assert max((one[k] - token_mean[k]).abs().max().item() for k in one) > 10 * ATOL  # not a no-op
-
-
-def test_checkpoint_of_two_workers_resumes_on_one(local_ray, setting):
+def test_two_workers_take_the_steps_of_one_and_their_checkpoint_resumes_on_one(local_ray, setting):
     root, config = setting
     fit_two_workers(config("two-then-one", STEPS, "k.safetensors"), local_ray)
+    assert json.loads((root / "two-then-one" / "world.json").read_text()) == {"world": 2}
+    assert_close(
+        weights(root / "two-then-one" / "k.safetensors"),
+        weights(root / "single" / "k.safetensors"),
+    )
     train(config("two-then-one", STEPS, "final.safetensors", resume=True))
     assert_close(
         weights(root / "two-then-one" / "final.safetensors"),
@@ -298,11 +262,35 @@ def test_checkpoint_of_two_workers_resumes_on_one(local_ray, setting):
     )
 
 
-def test_checkpoint_of_one_worker_resumes_on_two(local_ray, setting):
+def test_checkpoint_of_one_worker_resumes_on_two_with_fsdp(local_ray, setting):
     root, config = setting
     shutil.copytree(root / "one-worker-checkpoints", root / "one-then-two" / "checkpoints")
-    fit_two_workers(config("one-then-two", STEPS, "final.safetensors", resume=True), local_ray)
+    fit_two_workers(
+        config("one-then-two", STEPS, "final.safetensors", resume=True, strategy="fsdp"),
+        local_ray,
+    )
+    assert json.loads((root / "one-then-two" / "world.json").read_text()) == {"world": 2}
     assert_close(
         weights(root / "one-then-two" / "final.safetensors"),
         weights(root / "straight" / "final.safetensors"),
     )
+
+
+def test_fsdp_keeps_the_step_of_fusedkv_with_sequence_mean_and_ravr_rows(local_ray, setting):
+    """FSDP on two workers takes the step of one process on FusedKV (its top layers have no
+    key/value projections, and fusion weights instead), under sequence-mean aggregation
+    (the ranks sum its denominator, sequences, before dividing) with RAVR's pull rows (the
+    ranks hold different row counts)."""
+    root, config = setting
+    folder = ARCHITECTURES["fusedkv"].create(root / "fusedkv-model", seed=0)
+    seq = {"aggregation": "seq-mean-token-mean", "ravr": True, "model_dir": folder}
+    train(config("fusedkv-seq-single", STEPS, "k.safetensors", **seq))
+    fit_two_workers(
+        config("fusedkv-seq-two", STEPS, "k.safetensors", strategy="fsdp", **seq), local_ray
+    )
+    one = weights(root / "fusedkv-seq-single" / "k.safetensors")
+    assert any("fusion" in name for name in one)
+    assert_close(weights(root / "fusedkv-seq-two" / "k.safetensors"), one)
+    train(config("fusedkv-single", STEPS, "k.safetensors", model_dir=folder))
+    token_mean = weights(root / "fusedkv-single" / "k.safetensors")
+    assert max((one[k] - token_mean[k]).abs().max().item() for k in one) > 10 * ATOL  # not a no-op
