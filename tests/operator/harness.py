@@ -49,6 +49,20 @@ class ApiServer(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
+def _filter_contains(self, item):
+    """`request in filter` without replaying every request served so far: kmock 0.8 answers
+    it by iterating the whole request log through the filter (View.__contains__), once per
+    reaction for every request, so a test's CPU grew with the square of its requests (55 s
+    of CPU for the 16 examples). A request is in a filter when it is in the filter's source
+    and meets its criteria, which is what the iteration computes."""
+    if isinstance(item, kmock.Request):
+        return bool(self.criteria(item)) and item in self._source
+    return kmock.View.__contains__(self, item)
+
+
+kmock.Filter.__contains__ = _filter_contains
+
+
 EXAMPLES = sorted(Path("examples").glob("*.yaml"))
 NS = "team-a"
 RLJOBS = kmock.resource("rollfleet.io", "v1alpha1", "rljobs")
