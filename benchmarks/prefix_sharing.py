@@ -98,7 +98,7 @@ def trainer_rounds(folder: Path, few_shot: int, rounds: int, run_dir: Path) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rollfleet.models.batching import TrainBatch
-    from rollfleet.models.prefix_sharing import forward_work
+    from rollfleet.models.prefix_sharing import forward_work, pack_groups
     from rollfleet_trainer.loop import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -128,7 +128,7 @@ def trainer_rounds(folder: Path, few_shot: int, rounds: int, run_dir: Path) -> d
     return {
         share: {
             "step_s": statistics.median(times[share]),
-            "tokens": forward_work(batch, shared if share else None)[0],
+            "tokens": forward_work(batch, pack_groups(batch, shared) if share else None)[0],
             "flops_per_s": statistics.median(flops[share]),
         }
         for share in (True, False)

@@ -702,8 +702,9 @@ class TrainerSpec(PodSettings):
     )
     sharePrefix: bool = Field(
         True,
-        description="compute each group's shared prompt once in the forward and backward "
-        "(exact: used where a group's samples share their prompt tokens); false: per sample",
+        description="compute the tokens a group's samples share from the start (the prompt, "
+        "and the turns they share in multi-turn episodes) once in the forward and backward "
+        "(exact); false: every sample whole",
     )
     evalEvery: int = Field(
         0, ge=0, description="held-out evaluation every N steps; 0 = only at start and end"

@@ -28,6 +28,7 @@ from rollfleet_rollout.vllm_engine import (
     tensor_bytes,
     to_vllm_prompt,
     to_vllm_sampling,
+    version_salt,
 )
 
 FAKE_VLLM = SimpleNamespace(SamplingParams=lambda **kw: kw)
@@ -301,6 +302,12 @@ class FakeAsyncLLM:
         if self.on_rpc:
             await self.on_rpc(method, args)
 
+    async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        self.calls.append(("reset", reset_running_requests))
+        return self.resets_succeed
+
+    resets_succeed = True  # vLLM returns False while requests still hold blocks
+
     def shutdown(self):
         self.calls.append(("shutdown",))
 
@@ -339,10 +346,12 @@ async def test_vllm_engine_generate_and_version_switch():
     assert seen_capacity == [3, 3, 3, 3]  # one request running out of 4
     assert engine.free_capacity() == 4
     name, prompt, sampling, rid = llm.calls[0]
-    assert (name, prompt, rid) == ("generate", {"prompt_token_ids": [1, 4, 5]}, "r1")
+    assert (name, rid) == ("generate", "r1")
+    assert prompt == {"prompt_token_ids": [1, 4, 5], "cache_salt": version_salt(2)}
     assert sampling["stop_token_ids"] == [2] and sampling["max_tokens"] == 4
-    # weights load with the engine paused (requests kept) and resumed afterwards
-    assert [call[0] for call in llm.calls[1:]] == ["pause", "rpc", "resume"]
+    # weights load with the engine paused (requests kept), the prefix cache is reset once
+    # they all loaded, and generation resumes
+    assert [call[0] for call in llm.calls[1:]] == ["pause", "rpc", "reset", "resume"]
     assert llm.calls[1] == ("pause", "keep", False)
     [chunk] = rpc_chunks(llm.calls)
     assert list(chunk) == ["w"] and torch.equal(chunk["w"], tensors["w"])
@@ -375,7 +384,7 @@ async def test_load_weights_sends_bounded_chunks_between_pause_and_resume():
     await engine.load_weights(5, tensors)
 
     kinds = [call[0] for call in llm.calls]
-    assert kinds == ["pause", "rpc", "rpc", "rpc", "rpc", "resume"]
+    assert kinds == ["pause", "rpc", "rpc", "rpc", "rpc", "reset", "resume"]
     assert llm.calls[0] == ("pause", "keep", False)
     chunks = rpc_chunks(llm.calls)
     names = list(tensors)
@@ -570,7 +579,7 @@ async def test_vllm_engine_generates_from_prompt_embeddings():
     out = await complete(engine, GenerationRequest("e", [1, 2, 3], SamplingParams(), embeds))
     assert out.token_ids == [7, 8]
     name, prompt, _, rid = llm.calls[0]
-    assert (name, rid, list(prompt)) == ("generate", "e", ["prompt_embeds"])
+    assert (name, rid, sorted(prompt)) == ("generate", "e", ["cache_salt", "prompt_embeds"])
     assert torch.equal(prompt["prompt_embeds"], embeds)
 
 
@@ -725,8 +734,9 @@ def test_a_request_vllm_fails_raises_so_the_task_is_handed_back():
 
 
 async def test_reprefill_clears_the_cache_at_a_swap_and_caches_prefixes(monkeypatch, tmp_path):
-    """partialRollout: reprefill -> prefix caching on, cleared with the KV at every swap;
-    continue -> no prefix caching, so no new request reuses KV of an older version."""
+    """partialRollout: reprefill -> the kept requests' KV is cleared with the prefix cache
+    at every swap; continue -> kept requests go on from their KV. Prefix caching is on in
+    both, reset at every swap."""
     for reprefill in (False, True):
         created: list[dict] = []
         fake_vllm_modules(monkeypatch, created)
@@ -734,6 +744,43 @@ async def test_reprefill_clears_the_cache_at_a_swap_and_caches_prefixes(monkeypa
         engine = VllmEngine.from_model(
             Saves(hidden_size=4), Saves(), version=0, max_len=64, seed=0, reprefill=reprefill
         )
-        assert created[0]["enable_prefix_caching"] is reprefill
+        assert created[0]["enable_prefix_caching"] is True
         await engine.load_weights(1, {"w": torch.ones(2)})
         assert engine.engine.calls[0] == ("pause", "keep", reprefill)
+
+
+async def test_a_group_shares_its_prompt_within_a_version_and_never_across_versions():
+    """A group is one task, so one worker and one engine: its samples reach vLLM as
+    requests with the same prompt and the same version salt, so vLLM's prefix cache
+    prefills the prompt once for all of them. After a swap the next group carries the new
+    version's salt: no request reuses blocks computed under older weights, even when the
+    reset is declined because kept requests still hold blocks."""
+    import asyncio
+
+    llm = FakeAsyncLLM(tokens=(7, 8))
+    engine = VllmEngine(llm, FAKE_VLLM, version=3, slots=8)
+
+    async def group(name: str) -> None:
+        await asyncio.gather(
+            *(
+                complete(engine, GenerationRequest(f"{name}-{i}", [1, 5, 6], SamplingParams()))
+                for i in range(4)
+            )
+        )
+
+    def salts(name: str) -> set[str]:
+        return {
+            call[1]["cache_salt"]
+            for call in llm.calls
+            if call[0] == "generate" and call[3].startswith(name)
+        }
+
+    await group("g0")
+    prompts = [call[1] for call in llm.calls if call[0] == "generate"]
+    assert len(prompts) == 4 and all(p == prompts[0] for p in prompts)
+    llm.resets_succeed = False
+    await engine.load_weights(4, {"w": torch.ones(1)})
+    await group("g1")
+    assert salts("g0") == {version_salt(3)} and salts("g1") == {version_salt(4)}
+    assert version_salt(3) != version_salt(4)
+    assert ("reset", False) in llm.calls and engine.policy_version == 4

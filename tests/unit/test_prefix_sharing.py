@@ -1,6 +1,9 @@
-"""A group's shared prompt computed once (rollfleet.models.prefix_sharing): the log-probs
+"""A group's shared tokens computed once (rollfleet.models.prefix_sharing): the log-probs
 and the gradients equal the per-sample forward's, for groups of different prompt and
-response lengths, under sampling temperature and top-p, with sdpa and eager attention."""
+response lengths, for groups whose samples also share their first turns (a prefix tree
+with several branch points, as multi-turn episodes have) and for a group whose samples
+differ from the first token, under sampling temperature and top-p, with sdpa and eager
+attention."""
 
 from __future__ import annotations
 
@@ -9,7 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rollfleet.models.batching import TrainBatch, token_logprobs
-from rollfleet.models.prefix_sharing import grouped_token_logprobs, shared_prompt_groups
+from rollfleet.models.prefix_sharing import (
+    forward_work,
+    grouped_token_logprobs,
+    pack_groups,
+    shared_prefix_groups,
+)
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet_trainer.synthetic import synthetic_groups
 
@@ -28,15 +36,43 @@ def batch_of(groups) -> TrainBatch:
     return TrainBatch.from_trajectories(trajectories, GROUP, pad_id=0)
 
 
+def with_shared_turns(groups):
+    """Sample i of each group takes over the first 3·i response tokens of sample 0 (as far
+    as its own response reaches): samples sharing their first turns, branching at several
+    points. The last group's samples get prompts of their own: nothing shared at all."""
+    for group in groups[:-1]:
+        first = group.samples[0][0].response_ids
+        for i in range(1, group.size):
+            response = group.samples[i][0].response_ids
+            k = min(3 * i, len(first), len(response) - 1)
+            response[:k] = first[:k]
+    for i in range(groups[-1].size):
+        sample = groups[-1].samples[i][0]
+        sample.prompt_ids = [1, 4 + i, *sample.prompt_ids[2:]]
+    return groups
+
+
+def distinct_prefixes(batch: TrainBatch, rows: list[int]) -> int:
+    lengths = batch.attention_mask.sum(-1).tolist()
+    return len(
+        {tuple(batch.input_ids[r, : n + 1].tolist()) for r in rows for n in range(int(lengths[r]))}
+    )
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+@pytest.mark.parametrize("shared", ["prompt", "turns"])
 def test_grouped_logprobs_and_gradients_equal_the_per_sample_forward(
-    folder, attention, temperature, top_p
+    folder, attention, temperature, top_p, shared
 ):
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention)
-    batch = batch_of(synthetic_groups(step=3, prompts=3, group_size=GROUP, vocab=64))
-    groups = shared_prompt_groups(batch)
+    groups = synthetic_groups(step=3, prompts=3, group_size=GROUP, vocab=64)
+    batch = batch_of(with_shared_turns(groups) if shared == "turns" else groups)
+    groups = shared_prefix_groups(batch)
     assert groups == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    packed = pack_groups(batch, groups)
+    for (ids, _, _), rows in zip(packed, groups, strict=True):
+        assert ids.numel() == distinct_prefixes(batch, rows)  # each shared token once
     weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(0))
 
     def run(compute):
@@ -49,7 +85,7 @@ def test_grouped_logprobs_and_gradients_equal_the_per_sample_forward(
         lambda: token_logprobs(model, batch.input_ids, batch.attention_mask, temperature, top_p)
     )
     grouped, grouped_grads = run(
-        lambda: grouped_token_logprobs(model, batch, groups, temperature, top_p)
+        lambda: grouped_token_logprobs(model, batch, packed, temperature, top_p)
     )
     mask = batch.attention_mask.bool()
     assert torch.allclose(grouped[mask], per_sample[mask], atol=1e-5)
@@ -58,11 +94,11 @@ def test_grouped_logprobs_and_gradients_equal_the_per_sample_forward(
         assert torch.allclose(grouped_grads[name], grad, atol=1e-5), name
 
 
-def test_groups_whose_prompts_differ_are_not_shared():
+def test_only_whole_groups_are_packed():
     groups = synthetic_groups(step=0, prompts=2, group_size=GROUP, vocab=64)
-    groups[1].samples[2][0].prompt_ids = [1, 9, 9]  # one sample of the second group differs
-    assert shared_prompt_groups(batch_of(groups)) is None
-    assert shared_prompt_groups(batch_of(groups[:1])) == [[0, 1, 2, 3]]
+    trajectories = [g.samples[i][0] for g in groups for i in range(g.size)]
+    assert shared_prefix_groups(TrainBatch.from_trajectories(trajectories[:6], GROUP, 0)) is None
+    assert shared_prefix_groups(batch_of(groups[:1])) == [[0, 1, 2, 3]]
 
 
 def test_a_trainer_step_with_shared_prompts_ends_where_the_per_sample_step_ends(
@@ -108,14 +144,13 @@ def test_a_trainer_step_with_shared_prompts_ends_where_the_per_sample_step_ends(
 
 
 def test_the_work_counted_is_the_prompt_once_per_group():
-    from rollfleet.models.prefix_sharing import forward_work
-
     groups = synthetic_groups(step=1, prompts=2, group_size=GROUP, vocab=64)
     batch = batch_of(groups)
     prompts = [len(g.samples[0][0].prompt_ids) for g in groups]
     responses = [[len(g.samples[i][0].response_ids) for i in range(GROUP)] for g in groups]
     alone_tokens, alone_pairs = forward_work(batch, None)
-    shared_tokens, shared_pairs = forward_work(batch, shared_prompt_groups(batch))
+    packed = pack_groups(batch, shared_prefix_groups(batch))
+    shared_tokens, shared_pairs = forward_work(batch, packed)
     assert alone_tokens == sum(GROUP * p + sum(r) for p, r in zip(prompts, responses, strict=True))
     assert shared_tokens == sum(p + sum(r) for p, r in zip(prompts, responses, strict=True))
     assert alone_tokens - shared_tokens == sum((GROUP - 1) * p for p in prompts)

@@ -12,9 +12,14 @@ Written against vLLM's V1 async engine (targets vLLM 0.32; `AsyncLLM`):
 - pause/resume: `pause_generation(mode="keep", clear_cache=...)` freezes in-flight
   requests across a weight swap, `resume_generation()` continues them under the new
   weights. With `async.partialRollout: reprefill` the cache is cleared (prefix cache and
-  the kept requests' KV, recomputed under the new weights) and prefix caching is on; with
-  `continue` (the default) the kept requests go on from their old KV and prefix caching
-  is off, so no new request ever reuses KV computed under an older version;
+  the kept requests' KV, recomputed under the new weights); with `continue` (the default)
+  the kept requests go on from their old KV;
+- prefix caching is on, so a group's samples (one task, so one worker and one engine)
+  prefill their shared prompt once. Every request carries the policy version it starts
+  under as vLLM's `cache_salt`, so no request ever reuses a prefix computed under
+  another version (peers saw learning collapse from such stale entries); every swap also
+  calls `reset_prefix_cache()` to free the old version's blocks at once (vLLM declines
+  while kept requests still hold blocks: the salt keeps them apart until LRU evicts them);
 - tensor parallelism: `tensor_parallel_size` is the pool's `gpusPerReplica`; every rank
   receives each chunk (collective_rpc) and its model's `load_weights` keeps its slice;
 - load weights: the worker hands over a version it fetched and checked from the weight
@@ -172,6 +177,12 @@ def from_vllm_output(
     )
 
 
+def version_salt(version: int) -> str:
+    """vLLM's `cache_salt` for requests started under a policy version: prefixes are shared
+    only among requests of one version."""
+    return f"rollfleet-v{version}"
+
+
 def tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -300,8 +311,9 @@ class VllmEngine(Engine):
             # Each rank holds a slice of every layer; weight swaps send every rank the whole
             # tensors and the model's load_weights keeps its slice (WeightLoaderExtension).
             tensor_parallel_size=tensor_parallel,
-            # Cached prefixes are reused only where a swap clears them (reprefill).
-            enable_prefix_caching=reprefill,
+            # A group's samples share their prompt's blocks; the version salt of every
+            # request (generate) keeps versions apart.
+            enable_prefix_caching=True,
             # EngineArgs.enable_prompt_embeds: accept {"prompt_embeds": ...} prompts
             enable_prompt_embeds=prompt_embeds,
             # Sampled tokens' log-probs after temperature and top-k/top-p (renormalised over
@@ -337,6 +349,7 @@ class VllmEngine(Engine):
         prompt = to_vllm_prompt(
             request, self.hidden_size, self.embeddings[1] if self.embeddings else None
         )
+        prompt["cache_salt"] = version_salt(self.policy_version)
         versions: list[int] = []
         self.running += 1
         try:
@@ -402,6 +415,8 @@ class VllmEngine(Engine):
             if self.embeddings and self.embeddings[0] in tensors:
                 name = self.embeddings[0]
                 self.embeddings = (name, tensors[name].detach().cpu())
+            if not await self.engine.reset_prefix_cache():
+                log.debug("weights v%d: kept requests hold blocks, prefix cache not reset", version)
         finally:
             await self.resume()
 

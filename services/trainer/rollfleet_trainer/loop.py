@@ -50,7 +50,8 @@ from rollfleet.models.flops import FlopMeter
 from rollfleet.models.prefix_sharing import (
     forward_work,
     grouped_token_logprobs,
-    shared_prompt_groups,
+    pack_groups,
+    shared_prefix_groups,
     supports,
 )
 from rollfleet.models.weights import export_state
@@ -509,10 +510,10 @@ class Trainer:
 
     # --- one optimizer step -----------------------------------------------------------------
     def shared_groups(self, batch: TrainBatch) -> list[list[int]] | None:
-        """The batch's groups where each group's prompt is computed once, or None."""
+        """The batch's groups where each group's shared tokens are computed once, or None."""
         if not self.spec.trainer.sharePrefix or not supports(self.train_model):
             return None
-        return shared_prompt_groups(batch)
+        return shared_prefix_groups(batch)
 
     def policy_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """The `policy_logprobs` stage: a method's, or the model's sampling log-probs."""
@@ -520,13 +521,14 @@ class Trainer:
         if logprobs is not None:
             return logprobs
         sampling = self.spec.rollout.sampling
-        # each group's shared prompt once (rollfleet.models.prefix_sharing), where exact
+        # each group's shared tokens once (rollfleet.models.prefix_sharing)
         groups = self.shared_groups(batch)
-        tokens, pairs = forward_work(batch, groups)
+        packed = pack_groups(batch, groups) if groups is not None else None
+        tokens, pairs = forward_work(batch, packed)
         self.meter.add(tokens, pairs, factor=3 if torch.is_grad_enabled() else 1)
-        if groups is not None:
+        if packed is not None:
             return grouped_token_logprobs(
-                self.train_model, batch, groups, sampling.temperature, sampling.topP
+                self.train_model, batch, packed, sampling.temperature, sampling.topP
             )
         return token_logprobs(
             self.train_model,
