@@ -17,8 +17,15 @@ samples submitted together), `share_prompts` on and off alternating, median toke
 Each reports the tokens it ran through the model and its achieved model FLOP/s
 (rollfleet.models.flops) against this machine's one-thread matmul peak.
 
+Multi-turn: 32 episodes of 4 turns on the long prompts, each turn at most 12 new tokens
+followed by an 8-token env reply, every turn's prompt the conversation so far: the torch
+engine with each episode's turns as one session (its KV cache kept between turns)
+against without (each turn prefills the whole conversation), alternating, median
+tokens/s.
+
 Ends with `prefix-sharing trainer=<ratio>x engine=<ratio>x long_prompt trainer=<ratio>x
-engine=<ratio>x` (step-time and tokens/s ratios, shared over per-sample).
+engine=<ratio>x multi_turn engine=<ratio>x` (step-time and tokens/s ratios, shared or
+kept over per-sample).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pathlib import Path
 from harness import machine, quiet
 
 PROMPTS, GROUP, NEW_TOKENS = 32, 8, 12
+TURNS, REPLY = 4, [5, 6, 7, 8, 9, 10, 11, 12]  # multi-turn: turns, the env's reply tokens
 
 
 def trajectories_for(prompts: list[list[int]], seed: int):
@@ -149,42 +157,63 @@ async def generate_all(engine, prompts: list[list[int]]) -> float:
     return (engine.tokens_generated - before) / (time.perf_counter() - started)
 
 
-def engine_rounds(folder: Path, few_shot: int, rounds: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def engine_rounds(folder: Path, rounds: int, measure, options) -> dict:
+    """Two torch engines made with `options(on)`, the switch on (True) and off (False),
+    each `measure(engine, on)`
+    (a tokens/s) in alternating order for `rounds` rounds after a warm-up round: the
+    median rate, prompt tokens prefilled per round and achieved FLOP/s of each."""
+    from transformers import AutoModelForCausalLM
 
     from rollfleet_rollout.torch_engine import TorchEngine
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompts = prompts_of(few_shot, tokenizer)
-
     async def run() -> dict:
         engines = {}
-        for share in (True, False):
+        for on in (True, False):
             model = AutoModelForCausalLM.from_pretrained(folder).eval()
-            engines[share] = TorchEngine(
-                model, slots=64, max_len=192, eos_token_id=-1, seed=0, share_prompts=share
-            )
-            await engines[share].start()
+            engines[on] = TorchEngine(model, slots=64, eos_token_id=-1, seed=0, **options(on))
+            await engines[on].start()
         rates = {True: [], False: []}
         try:
             for round_ in range(rounds + 1):
-                for share in (True, False) if round_ % 2 else (False, True):
-                    rate = await generate_all(engines[share], prompts)
+                for on in (True, False) if round_ % 2 else (False, True):
+                    rate = await measure(engines[on], on)
                     if round_:
-                        rates[share].append(rate)
+                        rates[on].append(rate)
         finally:
             for engine in engines.values():
                 await engine.stop()
         return {
-            share: {
-                "tokens_per_s": statistics.median(rates[share]),
-                "prefill_tokens": engines[share].prefill_tokens // (rounds + 1),
-                "flops_per_s": engines[share].meter.per_second(),
+            on: {
+                "tokens_per_s": statistics.median(rates[on]),
+                "prefill_tokens": engines[on].prefill_tokens // (rounds + 1),
+                "flops_per_s": engines[on].meter.per_second(),
             }
-            for share in (True, False)
+            for on in (True, False)
         }
 
     return asyncio.run(run())
+
+
+async def episodes(engine, prompts: list[list[int]], sessions: bool) -> float:
+    """Every prompt as a TURNS-turn episode; generated tokens/s over the whole run."""
+    from rollfleet_rollout.engine import GenerationRequest, SamplingParams, complete
+
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+
+    async def episode(index: int, prompt: list[int]):
+        session = f"e{index}" if sessions else None
+        context = list(prompt)
+        for turn in range(TURNS):
+            request = GenerationRequest(f"e{index}/{turn}", context, params, session=session)
+            out = await complete(engine, request)
+            context = [*context, *out.token_ids, *REPLY]
+        if session:
+            engine.end_session(session)
+
+    before = engine.tokens_generated
+    started = time.perf_counter()
+    await asyncio.gather(*(episode(i, p) for i, p in enumerate(prompts)))
+    return (engine.tokens_generated - before) / (time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 2 if args.quick else args.rounds
     quiet()
     import torch
+    from transformers import AutoTokenizer
 
     from rollfleet.models.flops import peak_flops_per_core
     from rollfleet.models.tiny import create_tiny_model
@@ -205,10 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one-thread float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = create_tiny_model(Path(tmp) / "model", seed=0, max_len=192)
+        folder = create_tiny_model(Path(tmp) / "model", seed=0, max_len=256)
         for name, few_shot in (("default", 0), ("long_prompt", 8)):
             trainer = trainer_rounds(folder, few_shot, rounds, Path(tmp))
-            engine = engine_rounds(folder, few_shot, rounds)
+            prompts = prompts_of(few_shot, AutoTokenizer.from_pretrained(folder))
+            engine = engine_rounds(
+                folder,
+                rounds,
+                lambda engine, _, prompts=prompts: generate_all(engine, prompts),
+                lambda on: {"max_len": 192, "share_prompts": on},
+            )
             for share in (True, False):
                 label = "shared" if share else "per-sample"
                 t, e = trainer[share], engine[share]
@@ -223,10 +259,26 @@ def main(argv: list[str] | None = None) -> int:
                 trainer[False]["step_s"] / trainer[True]["step_s"],
                 engine[True]["tokens_per_s"] / engine[False]["tokens_per_s"],
             )
+        long_prompts = prompts_of(8, AutoTokenizer.from_pretrained(folder))
+        turns = engine_rounds(
+            folder,
+            rounds,
+            lambda engine, on: episodes(engine, long_prompts, sessions=on),
+            lambda on: {"max_len": 256},
+        )
+        for kept in (True, False):
+            label = "sessions" if kept else "per turn"
+            m = turns[kept]
+            print(
+                f"{'multi_turn':12} {label:10} engine {m['tokens_per_s']:.0f} tokens/s, "
+                f"{m['prefill_tokens']} prompt tokens prefilled, "
+                f"{m['flops_per_s'] / 1e9:.2f} GFLOP/s ({m['flops_per_s'] / peak:.0%})"
+            )
     (dt, de), (lt, le) = ratios["default"], ratios["long_prompt"]
+    me = turns[True]["tokens_per_s"] / turns[False]["tokens_per_s"]
     print(
         f"prefix-sharing trainer={dt:.2f}x engine={de:.2f}x "
-        f"long_prompt trainer={lt:.2f}x engine={le:.2f}x"
+        f"long_prompt trainer={lt:.2f}x engine={le:.2f}x multi_turn engine={me:.2f}x"
     )
     return 0
 

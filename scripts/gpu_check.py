@@ -4,6 +4,10 @@ For two model sizes (the builtin tiny Llama, ~1 M parameters, and a 134 M-parame
 of the same family, both with random weights) it prints:
 - torch engine: generated tokens/s with continuous batching over its slots;
 - trainer: milliseconds per optimizer step (GRPO + PPO-clip, the real `Trainer.train_step`);
+- prefix sharing: the forward and backward of long-prompt groups (a 224-token prompt, 8
+  samples of 16-32 tokens each) packed as prefix trees against every sample whole
+  (rollfleet.models.prefix_sharing): milliseconds of each and the largest log-prob
+  difference;
 - vLLM engine: tokens/s for the same requests, if vLLM is importable;
 - reward models (`rollfleet.rewards.RewardModels`, as the reward service loads them with
   `reward.gpus`): a sequence classifier's probabilities (RecGPT-V2's alignment model) and
@@ -168,6 +172,48 @@ def reward_models_check(folder: Path, texts: int, prompts: int, train_steps: int
     )
 
 
+def prefix_sharing_ms(model, device, lengths: tuple[int, int, int], repeats: int):
+    """Median ms of the forward and backward of the same long-prompt groups, packed as
+    prefix trees and per sample, and the largest log-prob difference between the two."""
+    from rollfleet.models.batching import TrainBatch, token_logprobs
+    from rollfleet.models.prefix_sharing import (
+        grouped_token_logprobs,
+        pack_groups,
+        shared_prefix_groups,
+    )
+    from rollfleet_trainer.synthetic import synthetic_groups
+
+    prompt, response, prompts, group = lengths[0], lengths[1:], 4, 8
+    groups = synthetic_groups(
+        0, prompts, group, model.config.vocab_size, (prompt, prompt), response
+    )
+    rows = [g.samples[i][0] for g in groups for i in range(group)]
+    batch = TrainBatch.from_trajectories(rows, group, pad_id=0, device=device)
+    packed = pack_groups(batch, shared_prefix_groups(batch))
+    runs = {
+        "shared": lambda: grouped_token_logprobs(model, batch, packed),
+        "per sample": lambda: token_logprobs(model, batch.input_ids, batch.attention_mask),
+    }
+    times, logprobs = {name: [] for name in runs}, {}
+    for i in range(repeats + 1):  # the first round warms up
+        for name, forward in runs.items():
+            model.zero_grad()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = forward()
+            (out * batch.attention_mask).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+            logprobs[name] = out.detach()
+    mask = batch.attention_mask.bool()
+    diff = (logprobs["shared"] - logprobs["per sample"])[mask].abs().max().item()
+    shared, alone = (statistics.median(times[n]) * 1000 for n in runs)
+    return shared, alone, diff
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (checks the script)")
@@ -233,6 +279,16 @@ def main() -> int:
                     rate = vllm_tokens_per_s(model, tokenizer, work, slots, new_tokens)
                     print(f"vllm-engine {label}: {rate:,.0f} tokens/s")
 
+                def sharing(model=model, label=label):
+                    lengths = (24, 4, 8) if args.quick else (224, 16, 32)
+                    shared, alone, diff = prefix_sharing_ms(model, device, lengths, steps)
+                    print(
+                        f"prefix-sharing {label} on {device.type}: shared {shared:,.1f} ms, "
+                        f"per sample {alone:,.1f} ms ({alone / shared:.2f}x), forward and "
+                        f"backward of 4 groups of 8 ({lengths[0]}-token prompt, "
+                        f"{lengths[1]}-{lengths[2]}-token samples), max |d log-prob| {diff:.1e}"
+                    )
+
                 def trainer(model=model, tokenizer=tokenizer, label=label):
                     ms, tokens = trainer_step_ms(model, tokenizer, Path(tmp) / "run", gpus, steps)
                     print(
@@ -245,6 +301,7 @@ def main() -> int:
                     attempt(f"vLLM engine {label}", vllm)
                 if dtype == torch.float32:  # the trainer trains in float32
                     attempt(f"trainer {label}", trainer)
+                    attempt(f"prefix sharing {label}", sharing)
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

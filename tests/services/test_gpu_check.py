@@ -37,6 +37,9 @@ def test_the_measurements_run_on_the_cpu():
     rate = float(lines["torch-engine"].split(": ")[1].split(" tokens/s")[0].replace(",", ""))
     step_ms = float(lines["trainer-step"].split(": ")[1].split(" ms")[0].replace(",", ""))
     assert rate > 0 and step_ms > 0
+    # prefix trees against every sample whole: the same log-probs
+    diff = float(lines["prefix-sharing"].rsplit("max |d log-prob| ", 1)[1])
+    assert diff < 1e-4
     # the reward models' check compares the device with the CPU (here both the CPU)
     assert "max |p - p_cpu| 0.00e+00" in lines["reward-models"]
     assert "answers equal 16/16" in lines["reward-models"]

@@ -86,8 +86,8 @@ async def running_worker(
         spec,
         reward_url=reward_url,
         env_url=env_url,
-    ) as (trainer, _):
-        yield trainer
+    ) as (trainer, worker):
+        yield trainer, worker
 
 
 async def collect(bus: Bus, count: int, timeout: float = 60, rank: int = 0) -> list[Trajectory]:
@@ -115,16 +115,23 @@ async def test_multi_turn_episodes_go_through_the_env_and_get_scored(
     nats_server, calculator_model, reward_url, env_url
 ):
     spec = calculator_spec(group=4)
-    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as trainer:
+    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
+        trainer,
+        worker,
+    ):
         for index in range(3):
             await trainer.publish(trainer.subjects.tasks, calculator_task(index, 4))
         trajectories = await collect(trainer, 12)
+        engine = worker.engine
     tokenizer = AutoTokenizer.from_pretrained(calculator_model[0])
     assert sorted((t.group_id, t.sample_index) for t in trajectories) == [
         (f"g{i}", s) for i in range(3) for s in range(4)
     ]
     with_tool = [t for t in trajectories if 0.0 in t.loss_mask]
     assert with_tool, "the warmed-up model never called the calculator"
+    # each sample's turns were one engine session: a turn after the calculator's reply fed
+    # only the reply, not the conversation
+    assert engine.prefill_tokens_kept > 0
     for t in with_tool:
         env_positions = [i for i, m in enumerate(t.loss_mask) if m == 0.0]
         env_text = tokenizer.decode([t.response_ids[i] for i in env_positions])
@@ -157,7 +164,10 @@ async def test_reward_service_down_marks_samples_failed_and_acks_the_task(
         return REGISTRY.get_sample_value("rollfleet_rollout_reward_failures_total", labels) or 0
 
     before = {reason: failed(reason) for reason in ("unreachable", "circuit_open")}
-    async with running_worker(nats_server, calculator_model, spec, dead_reward, env_url) as trainer:
+    async with running_worker(nats_server, calculator_model, spec, dead_reward, env_url) as (
+        trainer,
+        _,
+    ):
         await trainer.publish(trainer.subjects.tasks, calculator_task(0, 2))
         trajectories = await collect(trainer, 2)
         await asyncio.sleep(0.2)
@@ -174,7 +184,10 @@ async def test_worker_waits_for_the_task_min_version_and_tags_tokens(
 ):
     spec = calculator_spec(group=2)
     _folder, model = calculator_model
-    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as trainer:
+    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
+        trainer,
+        _,
+    ):
         task = calculator_task(1, 2).model_copy(update={"min_version": 3})
         await trainer.publish(trainer.subjects.tasks, task)
         await asyncio.sleep(1.0)
@@ -195,7 +208,10 @@ async def test_trajectories_go_to_the_trainer_rank_that_issued_the_task(
     nats_server, calculator_model, reward_url, env_url
 ):
     spec = calculator_spec(group=2)
-    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as trainer:
+    async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
+        trainer,
+        _,
+    ):
         await trainer.publish(trainer.subjects.tasks, calculator_task(0, 2))
         issued_by_1 = calculator_task(1, 2).model_copy(update={"trainer_rank": 1})
         await trainer.publish(trainer.subjects.tasks, issued_by_1)
@@ -223,7 +239,10 @@ async def test_a_mixed_jobs_examples_end_their_turns_on_their_own_tasks_stops(
     countdown = next(i for i in range(50) if task.example("heldout", i).meta["kind"] == "countdown")
     env = create_env_app(task, session_timeout=30)
     with serving(env) as env_url, serving(create_reward_app(spec.reward_functions())) as reward_url:
-        async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as bus:
+        async with running_worker(nats_server, calculator_model, spec, reward_url, env_url) as (
+            bus,
+            _,
+        ):
             for index in (calculator, countdown):
                 example = task.example("heldout", index)
                 await bus.publish(

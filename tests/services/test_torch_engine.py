@@ -166,6 +166,63 @@ async def test_a_groups_shared_prompt_is_prefilled_once_and_sampled_as_before(ma
         assert (torch.tensor(logprobs) - expected).abs().max().item() < 1e-4
 
 
+async def test_a_sessions_next_turn_feeds_only_what_the_conversation_added(make_engine, model):
+    """Multi-turn: turn 2's prompt is turn 1's conversation plus an env reply. With the
+    session kept, only the last sampled token and the reply go through the model, and the
+    log-probs are still those of HF's forward over the whole conversation; after
+    end_session the next turn prefills everything again."""
+    engine = await make_engine(slots=2, max_len=128, seed=0, eos_token_id=NO_EOS)
+    prompt = random_prompt(random.Random(4), 12)
+
+    def turn(rid: str, context: list[int]) -> GenerationRequest:
+        return GenerationRequest(rid, context, SamplingParams(max_new_tokens=6), session="s")
+
+    first = await complete(engine, turn("t1", prompt))
+    conversation = [*prompt, *first.token_ids, 5, 9, 11]  # + the env's reply
+    before = engine.prefill_tokens
+    second = await complete(engine, turn("t2", conversation))
+    assert engine.prefill_tokens - before == 1 + 3  # turn 1's last token, then the reply
+    assert engine.prefill_tokens_kept == len(prompt) + len(first.token_ids) - 1
+    expected = hf_logprobs(model, conversation, second.token_ids)
+    assert (torch.tensor(second.logprobs) - expected).abs().max().item() < 1e-4
+
+    engine.end_session("s")
+    longer = [*conversation, *second.token_ids, 7]
+    before = engine.prefill_tokens
+    third = await complete(engine, turn("t3", longer))
+    assert engine.prefill_tokens - before == len(longer)
+    expected = hf_logprobs(model, longer, third.token_ids)
+    assert (torch.tensor(third.logprobs) - expected).abs().max().item() < 1e-4
+
+
+async def test_kept_sessions_give_up_their_slot_and_a_weight_swap_drops_them(make_engine, tiny_dir):
+    """A kept session never blocks a new request: with one slot, a request without a
+    session takes the kept slot (the session then prefills in full). A swap drops kept
+    sessions: their keys and values are the old weights'."""
+    engine = await make_engine(load(tiny_dir), slots=1, max_len=128, eos_token_id=NO_EOS)
+    prompt = random_prompt(random.Random(5), 8)
+
+    def turn(rid: str, context: list[int], session: str | None) -> GenerationRequest:
+        return GenerationRequest(rid, context, SamplingParams(max_new_tokens=4), session=session)
+
+    a = await complete(engine, turn("a1", prompt, "a"))
+    other = await asyncio.wait_for(complete(engine, turn("x", prompt, None)), 10)
+    assert len(other.token_ids) == 4
+    before = engine.prefill_tokens
+    a_next = [*prompt, *a.token_ids, 6]
+    await complete(engine, turn("a2", a_next, "a"))
+    assert engine.prefill_tokens - before == len(a_next)  # its slot was given up
+
+    b = await complete(engine, turn("b1", prompt, "b"))
+    await engine.load_weights(1, export_state(load(tiny_dir)))
+    await wait_until(lambda: engine.policy_version == 1)
+    before = engine.prefill_tokens
+    b_next = [*prompt, *b.token_ids, 6]
+    out = await complete(engine, turn("b2", b_next, "b"))
+    assert engine.prefill_tokens - before == len(b_next)
+    assert out.versions == [1] * len(out.token_ids)
+
+
 async def test_slot_decode_at_mixed_positions_matches_hf(model):
     """SlotLlama directly: two slots prefilled with different prompt lengths, then decoded
     together, each at its own position."""

@@ -72,6 +72,19 @@ def test_cached_decoding_equals_the_full_forward(kind):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["fused", "lite"])
+def test_extending_a_cached_slot_equals_the_full_forward(kind):
+    """A kept session's next turn: several tokens fed at once behind what a slot caches."""
+    model = fusedkv(kind)
+    runner = SlotFusedKV(model, slots=2, max_len=32)
+    prompt, added = [1, 5, 9, 12, 7], [8, 3, 22]
+    runner.prefill([1], [prompt])
+    got = runner.extend(1, added, len(prompt))
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([prompt + added])).logits[0, -1].float()
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+
+
 def rotary(positions: int, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's cos and sin [1, positions, dim] in HF's rotate_half layout."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))

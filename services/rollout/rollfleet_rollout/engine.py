@@ -42,6 +42,11 @@ class GenerationRequest:
     `decoding` (or None) asks for another decode mode than token by token: NEZHA's
     `rollfleet.models.nezha.ItemDecoding` (one backbone forward, then the model's draft
     head), which the torch engine runs and vLLM refuses.
+
+    `session` (or None) names the episode a multi-turn request belongs to: each turn's
+    prompt is the conversation so far, so an engine may keep the session's KV cache
+    between turns and compute only what the conversation added (`Engine.end_session`
+    releases it).
     """
 
     request_id: str
@@ -50,6 +55,7 @@ class GenerationRequest:
     # compare=False: a tensor has no single truth value, so it stays out of ==
     prompt_embeds: torch.Tensor | None = field(default=None, compare=False)
     decoding: Any = field(default=None, compare=False)
+    session: str | None = None
 
 
 @dataclass
@@ -96,6 +102,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def free_capacity(self) -> int:
         """How many more sequences the engine can take right now (queue scheduling)."""
+
+    def end_session(self, session: str) -> None:
+        """The session's episode ended: release whatever the engine kept for it. vLLM keeps
+        nothing per session (its prefix cache serves the next turn's conversation)."""
+        return None
 
 
 async def complete(engine: Engine, request: GenerationRequest) -> GenerationOutput:

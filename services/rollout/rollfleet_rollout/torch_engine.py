@@ -6,6 +6,12 @@ one prefill: its KV is copied into their slots), then runs one batched decode fo
 over all active slots; finished sequences leave and new ones join at the next step. New weights are
 swapped in between steps, and every token records the policy version that produced it.
 
+A multi-turn episode's turns carry its `session`: when a turn ends, its slot keeps the
+conversation's KV cache, and the next turn (whose prompt extends that conversation) feeds
+only the tokens added since, instead of prefilling the whole conversation again. Kept
+slots count as free: the least recently kept is given up when a new request needs a slot;
+a weight swap drops them all (their KV is the old weights').
+
 The forward pass is written here over the modules of a Hugging Face Llama model (the
 same weights the trainer trains), because HF's caches give all rows one position.
 
@@ -20,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -101,10 +107,12 @@ class SlotLlama:
         return self._attend_and_mlp(layer, h, q, k, v, mask)
 
     def _decode_layer(self, i, layer, h, slots, positions, span, mask):
-        """Layer i for one new token per slot, appending its key and value to the cache."""
-        q, k, v = self._qkv(layer, layer.input_layernorm(h), positions[:, None])
-        self.k_cache[i, slots, :, positions] = k[:, :, 0]
-        self.v_cache[i, slots, :, positions] = v[:, :, 0]
+        """Layer i for new tokens at `positions` [B, T] of `slots` [B], writing their keys and
+        values to the cache before attending to it."""
+        q, k, v = self._qkv(layer, layer.input_layernorm(h), positions)
+        # [B, T, kv head, channel]: the indexed dimensions come first
+        self.k_cache[i, slots[:, None], :, positions] = k.transpose(1, 2)
+        self.v_cache[i, slots[:, None], :, positions] = v.transpose(1, 2)
         keys = self.k_cache[i, slots, :, :span]
         values = self.v_cache[i, slots, :, :span]
         return self._attend_and_mlp(layer, h, q, keys, values, mask)
@@ -161,12 +169,27 @@ class SlotLlama:
     @torch.inference_mode()
     def decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
         """One token for each of `slots` at its own position; returns next-token logits [B, V]."""
+        return self._cached_forward(slots, tokens[:, None], positions[:, None])
+
+    @torch.inference_mode()
+    def extend(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Feed `tokens` into `slot` behind the `start` positions it caches already (a kept
+        session's next turn); returns the logits after the last of them [V]."""
+        device = self.k_cache.device
+        positions = torch.arange(start, start + len(tokens), device=device)[None, :]
+        ids = torch.tensor([tokens], device=device)
+        return self._cached_forward(torch.tensor([slot], device=device), ids, positions)[0]
+
+    def _cached_forward(self, slots, tokens, positions) -> torch.Tensor:
+        """tokens [B, T] at positions [B, T] of `slots`, each attending to its slot's cache
+        up to itself (rows of one token each, or one row); logits after the last [B, V]."""
         span = int(positions.max()) + 1
-        mask = (torch.arange(span, device=positions.device) <= positions[:, None])[:, None, None, :]
-        h = self.model.model.embed_tokens(tokens[:, None])
+        keys = torch.arange(span, device=positions.device)
+        mask = (keys <= positions[..., None])[:, None]  # [B, 1, T, span]
+        h = self.model.model.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             h = self._decode_layer(i, layer, h, slots, positions, span, mask)
-        return self._logits(h[:, 0])
+        return self._logits(h[:, -1])
 
 
 class SlotFusedKV(SlotLlama):
@@ -197,7 +220,7 @@ class SlotFusedKV(SlotLlama):
     def _decode_layer(self, i, layer, h, slots, positions, span, mask):
         if i < self.half:
             return super()._decode_layer(i, layer, h, slots, positions, span, mask)
-        q = self._q(layer, layer.input_layernorm(h), positions[:, None])
+        q = self._q(layer, layer.input_layernorm(h), positions)
         return self._top(layer, h, q, slots, span, mask)
 
 
@@ -233,6 +256,13 @@ class _Sequence:
     next_token: int = 0
     aborted: bool = False
     stop_ids: frozenset = field(default_factory=frozenset)
+    cached: int = 0  # prompt positions its slot holds already (a kept session's)
+
+
+@dataclass
+class _KeptSession:
+    slot: int
+    tokens: list[int]  # the conversation whose keys and values the slot holds
 
 
 class TorchEngine(Engine):
@@ -266,6 +296,7 @@ class TorchEngine(Engine):
         self._waiting: deque[_Sequence] = deque()
         self._items: deque[_Sequence] = deque()  # requests in a draft decode mode
         self._active: dict[int, _Sequence] = {}
+        self._kept: OrderedDict[str, _KeptSession] = OrderedDict()  # least recent first
         self._by_id: dict[str, _Sequence] = {}
         self._pending_weights: tuple[int, dict] | None = None
         self._wake = threading.Condition()
@@ -277,6 +308,7 @@ class TorchEngine(Engine):
         self.meter = FlopMeter(model)  # model FLOPs and busy seconds (rollfleet.models.flops)
         self.prefill_tokens = 0  # prompt tokens run through the model
         self.prefill_tokens_shared = 0  # prompt tokens whose KV was copied instead
+        self.prefill_tokens_kept = 0  # prompt tokens a kept session's cache held already
         self.steps = 0
         self.backbone_rows = 0
         backbone = getattr(model, "model", None)
@@ -358,6 +390,10 @@ class TorchEngine(Engine):
         with self._wake:
             return max(0, self.slots - len(self._active) - len(self._waiting))
 
+    def end_session(self, session: str) -> None:
+        with self._wake:
+            self._kept.pop(session, None)
+
     # --- engine thread ----------------------------------------------------------------
     def _emit(self, seq: _Sequence, finished: bool = False, reason: str | None = None):
         out = seq.output
@@ -374,7 +410,37 @@ class TorchEngine(Engine):
     def _finish(self, seq: _Sequence, reason: str):
         self._active.pop(seq.slot, None)
         self._by_id.pop(seq.request.request_id, None)
+        request = seq.request
+        if (
+            request.session
+            and reason != "abort"
+            and seq.slot >= 0
+            and request.prompt_embeds is None
+        ):
+            # every token but the last sampled one has its keys and values in the slot
+            tokens = [*request.prompt_ids, *seq.output.token_ids][: seq.position]
+            self._kept[request.session] = _KeptSession(seq.slot, tokens)
         self._emit(seq, True, reason)
+
+    def _take_slot(self, seq: _Sequence, free: list[int]) -> bool:
+        """Give `seq` its session's kept slot when the slot holds the start of its prompt,
+        else a free slot, giving up the least recently kept session's if none is free."""
+        request = seq.request
+        kept = self._kept.pop(request.session, None) if request.session else None
+        if kept is not None:
+            n = len(kept.tokens)
+            # n < prompt length: the prompt's last token must be fed for its logits
+            extends = n < len(request.prompt_ids) and request.prompt_ids[:n] == kept.tokens
+            if extends and request.prompt_embeds is None:
+                seq.slot, seq.cached = kept.slot, n
+                return True
+            free.append(kept.slot)
+        if not free and self._kept:
+            free.append(self._kept.popitem(last=False)[1].slot)
+        if not free:
+            return False
+        seq.slot = free.pop(0)
+        return True
 
     def _run(self):
         torch.set_grad_enabled(False)
@@ -393,6 +459,7 @@ class TorchEngine(Engine):
                     self._pending_weights = None
                     self.model.load_state_dict(tensors, strict=False)
                     self.policy_version = version
+                    self._kept.clear()
                     if self.reprefill_on_swap and self._active:
                         started = time.perf_counter()
                         self._reprefill(list(self._active.values()))
@@ -406,11 +473,11 @@ class TorchEngine(Engine):
                             line.remove(seq)
                     self._finish(seq, "abort")
                 items, self._items = list(self._items), deque()
-                free = [s for s in range(self.slots) if s not in self._active]
+                kept = {k.slot for k in self._kept.values()}
+                free = [s for s in range(self.slots) if s not in self._active and s not in kept]
                 admitted = []
-                while self._waiting and free:
+                while self._waiting and self._take_slot(self._waiting[0], free):
                     seq = self._waiting.popleft()
-                    seq.slot = free.pop(0)
                     self._active[seq.slot] = seq
                     admitted.append(seq)
             started = time.perf_counter()
@@ -461,7 +528,21 @@ class TorchEngine(Engine):
     def _prefill(self, admitted: list[_Sequence]):
         """Prefill the admitted sequences' prompts. Sequences with the same prompt (a
         group's samples) share one prefill: its keys and values are copied into the
-        others' slots and its last logits row is sampled once for each of them."""
+        others' slots and its last logits row is sampled once for each of them. A kept
+        session's next turn feeds only the tokens after what its slot holds."""
+        resumed = [seq for seq in admitted if seq.cached]
+        if resumed:
+            logits = []
+            for seq in resumed:
+                added = seq.request.prompt_ids[seq.cached :]
+                logits.append(self.runner.extend(seq.slot, added, seq.cached))
+                self.meter.add(len(added), causal_pairs(len(added), prefix=seq.cached))
+                self.prefill_tokens += len(added)
+                self.prefill_tokens_kept += seq.cached
+            self._append(resumed, torch.stack(logits))
+            admitted = [seq for seq in admitted if not seq.cached]
+            if not admitted:
+                return
         first: dict[tuple, int] = {}  # prompt -> index into `unique`
         unique: list[_Sequence] = []
         source = []

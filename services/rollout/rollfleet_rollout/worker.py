@@ -251,6 +251,10 @@ class RolloutWorker:
             self.max_new_tokens, self.temperature, self.top_p, stop_ids, stop_sequences
         )
 
+        # A multi-turn sample's turns are one engine session: the torch engine keeps the
+        # conversation's KV cache between them.
+        session = f"{task.task_id}/{index}" if task.multi_turn else None
+
         async def generate(context: list[int], request: EpisodeRequest, turn: int) -> Generated:
             request_id = f"{task.task_id}/{index}/{turn}"
             running = self._requests.setdefault(task.group_id, set())
@@ -259,7 +263,12 @@ class RolloutWorker:
                 out = await complete(
                     self.engine,
                     GenerationRequest(
-                        request_id, context, params, request.prompt_embeds, request.decoding
+                        request_id,
+                        context,
+                        params,
+                        request.prompt_embeds,
+                        request.decoding,
+                        session,
                     ),
                 )
             finally:
@@ -311,6 +320,8 @@ class RolloutWorker:
             if gate is not None:
                 await gate.leave()
             await env.close()
+            if session is not None:
+                self.engine.end_session(session)
         trajectory = Trajectory(
             task_id=task.task_id,
             group_id=task.group_id,
