@@ -243,6 +243,14 @@ async def test_slot_decode_at_mixed_positions_matches_hf(model):
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([[*prompt, nxt[row]]])).logits[0, -1].float()
         assert torch.allclose(decoded[row], ref, atol=1e-4)
+    # kept sessions' next turns: three tokens each, behind caches of different lengths
+    added = [[5, 6, 8], [10, 4, 12]]
+    extended = runner.extend(slots, added, [len(p) + 1 for p in prompts])
+    for row, prompt in enumerate(prompts):
+        sequence = [*prompt, nxt[row], *added[row]]
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([sequence])).logits[0, -1].float()
+        assert torch.allclose(extended[row], ref, atol=1e-4)
 
 
 async def test_greedy_matches_hf_generate(make_engine, model):

@@ -79,7 +79,7 @@ def test_extending_a_cached_slot_equals_the_full_forward(kind):
     runner = SlotFusedKV(model, slots=2, max_len=32)
     prompt, added = [1, 5, 9, 12, 7], [8, 3, 22]
     runner.prefill([1], [prompt])
-    got = runner.extend(1, added, len(prompt))
+    got = runner.extend([1], [added], [len(prompt)])[0]
     with torch.no_grad():
         full = model(input_ids=torch.tensor([prompt + added])).logits[0, -1].float()
     torch.testing.assert_close(got, full, atol=1e-5, rtol=0)

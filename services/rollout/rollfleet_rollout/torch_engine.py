@@ -172,17 +172,19 @@ class SlotLlama:
         return self._cached_forward(slots, tokens[:, None], positions[:, None])
 
     @torch.inference_mode()
-    def extend(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
-        """Feed `tokens` into `slot` behind the `start` positions it caches already (a kept
-        session's next turn); returns the logits after the last of them [V]."""
+    def extend(self, slots: list[int], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed each row's `tokens` (all of one length) into its slot behind the `starts`
+        positions the slot caches already (kept sessions' next turns); returns the logits
+        after each row's last token [B, V]."""
         device = self.k_cache.device
-        positions = torch.arange(start, start + len(tokens), device=device)[None, :]
-        ids = torch.tensor([tokens], device=device)
-        return self._cached_forward(torch.tensor([slot], device=device), ids, positions)[0]
+        ids = torch.tensor(tokens, device=device)
+        offsets = torch.arange(ids.shape[1], device=device)
+        positions = torch.tensor(starts, device=device)[:, None] + offsets
+        return self._cached_forward(torch.tensor(slots, device=device), ids, positions)
 
     def _cached_forward(self, slots, tokens, positions) -> torch.Tensor:
         """tokens [B, T] at positions [B, T] of `slots`, each attending to its slot's cache
-        up to itself (rows of one token each, or one row); logits after the last [B, V]."""
+        up to itself (no padding: every row has T real tokens); logits after the last [B, V]."""
         span = int(positions.max()) + 1
         keys = torch.arange(span, device=positions.device)
         mask = (keys <= positions[..., None])[:, None]  # [B, 1, T, span]
@@ -530,19 +532,24 @@ class TorchEngine(Engine):
         group's samples) share one prefill: its keys and values are copied into the
         others' slots and its last logits row is sampled once for each of them. A kept
         session's next turn feeds only the tokens after what its slot holds."""
-        resumed = [seq for seq in admitted if seq.cached]
-        if resumed:
-            logits = []
+        by_length: dict[int, list[_Sequence]] = {}  # one forward per added length
+        for seq in admitted:
+            if seq.cached:
+                by_length.setdefault(len(seq.request.prompt_ids) - seq.cached, []).append(seq)
+        for length, resumed in by_length.items():
+            logits = self.runner.extend(
+                [s.slot for s in resumed],
+                [s.request.prompt_ids[s.cached :] for s in resumed],
+                [s.cached for s in resumed],
+            )
             for seq in resumed:
-                added = seq.request.prompt_ids[seq.cached :]
-                logits.append(self.runner.extend(seq.slot, added, seq.cached))
-                self.meter.add(len(added), causal_pairs(len(added), prefix=seq.cached))
-                self.prefill_tokens += len(added)
+                self.meter.add(length, causal_pairs(length, prefix=seq.cached))
                 self.prefill_tokens_kept += seq.cached
-            self._append(resumed, torch.stack(logits))
-            admitted = [seq for seq in admitted if not seq.cached]
-            if not admitted:
-                return
+            self.prefill_tokens += length * len(resumed)
+            self._append(resumed, logits)
+        admitted = [seq for seq in admitted if not seq.cached]
+        if not admitted:
+            return
         first: dict[tuple, int] = {}  # prompt -> index into `unique`
         unique: list[_Sequence] = []
         source = []
