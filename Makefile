@@ -68,7 +68,7 @@ bench-reward: $(STAMP)  ## a slow long-tailed reward on 1, 2, 4 and 8 replicas: 
 bench-faults: $(STAMP)  ## each of five kinds of process SIGKILLed 3 times mid-run: lost, trained twice, accuracy (~55 min)
 	$(BIN)/python benchmarks/faults.py
 
-bench-prefix: $(STAMP)  ## a group's shared prompt once against per sample: trainer steps and engine tokens/s, default and long prompts (~5 min)
+bench-prefix: $(STAMP)  ## a group's shared tokens once against per sample: trainer steps, engine tokens/s, multi-turn sessions (~2 min)
 	$(BIN)/python benchmarks/prefix_sharing.py
 
 bench-soak: $(STAMP)  ## the default job for 2,000 steps: resident memory of every process and NATS's backlog (~30 min)
