@@ -189,7 +189,8 @@ def test_nats_values_turn_jetstream_and_operator_mode_on():
     assert volume["name"] == mount["name"]
     assert volume["secret"]["items"] == [{"key": "auth.conf", "path": "auth.conf"}]
     assert set(volume["secret"]["secretName"]) == {"$tplYaml"}
-    assert "env" not in nats["container"]  # no token any more
+    # no token any more (operator mode); only the Go runtime's soft memory limit
+    assert nats["container"]["env"] == {"GOMEMLIMIT": "1GiB"}
 
 
 def test_nats_auth_secret_name_templated_for_the_subchart_matches_the_operator_one(tmp_path):

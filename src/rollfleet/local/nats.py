@@ -11,6 +11,7 @@ keys' account signing key get in, each limited to its job. Without, it takes any
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -58,6 +59,15 @@ def nats_server_binary() -> str:
     return found
 
 
+# A soft memory limit for the Go runtime of the embedded nats-server. Without one, Go
+# returns freed heap to the OS lazily and the server's resident memory kept growing over
+# a run (388 -> 1,306 MiB over 300 steps of the default job; 1,355 -> 2,098 MiB over
+# 2,000) while its stored data stayed flat; with 256 MiB it stayed at 237-363 MiB
+# (benchmarks/RESULTS.md, soak). Soft: a server that needs more takes more, and collects
+# more often. A GOMEMLIMIT in the environment wins.
+NATS_MEMORY_LIMIT = "256MiB"
+
+
 class EmbeddedNats:
     def __init__(
         self,
@@ -103,6 +113,7 @@ class EmbeddedNats:
         with self.log_file.open("ab") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(
                 command,
+                env={**os.environ, "GOMEMLIMIT": os.environ.get("GOMEMLIMIT", NATS_MEMORY_LIMIT)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops us in order
