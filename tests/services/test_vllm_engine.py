@@ -3,6 +3,7 @@ outputs and weights, exercised with plain stand-in objects shaped like vLLM's.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import sys
@@ -755,8 +756,6 @@ async def test_a_group_shares_its_prompt_within_a_version_and_never_across_versi
     prefills the prompt once for all of them. After a swap the next group carries the new
     version's salt: no request reuses blocks computed under older weights, even when the
     reset is declined because kept requests still hold blocks."""
-    import asyncio
-
     llm = FakeAsyncLLM(tokens=(7, 8))
     engine = VllmEngine(llm, FAKE_VLLM, version=3, slots=8)
 

@@ -56,6 +56,7 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]]) -> Packed:
     """Per group, its prefix tree packed in one row: the tokens, their positions, and for
     each batch row the packed index of each of its tokens (shared ones appear once)."""
     lengths = batch.attention_mask.sum(-1).tolist()
+    rows_ids = batch.input_ids.tolist()  # one copy off the device, not one per row
     packed = []
     for rows in groups:
         ids: list[int] = []
@@ -64,7 +65,7 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]]) -> Packed:
         where = {}
         for r in rows:
             parent, path = -1, []
-            for position, token in enumerate(batch.input_ids[r, : int(lengths[r])].tolist()):
+            for position, token in enumerate(rows_ids[r][: int(lengths[r])]):
                 index = node.get((parent, token))
                 if index is None:
                     index = node[(parent, token)] = len(ids)
