@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= examples/countdown.yaml
 
-.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt bench-affinity bench-reward bench-simulate bench-faults bench-soak bench-prefix images dashboards-check
+.PHONY: run test lint crds clean bench-async bench-trl bench-credit bench-bard bench-ravr bench-palette bench-fusedkv bench-nezha bench-qagent bench-recgpt bench-affinity bench-reward bench-simulate bench-faults bench-soak bench-prefix bench-cpu images dashboards-check
 
 # torch comes from pip (the CPU wheel this machine keeps on disk, which uv does not look
 # for); uv installs the rest, with the same versions as pip, in half pip's time. Bytecode
@@ -70,6 +70,9 @@ bench-faults: $(STAMP)  ## each of five kinds of process SIGKILLed 3 times mid-r
 
 bench-prefix: $(STAMP)  ## a group's shared tokens once against per sample: trainer steps, engine tokens/s, multi-turn sessions (~2 min)
 	$(BIN)/python benchmarks/prefix_sharing.py
+
+bench-cpu: $(STAMP)  ## the default job's CPU per step by process, weights through NATS against the run folder (~6 min)
+	$(BIN)/python benchmarks/cpu_budget.py
 
 bench-soak: $(STAMP)  ## the default job for 2,000 steps: resident memory of every process and NATS's backlog (~30 min)
 	$(BIN)/python benchmarks/soak.py

@@ -829,7 +829,7 @@ class EnvSpec(PodSettings):
 class WeightsSpec(Strict):
     transport: Literal["nats", "filesystem"] = Field(
         "nats",
-        description="where versions are stored: the NATS object store, or a shared folder (a PVC) for large models",
+        description="where versions are stored: the NATS object store, or a shared folder (a PVC) for large models; `rollfleet run` uses filesystem unless this is set",
     )
     path: str | None = Field(
         None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from rollfleet.plan import Endpoints, ServiceEnv, plan
 from rollfleet.spec import parse_manifest
@@ -206,3 +207,21 @@ def test_the_local_runtime_shares_the_cores_between_trainer_and_workers(cores, s
     from rollfleet.local.runtime import torch_threads
 
     assert torch_threads(job(**spec), cores) == expected
+
+
+@pytest.mark.parametrize(
+    "weights, expected",
+    [({}, "filesystem"), ({"transport": "nats"}, "nats"), ({"bucketMB": 8}, "filesystem")],
+)
+def test_the_local_runtime_sends_weights_through_the_run_folder_unless_the_manifest_chose(
+    weights, expected, tmp_path
+):
+    from rollfleet.local.runtime import with_local_defaults, write_job_file
+
+    given = job(weights=weights)
+    local = with_local_defaults(given)
+    assert local.spec.weights.transport == expected
+    assert given.spec.weights.transport == "nats"  # the cluster's default, and not mutated
+    reread = parse_manifest(yaml.safe_load(write_job_file(local, tmp_path).read_text()))
+    assert reread.spec.weights.transport == expected
+    assert reread.spec.weights.bucketMB == weights.get("bucketMB", 64)

@@ -94,6 +94,18 @@ def torch_threads(job: RLJob, cores: int) -> dict[str, int]:
     return threads
 
 
+def with_local_defaults(job: RLJob) -> RLJob:
+    """`job` as this machine runs it: where the manifest leaves `weights.transport` unset,
+    weights go through the run folder (`<run dir>/weights`, the page cache) instead of
+    nats-server's object store. Every process shares this machine's disk, and the store
+    costs nats-server ~200 ms of CPU per 4 MB version on the default job (benchmarks/
+    RESULTS.md, "Weights through the run folder"); a cluster keeps NATS as its default."""
+    if "transport" in job.spec.weights.model_fields_set:
+        return job
+    weights = job.spec.weights.model_copy(update={"transport": "filesystem"})
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"weights": weights})})
+
+
 def write_job_file(job: RLJob, run_dir: Path) -> Path:
     path = run_dir / "job.yaml"
     data = job.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
@@ -117,7 +129,11 @@ def session_members(sid: int) -> list[int]:
 
 class LocalRun:
     def __init__(self, job: RLJob, run_dir: Path, show_progress: bool = True):
-        self.job, self.run_dir, self.show_progress = job, run_dir, show_progress
+        self.job, self.run_dir, self.show_progress = (
+            with_local_defaults(job),
+            run_dir,
+            show_progress,
+        )
         self.children: list[Child] = []
         self.nats: EmbeddedNats | None = None
         self.service_token = secrets.token_hex(16)
