@@ -141,23 +141,34 @@ class NatsWeightStore:
     def __init__(self, bus: Bus):
         self.bus = bus
         self._deleted_below = 0
+        self._stored: dict[int, set[str]] = {}  # what this store put, by version
+        self._listed = False
 
     @staticmethod
     def _name(version: int, bucket: str = "") -> str:
         return f"weights/v{version:08d}/{bucket}"
 
     async def put(self, version: int, bucket: str, data: bytes) -> None:
-        await self.bus.put_object(self._name(version, bucket), data)
+        name = self._name(version, bucket)
+        await self.bus.put_object(name, data)
+        self._stored.setdefault(version, set()).add(name)
 
     async def get(self, version: int, bucket: str) -> bytes:
         return await self.bus.get_object(self._name(version, bucket))
 
     async def delete_before(self, version: int) -> None:
-        """Delete the buckets of older versions (listed once per call, each deleted once)."""
+        """Delete the buckets of older versions, each once. The store is listed only the
+        first time (what an earlier life of the trainer left); after that the buckets this
+        store put are known. Listing replays one entry per object ever stored, deleted
+        ones included, so listing every step grew with the job's length."""
         if version <= self._deleted_below:
             return
-        for name in await self.bus.object_names("weights/v"):
-            if int(name.split("/")[1][1:]) < version:
+        if not self._listed:
+            for name in await self.bus.object_names("weights/v"):
+                self._stored.setdefault(int(name.split("/")[1][1:]), set()).add(name)
+            self._listed = True
+        for old in sorted(v for v in self._stored if v < version):
+            for name in sorted(self._stored.pop(old)):
                 await self.bus.delete_object(name)
         self._deleted_below = version
 

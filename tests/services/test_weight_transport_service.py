@@ -184,6 +184,18 @@ async def test_delete_before_removes_only_older_versions(bus, stores):
     assert await bus.latest_weights() == announcements[-1]  # the announcement stays
 
 
+async def test_a_new_nats_store_deletes_what_an_earlier_trainer_left(bus):
+    earlier = NatsWeightStore(bus)
+    for v in range(1, 4):
+        await publish_version(bus, earlier, v, v, make_tensors(v), BUCKET_BYTES)
+    resumed = NatsWeightStore(bus)  # a restarted trainer's store knows nothing yet
+    await publish_version(bus, resumed, 4, 4, make_tensors(4), BUCKET_BYTES)
+    await resumed.delete_before(3)
+    assert {int(n.split("/")[1][1:]) for n in await bus.object_names("weights/v")} == {3, 4}
+    await resumed.delete_before(5)
+    assert await bus.object_names("weights/v") == []
+
+
 # --- versions that do not match their manifest ---------------------------------------------
 
 
