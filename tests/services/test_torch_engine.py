@@ -283,6 +283,19 @@ async def test_sampling_is_reproducible_for_a_seed(make_engine):
     assert results[0] != results[2]
 
 
+async def test_final_only_sends_one_output_equal_to_the_streams_last(make_engine):
+    prompt = random_prompt(random.Random(4), 7)
+    outputs = {}
+    for final_only in (False, True):
+        engine = await make_engine(slots=4, max_len=128, seed=9, eos_token_id=NO_EOS)
+        stream = engine.generate(request("f", prompt, max_new_tokens=10), final_only=final_only)
+        outputs[final_only] = [out async for out in stream]
+    streamed, final = outputs[False], outputs[True]
+    assert [len(o.token_ids) for o in streamed] == list(range(1, 11))
+    assert not any(o.finished for o in streamed[:-1])
+    assert len(final) == 1 and final[0] == streamed[-1] and final[0].finished
+
+
 # --- scheduling -------------------------------------------------------------------------
 
 

@@ -358,6 +358,24 @@ async def test_vllm_engine_generate_and_version_switch():
     assert list(chunk) == ["w"] and torch.equal(chunk["w"], tensors["w"])
 
 
+async def test_final_only_yields_the_last_output_with_every_tokens_version():
+    llm = FakeAsyncLLM(tokens=(7, 8, 9))
+    engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=2)
+
+    async def on_token(n):
+        if n == 2:
+            await engine.load_weights(engine.policy_version + 1, {"w": torch.ones(1)})
+
+    llm.on_token = on_token
+    req = GenerationRequest("r", [1], SamplingParams(max_new_tokens=3))
+    streamed = [out async for out in engine.generate(req)]
+    final = [out async for out in engine.generate(req, final_only=True)]
+    assert [len(o.token_ids) for o in streamed] == [1, 2, 3]
+    assert len(final) == 1 and final[0].finished and final[0].token_ids == [7, 8, 9]
+    assert streamed[-1].versions == [0, 1, 1]  # a swap before each request's second token
+    assert final[0].versions == [1, 2, 2]
+
+
 async def test_a_stop_sequence_aborts_the_vllm_request_where_it_ends():
     llm = FakeAsyncLLM(tokens=(7, 8, 9, 10, 11))
     engine = VllmEngine(llm, FAKE_VLLM, version=0, slots=2)

@@ -82,8 +82,11 @@ class Engine(abc.ABC):
     async def stop(self) -> None: ...
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Submit a request and stream its cumulative outputs; the last one has finished=True."""
+    def generate(
+        self, request: GenerationRequest, final_only: bool = False
+    ) -> AsyncIterator[GenerationOutput]:
+        """Submit a request and stream its cumulative outputs; the last one has finished=True.
+        With `final_only` only that last one comes (vLLM's RequestOutputKind.FINAL_ONLY)."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...
@@ -110,9 +113,10 @@ class Engine(abc.ABC):
 
 
 async def complete(engine: Engine, request: GenerationRequest) -> GenerationOutput:
-    """Run one request to the end and return its final output."""
+    """Run one request to the end and return its final output (the engine sends no other:
+    the torch engine then wakes the caller once per request instead of once per token)."""
     final = None
-    async for output in engine.generate(request):
+    async for output in engine.generate(request, final_only=True):
         final = output
     assert final is not None and final.finished
     return final

@@ -259,12 +259,18 @@ class _Sequence:
     aborted: bool = False
     stop_ids: frozenset = field(default_factory=frozenset)
     cached: int = 0  # prompt positions its slot holds already (a kept session's)
+    stream: bool = True  # every token's output, or (final_only) only the last
 
 
 @dataclass
 class _KeptSession:
     slot: int
     tokens: list[int]  # the conversation whose keys and values the slot holds
+
+
+def _put_each(outputs: list[tuple[asyncio.Queue, GenerationOutput]]) -> None:
+    for queue, output in outputs:
+        queue.put_nowait(output)
 
 
 class TorchEngine(Engine):
@@ -306,6 +312,8 @@ class TorchEngine(Engine):
         self._running = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Outputs of one engine step, handed to the event loop in one call (`_deliver`).
+        self._outbox: list[tuple[asyncio.Queue, GenerationOutput]] = []
         self.tokens_generated = 0
         self.meter = FlopMeter(model)  # model FLOPs and busy seconds (rollfleet.models.flops)
         self.prefill_tokens = 0  # prompt tokens run through the model
@@ -331,7 +339,9 @@ class TorchEngine(Engine):
         if self._thread:
             await asyncio.to_thread(self._thread.join)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    async def generate(
+        self, request: GenerationRequest, final_only: bool = False
+    ) -> AsyncIterator[GenerationOutput]:
         # Prompt embeddings replace the embedded tokens of the prompt's first positions (all
         # of them, or a prefix: later turns of an episode extend the prompt with tokens).
         embeds = request.prompt_embeds
@@ -354,6 +364,7 @@ class TorchEngine(Engine):
             queue=asyncio.Queue(),
             output=GenerationOutput(request.request_id),
             stop_ids=frozenset((self.eos_token_id, *request.params.stop_token_ids)),
+            stream=not final_only,
         )
         with self._wake:
             if request.request_id in self._by_id:
@@ -398,6 +409,8 @@ class TorchEngine(Engine):
 
     # --- engine thread ----------------------------------------------------------------
     def _emit(self, seq: _Sequence, finished: bool = False, reason: str | None = None):
+        if not (finished or seq.stream):
+            return
         out = seq.output
         snapshot = GenerationOutput(
             out.request_id,
@@ -407,7 +420,14 @@ class TorchEngine(Engine):
             finished,
             reason,
         )
-        self._loop.call_soon_threadsafe(seq.queue.put_nowait, snapshot)
+        self._outbox.append((seq.queue, snapshot))
+
+    def _deliver(self):
+        """Hand this step's outputs to the event loop in one wake-up, not one per sequence:
+        each wake-up writes to the loop's self-pipe (a system call on both sides)."""
+        if self._outbox:
+            outputs, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(_put_each, outputs)
 
     def _finish(self, seq: _Sequence, reason: str):
         self._active.pop(seq.slot, None)
@@ -491,8 +511,10 @@ class TorchEngine(Engine):
                 self._decode()
             self.meter.busy_seconds += time.perf_counter() - started
             self.steps += 1
+            self._deliver()
         for seq in [*self._waiting, *self._items, *self._active.values()]:
             self._finish(seq, "abort")
+        self._deliver()
 
     def _count_backbone(self, module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)

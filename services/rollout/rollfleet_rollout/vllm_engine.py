@@ -340,7 +340,9 @@ class VllmEngine(Engine):
     async def stop(self) -> None:
         self.engine.shutdown()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    async def generate(
+        self, request: GenerationRequest, final_only: bool = False
+    ) -> AsyncIterator[GenerationOutput]:
         if request.prompt_embeds is not None and not self.prompt_embeds:
             raise ValueError(
                 f"request {request.request_id!r} has prompt embeddings, but this vLLM "
@@ -366,7 +368,10 @@ class VllmEngine(Engine):
                 ):
                     await self.engine.abort(request.request_id)
                     out.finished, out.finish_reason = True, "stop"
-                yield out
+                # vLLM's own outputs keep streaming: each token's version is the one
+                # current when it arrived (from_vllm_output).
+                if out.finished or not final_only:
+                    yield out
                 if out.finished:
                     return
         finally:
