@@ -138,6 +138,9 @@ class Group:
     samples: dict[int, tuple[Trajectory, object]] = field(default_factory=dict)
     kind: str = ""  # what the router keeps statistics of (meta.kind, else the task)
     task_ids: list[str] = field(default_factory=list)
+    # (samples it was computed over, oldest version): samples are only ever added, and a
+    # ready group is checked for staleness at every turn of the loop
+    _oldest: tuple[int, int | None] = field(default=(-1, None), repr=False)
 
     @property
     def id(self) -> str:
@@ -146,9 +149,17 @@ class Group:
     def complete(self) -> bool:
         return len(self.samples) == self.size
 
+    def clear(self) -> None:
+        self.samples.clear()
+        self._oldest = (-1, None)
+
     def oldest_version(self) -> int | None:
-        versions = [v for t, _ in self.samples.values() if (v := t.oldest_version()) is not None]
-        return min(versions) if versions else None
+        if self._oldest[0] != len(self.samples):
+            versions = [
+                v for t, _ in self.samples.values() if (v := t.oldest_version()) is not None
+            ]
+            self._oldest = (len(self.samples), min(versions) if versions else None)
+        return self._oldest[1]
 
 
 class Trainer:
@@ -338,7 +349,7 @@ class Trainer:
         self.dropped_here["regenerated"] += len(group.samples)
         self.journal.reissue(group.id)  # on the bus before its samples are acked
         self.acks_after_save.extend(raw for _, raw in group.samples.values())
-        group.samples.clear()
+        group.clear()
         self.to_reissue.append(group)
 
     async def cancel_stragglers(self, batch: list[Group]) -> None:

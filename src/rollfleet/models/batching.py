@@ -24,15 +24,13 @@ def pad_sequences(
     Returns (input_ids, attention_mask, *padded values).
     """
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    padded = [torch.zeros((len(sequences), width)) for _ in values]
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
-        for target, source in zip(padded, values, strict=True):
-            target[row, : len(source[row])] = torch.tensor(source[row], dtype=torch.float32)
-    return (ids, attention, *padded)
+
+    def pad(rows, fill, dtype):  # one tensor from padded lists: no torch call per row
+        return torch.tensor([[*row, *[fill] * (width - len(row))] for row in rows], dtype=dtype)
+
+    ids = pad(sequences, pad_id, torch.long)
+    attention = pad([[1] * len(s) for s in sequences], 0, torch.long)
+    return (ids, attention, *(pad(v, 0.0, torch.float32) for v in values))
 
 
 def sampling_logprobs(
