@@ -230,18 +230,21 @@ class RolloutWorker:
         produced = [v for v in versions if v >= 0]
         return bool(produced) and self.latest_announced - min(produced) > self.spec.async_.ratio
 
+    def _prompt_ids(self, task: RolloutTask) -> list[int]:
+        """`<bos>` + the task's prompt, as the engine is fed it."""
+        tok = self.tokenizer
+        return [tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)]
+
     async def _sample(
-        self, task: RolloutTask, index: int, gate: TurnGate | None = None
+        self, task: RolloutTask, prompt_ids: list[int], index: int, gate: TurnGate | None = None
     ) -> tuple[Trajectory, dict]:
-        """One sample of `task` through the stages: build_request, the episode runner, and
-        reward_input (returned beside the trajectory for scoring)."""
+        """One sample of `task` (whose prompt is `prompt_ids`, tokenized once per task)
+        through the stages: build_request, the episode runner, and reward_input (returned
+        beside the trajectory for scoring)."""
         tok = self.tokenizer
         request = self.stages.build_request(
             task,
-            EpisodeRequest(
-                [tok.bos_token_id, *tok.encode(task.prompt, add_special_tokens=False)],
-                sample=task.sample_offset + index,
-            ),
+            EpisodeRequest(list(prompt_ids), sample=task.sample_offset + index),
             tok,
         )
         # A task's examples may carry their own turn stops (each task of a `mixed` job).
@@ -376,9 +379,9 @@ class RolloutWorker:
         await self.bus.publish(self.bus.subjects.trajectories_for(task.trainer_rank), trajectory)
         SAMPLES.labels(self.pool.name, trajectory.status.value).inc()
 
-    async def _sample_score_publish(self, task: RolloutTask, index: int, gate) -> None:
+    async def _sample_score_publish(self, task: RolloutTask, prompt_ids, index: int, gate) -> None:
         """Queue scheduling: a sample is scored and published as soon as it finishes."""
-        sample = await self._sample(task, index, gate)
+        sample = await self._sample(task, prompt_ids, index, gate)
         await self._score([sample])
         await self._publish(task, sample[0])
 
@@ -400,17 +403,22 @@ class RolloutWorker:
             await self.wait_for_version(task.min_version)
             lockstep = task.multi_turn and task.samples > 1 and not self.spec.async_.envAsync
             gate = TurnGate(task.samples) if lockstep else None
+            prompt_ids = self._prompt_ids(task)
             if self.spec.async_.rewardPerSample:
                 await asyncio.gather(
-                    *(self._sample_score_publish(task, i, gate) for i in range(task.samples))
+                    *(
+                        self._sample_score_publish(task, prompt_ids, i, gate)
+                        for i in range(task.samples)
+                    )
                 )
             else:
                 samples = await asyncio.gather(
-                    *(self._sample(task, i, gate) for i in range(task.samples))
+                    *(self._sample(task, prompt_ids, i, gate) for i in range(task.samples))
                 )
                 await self._score(samples)
-                for t, _ in samples:
-                    await self._publish(task, t)
+                # Published together: the client writes them in one go and JetStream's
+                # acknowledgements come back together (in order: one connection).
+                await asyncio.gather(*(self._publish(task, t) for t, _ in samples))
             await raw.ack()
             TASKS_DONE.labels(self.pool.name).inc()
         except Exception:
