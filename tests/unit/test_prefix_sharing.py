@@ -2,8 +2,8 @@
 and the gradients equal the per-sample forward's, for groups of different prompt and
 response lengths, for groups whose samples also share their first turns (a prefix tree
 with several branch points, as multi-turn episodes have) and for a group whose samples
-differ from the first token, under sampling temperature and top-p, with sdpa and eager
-attention."""
+differ from the first token, with several trees in one packed row, under sampling
+temperature and top-p, with sdpa and eager attention."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rollfleet.models.prefix_sharing import (
     forward_work,
     grouped_token_logprobs,
     pack_groups,
+    rows_of_trees,
     shared_prefix_groups,
 )
 from rollfleet.models.tiny import create_tiny_model
@@ -66,13 +67,17 @@ def test_grouped_logprobs_and_gradients_equal_the_per_sample_forward(
     folder, attention, temperature, top_p, shared
 ):
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention)
-    groups = synthetic_groups(step=3, prompts=3, group_size=GROUP, vocab=64)
+    groups = synthetic_groups(step=3, prompts=6, group_size=GROUP, vocab=64)
     batch = batch_of(with_shared_turns(groups) if shared == "turns" else groups)
     groups = shared_prefix_groups(batch)
-    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert groups == [list(range(start, start + GROUP)) for start in range(0, 24, GROUP)]
     packed = pack_groups(batch, groups)
     for (ids, _, _), rows in zip(packed, groups, strict=True):
         assert ids.numel() == distinct_prefixes(batch, rows)  # each shared token once
+    layout = rows_of_trees([ids.numel() for ids, _, _ in packed])
+    assert sorted(t for row in layout for t in row) == list(range(6))
+    if shared == "turns":  # short trees share a packed row: they must not see each other
+        assert any(len(row) > 1 for row in layout)
     weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(0))
 
     def run(compute):

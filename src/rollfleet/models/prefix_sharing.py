@@ -2,9 +2,9 @@
 
 The n samples of a GRPO group share one prompt, and in multi-turn episodes often their
 first turns too, so a per-sample forward computes that shared part n times. Here each
-group is one packed row holding the prefix tree of its samples (AReaL's tree training;
-PrefixGrouper's split where only the prompt is shared): every token the samples share
-from the start appears once, each sample's own tokens follow, and a block mask lets every
+group is packed as the prefix tree of its samples (AReaL's tree training; PrefixGrouper's
+split where only the prompt is shared), several trees to a row: every token the samples
+share from the start appears once, each sample's own tokens follow, and a block mask lets every
 token attend to exactly the tokens before it in its own sample, at the position it would
 have alone. The log-probs come back in the per-sample layout [rows, tokens]
 `token_logprobs` returns, so the loss code does not change; a shared token's log-prob is
@@ -78,50 +78,78 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]]) -> Packed:
     return packed
 
 
-def _mask(where: dict[int, torch.Tensor], width: int) -> torch.Tensor:
-    """[width, width] True where query q may attend key k: k is q or before it in a sample
-    that holds q (its path from the root). Padding queries see themselves."""
-    allowed = torch.zeros((width, width), dtype=torch.bool)
-    for path in where.values():
-        q, k = torch.tril_indices(path.numel(), path.numel())
-        allowed[path[q], path[k]] = True
-    used = allowed.any(-1)
-    free = torch.arange(width)[~used]
-    allowed[free, free] = True
-    return allowed
+def rows_of_trees(sizes: list[int]) -> list[list[int]]:
+    """The trees (by index) in rows as long as the longest, first fit by decreasing size:
+    a row per tree would pad every tree to the longest (a third of the positions on the
+    default job)."""
+    width = max(sizes)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for tree in sorted(range(len(sizes)), key=lambda t: -sizes[t]):
+        row = next((r for r, free in enumerate(room) if sizes[tree] <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(tree)
+        room[row] -= sizes[tree]
+    return rows
 
 
 def grouped_token_logprobs(
     model, batch: TrainBatch, packed: Packed, temperature: float = 1.0, top_p: float = 1.0
 ) -> torch.Tensor:
     """`token_logprobs(model, batch.input_ids, batch.attention_mask, ...)`, each group's
-    shared tokens computed once: [rows, tokens], position 0 and padding 0."""
-    width = max(ids.numel() for ids, _, _ in packed)
+    shared tokens computed once: [rows, tokens], position 0 and padding 0.
+
+    Several trees share a packed row (`rows_of_trees`); a token attends to exactly the
+    tokens before it on its own paths, so trees in one row never see each other."""
+    sizes = [ids.numel() for ids, _, _ in packed]
+    layout = rows_of_trees(sizes)
+    width = max(sizes)
     device = batch.input_ids.device
-    ids = torch.full((len(packed), width), batch.pad_id, dtype=torch.long)
-    positions = torch.zeros((len(packed), width), dtype=torch.long)
-    allowed = torch.zeros((len(packed), 1, width, width), dtype=torch.bool)
-    for g, (group_ids, group_positions, where) in enumerate(packed):
-        ids[g, : group_ids.numel()] = group_ids
-        positions[g, : group_positions.numel()] = group_positions
-        allowed[g, 0] = _mask(where, width)
+    ids = torch.full((len(layout), width), batch.pad_id, dtype=torch.long)
+    positions = torch.zeros((len(layout), width), dtype=torch.long)
+    allowed = torch.zeros((len(layout), 1, width, width), dtype=torch.bool)
+    # for every (batch row, token j >= 1): the packed row and position predicting it
+    rows, columns, packed_rows, previous = [], [], [], []
+    for p, trees in enumerate(layout):
+        offset = 0
+        for tree in trees:
+            tree_ids, tree_positions, where = packed[tree]
+            n = tree_ids.numel()
+            ids[p, offset : offset + n] = tree_ids
+            positions[p, offset : offset + n] = tree_positions
+            for r, path in where.items():
+                q, k = torch.tril_indices(path.numel(), path.numel())
+                allowed[p, 0, path[q] + offset, path[k] + offset] = True
+                length = path.numel()
+                rows.append(torch.full((length - 1,), r))
+                columns.append(torch.arange(1, length))
+                packed_rows.append(torch.full((length - 1,), p))
+                previous.append(path[:-1] + offset)  # token j is predicted at token j - 1
+            offset += n
+        unused = torch.arange(offset, width)
+        allowed[p, 0, unused, unused] = True  # padding queries see themselves
     mask = allowed
     inner = getattr(model, "module", model)
     if inner.config._attn_implementation == "eager":  # eager adds the mask to its scores
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     logits = model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=False,
     ).logits
+    rows, columns = torch.cat(rows).to(device), torch.cat(columns).to(device)
+    picked = sampling_logprobs(
+        logits[torch.cat(packed_rows).to(device), torch.cat(previous).to(device)],
+        batch.input_ids[rows, columns],
+        temperature,
+        top_p,
+    )
     out = torch.zeros(batch.input_ids.shape, dtype=logits.dtype, device=device)
-    for g, (_, _, where) in enumerate(packed):
-        for r, index in where.items():
-            length = index.numel()
-            # token j is predicted at the packed position of token j - 1
-            previous = index[:-1].to(device)
-            tokens = batch.input_ids[r, 1:length]
-            picked = sampling_logprobs(logits[g, previous], tokens, temperature, top_p)
-            out[r, 1:length] = picked
-    return out
+    return out.index_put((rows, columns), picked)
 
 
 def forward_work(batch: TrainBatch, packed: Packed | None) -> tuple[int, int]:
