@@ -1,4 +1,5 @@
-"""The workers' reward client against a real reward service (uvicorn) that goes away.
+"""The workers' reward client against a real reward service (uvicorn) that goes away, and
+its batched scoring (requests made while a call is out share the next call).
 
 Retries with jittered backoff ride out a short outage; a long one opens the circuit,
 after which calls fail at once (no request sent) with the reason counted; once the
@@ -18,7 +19,12 @@ from prometheus_client import REGISTRY
 
 from rollfleet.spec import RewardClientSpec
 from rollfleet_reward.app import create_app
-from rollfleet_rollout.reward_client import Circuit, RewardClient, RewardUnavailable
+from rollfleet_rollout.reward_client import (
+    BatchedScoring,
+    Circuit,
+    RewardClient,
+    RewardUnavailable,
+)
 from tests.conftest import serving
 
 ITEM = {"response": "7", "answer": "7", "meta": {}}
@@ -258,3 +264,80 @@ async def test_a_replica_that_is_never_idle_counts_its_busy_time_as_it_goes():
             await calls
     assert midway >= 0.3  # counted while busy, not only when the replica falls idle
     assert metric("rollfleet_reward_busy_seconds_total") - before >= 0.9
+
+
+# --- batched scoring (the worker's per-group requests) -------------------------------------
+
+
+def counting_app(delay_s: float = 0.0):
+    """A /score that records each call's item count, rewards each item with its own
+    response as a number, and answers NaN for the response "bad"."""
+    import fastapi
+
+    app, calls = fastapi.FastAPI(), []
+
+    @app.post("/score")
+    async def score(body: dict):
+        calls.append(len(body["items"]))
+        await asyncio.sleep(delay_s)
+        reward = {"bad": "NaN"}  # Python's JSON reads NaN; the client must refuse it
+        rewards = [
+            f'{{"reward": {reward.get(i["response"], i["response"])}, "parts": {{}}}}'
+            for i in body["items"]
+        ]
+        return fastapi.Response(
+            '{"rewards": [' + ",".join(rewards) + "]}", media_type="application/json"
+        )
+
+    return app, calls
+
+
+def items(*responses) -> list[dict]:
+    return [{"response": str(r), "answer": "", "meta": {}} for r in responses]
+
+
+async def test_requests_made_while_a_call_is_out_go_together_in_the_next_call():
+    app, calls = counting_app(delay_s=0.2)
+    with serving(app) as url:
+        async with httpx.AsyncClient() as http:
+            scoring = BatchedScoring(RewardClient(http, url, FAST, "rc"))
+            first = asyncio.create_task(scoring.score(items(1, 2)))
+            await asyncio.sleep(0.05)  # the first call is out
+            rest = [
+                asyncio.create_task(scoring.score(items(10 * k, 10 * k + 1))) for k in (1, 2, 3)
+            ]
+            results = await asyncio.gather(first, *rest)
+    assert calls == [2, 6]  # one call, then the three requests made meanwhile in one
+    assert [[r["reward"] for r in rewards] for rewards in results] == [
+        [1, 2],
+        [10, 11],
+        [20, 21],
+        [30, 31],
+    ]
+
+
+async def test_a_bad_item_fails_only_its_own_request():
+    app, calls = counting_app()
+    settings = FAST.model_copy(update={"attempts": 1, "breakerFailures": 100})
+    with serving(app) as url:
+        async with httpx.AsyncClient() as http:
+            scoring = BatchedScoring(RewardClient(http, url, settings, "rc"))
+            good, bad, other = await asyncio.gather(
+                scoring.score(items(1)),
+                scoring.score(items("bad", 2)),
+                scoring.score(items(3, 4)),
+                return_exceptions=True,
+            )
+    assert calls == [5, 1, 2, 2]  # together, then each alone
+    assert [r["reward"] for r in good] == [1] and [r["reward"] for r in other] == [3, 4]
+    assert isinstance(bad, RewardUnavailable) and bad.reason == "bad_reply"
+
+
+async def test_an_outage_fails_every_request_of_the_call_at_once():
+    settings = FAST.model_copy(update={"attempts": 1, "outageWaitSeconds": 0})
+    async with httpx.AsyncClient() as http:
+        scoring = BatchedScoring(RewardClient(http, "http://127.0.0.1:9", settings, "rc"))
+        results = await asyncio.gather(
+            *(scoring.score(items(k)) for k in range(3)), return_exceptions=True
+        )
+    assert all(isinstance(r, RewardUnavailable) and r.reason == "unreachable" for r in results)

@@ -60,7 +60,12 @@ from rollfleet.weight_transport import (
 from rollfleet_rollout.engine import Engine, GenerationRequest, SamplingParams, complete
 from rollfleet_rollout.env_client import FAILED_SAMPLES as ENV_FAILURES
 from rollfleet_rollout.env_client import EnvFailed, HttpEnvSession, export_failures
-from rollfleet_rollout.reward_client import FAILED_SAMPLES, RewardClient, RewardUnavailable
+from rollfleet_rollout.reward_client import (
+    FAILED_SAMPLES,
+    BatchedScoring,
+    RewardClient,
+    RewardUnavailable,
+)
 
 log = logging.getLogger("rollout")
 
@@ -163,6 +168,7 @@ class RolloutWorker:
             pool.name,
             rng=random.Random(f"{spec.sampling_seed()}/{name}"),  # jitter differs per worker
         )
+        self.scoring = BatchedScoring(self.reward)
         export_failures(pool.name)  # env failures, by reason
         self.weight_store = make_weight_store(spec.weights, bus, env.run_dir)
         self.swap_slots = spec.weights.swap_slots(pool.replicas)
@@ -365,7 +371,14 @@ class RolloutWorker:
         if not scored:
             return
         try:
-            rewards = await self.reward.score_through_outage([item for _, item in scored])
+            # Per sample ("as soon as it finishes"): a call each; else groups finishing
+            # together share calls (BatchedScoring).
+            score = (
+                self.reward.score_through_outage
+                if self.spec.async_.rewardPerSample
+                else self.scoring.score
+            )
+            rewards = await score([item for _, item in scored])
             for (t, _), r in zip(scored, rewards, strict=True):
                 t.reward, t.reward_parts = r["reward"], r["parts"]
         except (RewardUnavailable, KeyError, TypeError) as e:
