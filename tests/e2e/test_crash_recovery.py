@@ -70,15 +70,19 @@ def test_killed_worker_and_trainer_are_restarted_and_the_job_completes(tmp_path)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 14
     recs = records(run_dir)
-    # The second trainer went back to a checkpoint at or before the kill, then on to the end;
-    # its versions continue after the newest one published before the kill.
-    resumed = next(i for i in range(1, len(recs)) if recs[i]["step"] <= recs[i - 1]["step"])
-    assert recs[resumed]["step"] <= killed_at + 1
+    # The second trainer went back to a checkpoint at or before the kill (the kill may land
+    # just after one: then no step is repeated), then on to the end; its versions continue
+    # after the newest one published before the kill.
+    log = (run_dir / "logs" / "trainer.log").read_text()
+    checkpoint_step = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert checkpoint_step % JOB["checkpoint"]["every"] == 0 and checkpoint_step >= 3
+    resumed = max(i for i, r in enumerate(recs) if r["step"] == checkpoint_step + 1)
+    assert checkpoint_step <= max(r["step"] for r in recs[:resumed])
+    assert killed_at <= max(r["step"] for r in recs[:resumed])
     versions = [r["version"] for r in recs[resumed:]]
     assert versions[0] > max(r["version"] for r in recs[:resumed])
     assert versions == list(range(versions[0], versions[0] + len(versions)))
-    log = (run_dir / "logs" / "trainer.log").read_text()
-    assert "resumed from" in log
+    assert [r["step"] for r in recs[resumed:]] == list(range(checkpoint_step + 1, 15))
     assert re.search(r"rank 0 resumes [1-9]\d* group\(s\) in flight", log), log[-2000:]
     # Every group the run issued was trained once by the final model, dropped with a
     # reason, or still in flight at the end.

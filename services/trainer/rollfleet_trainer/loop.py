@@ -293,20 +293,31 @@ class Trainer:
     async def issue_tasks(self) -> None:
         """Keep (1+α)·promptsPerStep groups (plus the redundant ones) in flight."""
         limit = (1 + self.alpha) * self.prompts_per_step + self.redundant
+        new = []  # (group, example, the cursor after it, or None for a reissued group)
         while len(self.groups) + len(self.ready) < limit:
             if self.to_reissue:  # groups of a previous life come first
                 group = self.to_reissue.popleft()
                 self.groups[group.id] = group
-                await self.publish_tasks(group, self.task.example("train", group.index))
-                self.journal.reissued(group.id)
+                new.append((group, self.task.example("train", group.index), None))
                 continue
             index = self.state["cursor"]
             self.state["cursor"] += self.dp.world  # this rank's indices: ≡ rank (mod world)
             example = self.task.example("train", index)
             group = Group(index, self.group_size, kind=example.meta.get("kind", self.task.name))
             self.groups[group.id] = group
-            await self.publish_tasks(group, example)
-            self.journal.issued(group.id, index, group.kind, self.state["cursor"])
+            new.append((group, example, self.state["cursor"]))
+        # Published, then journaled. Unrouted, together (one write, the acknowledgements
+        # together); routed, in turn: each routing decision counts the ones before it.
+        if self.router is None:
+            await asyncio.gather(*(self.publish_tasks(g, example) for g, example, _ in new))
+        else:
+            for group, example, _ in new:
+                await self.publish_tasks(group, example)
+        for group, _, cursor in new:
+            if cursor is None:
+                self.journal.reissued(group.id)
+            else:
+                self.journal.issued(group.id, group.index, group.kind, cursor)
         IN_FLIGHT.set(len(self.groups) + len(self.ready))
 
     async def publish_tasks(self, group: Group, example) -> None:
