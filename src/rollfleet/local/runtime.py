@@ -97,9 +97,10 @@ def torch_threads(job: RLJob, cores: int) -> dict[str, int]:
 def with_local_defaults(job: RLJob) -> RLJob:
     """`job` as this machine runs it: where the manifest leaves `weights.transport` unset,
     weights go through the run folder (`<run dir>/weights`, the page cache) instead of
-    nats-server's object store. Every process shares this machine's disk, and the store
-    costs nats-server ~200 ms of CPU per 4 MB version on the default job (benchmarks/
-    RESULTS.md, "Weights through the run folder"); a cluster keeps NATS as its default."""
+    nats-server's object store. Every process shares this machine's disk, and through the
+    store a 4 MB version reaches the workers later and costs nats-server more CPU: the
+    default job's steps took 12 % longer (benchmarks/RESULTS.md, "Where the default job's
+    CPU goes"). A cluster keeps NATS as its default."""
     if "transport" in job.spec.weights.model_fields_set:
         return job
     weights = job.spec.weights.model_copy(update={"transport": "filesystem"})
