@@ -18,7 +18,7 @@ from tests.e2e.harness import cli, manifest, records, run_processes, start_run, 
 pytestmark = pytest.mark.e2e
 
 
-STEPS = 80
+STEPS = 120
 COUNTDOWN = {
     "seed": 0,
     "task": {"name": "countdown"},
@@ -26,7 +26,7 @@ COUNTDOWN = {
     "async": {"ratio": 1},
     "rollout": {"pools": [{"name": "default", "replicas": 2, "maxBatch": 64}]},
     "trainer": {"steps": STEPS, "promptsPerStep": 32},
-    "checkpoint": {"every": 40},
+    "checkpoint": {"every": STEPS // 2},
 }
 
 
@@ -59,9 +59,10 @@ def test_run_finishes_with_a_result_line(countdown_run):
 def test_reward_rises(countdown_run):
     """Held-out reward (greedy answers the verifier accepts) rises; sampled batch reward too."""
     result = json.loads((countdown_run["run_dir"] / "result.json").read_text())
-    # Runs are not repeatable (which worker draws which task varies): after these 80 steps
-    # the gain was +0.036 to +0.059 in runs seen here; without learning it stays within
-    # ~0.01 of the start (evaluation is sampled).
+    # Runs are not repeatable (which worker draws which task varies, and more so when the
+    # machine is loaded): after 80 steps the gain was +0.021 to +0.11 in runs seen here,
+    # hence 120 steps; without learning it stays within ~0.01 of the start (evaluation is
+    # sampled).
     assert result["heldout_after"] >= result["heldout_before"] + 0.025, result
     rewards = [r["mean_reward"] for r in records(countdown_run["run_dir"])]
     assert len(rewards) == STEPS
@@ -82,7 +83,7 @@ def test_outputs_and_version_sequence(countdown_run):
     assert (run_dir / "reward_curve.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
-    assert kept == [f"step-{STEPS // 2:08d}", f"step-{STEPS:08d}"]  # every 40, keep 2
+    assert kept == [f"step-{STEPS // 2:08d}", f"step-{STEPS:08d}"]  # every STEPS/2, keep 2
     assert (run_dir / "model" / "warmup" / "model.safetensors").is_file()
 
 
