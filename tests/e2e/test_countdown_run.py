@@ -18,7 +18,7 @@ from tests.e2e.harness import cli, manifest, records, run_processes, start_run, 
 pytestmark = pytest.mark.e2e
 
 
-STEPS = 120
+STEPS = 100
 COUNTDOWN = {
     "seed": 0,
     "task": {"name": "countdown"},
@@ -61,7 +61,7 @@ def test_reward_rises(countdown_run):
     result = json.loads((countdown_run["run_dir"] / "result.json").read_text())
     # Runs are not repeatable (which worker draws which task varies, and more so when the
     # machine is loaded): after 80 steps the gain was +0.021 to +0.11 in runs seen here,
-    # hence 120 steps; without learning it stays within ~0.01 of the start (evaluation is
+    # hence 100 steps; without learning it stays within ~0.01 of the start (evaluation is
     # sampled).
     assert result["heldout_after"] >= result["heldout_before"] + 0.025, result
     rewards = [r["mean_reward"] for r in records(countdown_run["run_dir"])]
