@@ -76,7 +76,7 @@ class RewardUnavailable(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 # Reasons that say the service is out, not that these items cannot be scored.
@@ -271,7 +271,7 @@ class BatchedScoring:
             if len(batch) == 1 or e.reason in OUTAGE_REASONS:
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(RewardUnavailable(e.reason, str(e)))
+                        future.set_exception(RewardUnavailable(e.reason, e.detail))
                 return
             for one in batch:  # each request's own verdict
                 await self._call([one])
