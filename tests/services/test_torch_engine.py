@@ -14,9 +14,9 @@ import random
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from rollfleet.models.tiny import create_tiny_model
+from rollfleet.models.tiny import create_tiny_model, tiny_config
 from rollfleet.models.weights import export_state
 from rollfleet_rollout.engine import GenerationRequest, SamplingParams, complete
 from rollfleet_rollout.torch_engine import SlotLlama, TorchEngine, sample
@@ -223,9 +223,15 @@ async def test_kept_sessions_give_up_their_slot_and_a_weight_swap_drops_them(mak
     assert out.versions == [1] * len(out.token_ids)
 
 
-async def test_slot_decode_at_mixed_positions_matches_hf(model):
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi-head", "grouped-query"])
+async def test_slot_decode_at_mixed_positions_matches_hf(model, kv_heads):
     """SlotLlama directly: two slots prefilled with different prompt lengths, then decoded
-    together, each at its own position."""
+    together, each at its own position; slots 0 and 2, below the highest in use, take no
+    part (decoding reads the cache of every slot below the highest in place). With two kv
+    heads for four query heads (grouped-query attention) on a fresh model of that shape."""
+    if kv_heads != model.config.num_key_value_heads:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_config(VOCAB, heads=4, kv_heads=kv_heads)).eval()
     rng = random.Random(1)
     prompts = [random_prompt(rng, 5), random_prompt(rng, 11)]
     runner = SlotLlama(model, slots=4, max_len=32)

@@ -21,6 +21,7 @@ def tiny_config(
     hidden: int = 128,
     layers: int = 4,
     heads: int = 4,
+    kv_heads: int | None = None,
     max_len: int = 128,
     intermediate: int | None = None,
 ):
@@ -30,7 +31,7 @@ def tiny_config(
         intermediate_size=intermediate or 4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,  # fewer: grouped-query attention
         max_position_embeddings=max_len,
         tie_word_embeddings=True,
         pad_token_id=0,
