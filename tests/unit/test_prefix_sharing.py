@@ -12,12 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rollfleet.models.batching import TrainBatch, token_logprobs
+from rollfleet.models.flops import FlopMeter
 from rollfleet.models.prefix_sharing import (
     forward_work,
     grouped_token_logprobs,
     pack_groups,
     rows_of_trees,
     shared_prefix_groups,
+    tree_layout,
 )
 from rollfleet.models.tiny import create_tiny_model
 from rollfleet_trainer.synthetic import synthetic_groups
@@ -74,10 +76,11 @@ def test_grouped_logprobs_and_gradients_equal_the_per_sample_forward(
     packed = pack_groups(batch, groups)
     for (ids, _, _), rows in zip(packed, groups, strict=True):
         assert ids.numel() == distinct_prefixes(batch, rows)  # each shared token once
-    layout = rows_of_trees([ids.numel() for ids, _, _ in packed])
+    meter = FlopMeter(model)
+    layout, _ = tree_layout([ids.numel() for ids, _, _ in packed], meter.per_token, meter.per_pair)
     assert sorted(t for row in layout for t in row) == list(range(6))
-    if shared == "turns":  # short trees share a packed row: they must not see each other
-        assert any(len(row) > 1 for row in layout)
+    # trees sharing a packed row must not see each other
+    assert any(len(row) > 1 for row in layout)
     weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(0))
 
     def run(compute):
@@ -97,6 +100,18 @@ def test_grouped_logprobs_and_gradients_equal_the_per_sample_forward(
     assert (grouped[~mask] == 0).all()
     for name, grad in per_sample_grads.items():
         assert torch.allclose(grouped_grads[name], grad, atol=1e-5), name
+
+
+def test_rows_are_widened_where_that_saves_more_tokens_than_it_adds_attention():
+    # the default job's trees: most are shorter than the longest, alone in a row they pad
+    sizes = [38, 43, 48, 49, 51, 52, 54, 57, 59, 60, 62, 63, 65, 67, 70, 77]
+    rows, width = tree_layout(sizes, token_flops=1024.0, pair_flops=1.0)
+    assert width > 77 and len(rows) * width < 0.9 * len(sizes) * 77
+    assert all(sum(sizes[t] for t in row) <= width for row in rows)
+    assert sorted(t for row in rows for t in row) == list(range(len(sizes)))
+    # attention dear against the rest: rows as wide as the longest tree
+    rows, width = tree_layout(sizes, token_flops=1.0, pair_flops=1.0)
+    assert width == 77 and rows == rows_of_trees(sizes)
 
 
 def test_only_whole_groups_are_packed():

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from rollfleet.models.batching import TrainBatch, sampling_logprobs
-from rollfleet.models.flops import causal_pairs
+from rollfleet.models.flops import FlopMeter, causal_pairs
 
 
 def supports(model) -> bool:
@@ -78,11 +78,11 @@ def pack_groups(batch: TrainBatch, groups: list[list[int]]) -> Packed:
     return packed
 
 
-def rows_of_trees(sizes: list[int]) -> list[list[int]]:
-    """The trees (by index) in rows as long as the longest, first fit by decreasing size:
-    a row per tree would pad every tree to the longest (a third of the positions on the
-    default job)."""
-    width = max(sizes)
+def rows_of_trees(sizes: list[int], width: int | None = None) -> list[list[int]]:
+    """The trees (by index) in rows of `width` positions (the longest tree's by default),
+    first fit by decreasing size: a row per tree would pad every tree to the longest (a
+    third of the positions on the default job)."""
+    width = width or max(sizes)
     rows: list[list[int]] = []
     room: list[int] = []
     for tree in sorted(range(len(sizes)), key=lambda t: -sizes[t]):
@@ -96,17 +96,35 @@ def rows_of_trees(sizes: list[int]) -> list[list[int]]:
     return rows
 
 
+def tree_layout(sizes: list[int], token_flops: float, pair_flops: float):
+    """(rows of trees, width): the row width of least model FLOPs among 1 to 2x the longest
+    tree's. Rows as wide as the longest tree leave most trees alone in a row, the rest
+    padding (a quarter of the positions with the default job's small trees); wider rows
+    hold several trees, but the dense mask makes every row attend over width² pairs. A
+    width costs rows · width · (token_flops + width · pair_flops)."""
+    longest = max(sizes)
+    best = None
+    for eighths in range(9):
+        width = longest + longest * eighths // 8
+        rows = rows_of_trees(sizes, width)
+        cost = len(rows) * width * (token_flops + width * pair_flops)
+        if best is None or cost < best[0]:
+            best = (cost, rows, width)
+    return best[1], best[2]
+
+
 def grouped_token_logprobs(
     model, batch: TrainBatch, packed: Packed, temperature: float = 1.0, top_p: float = 1.0
 ) -> torch.Tensor:
     """`token_logprobs(model, batch.input_ids, batch.attention_mask, ...)`, each group's
     shared tokens computed once: [rows, tokens], position 0 and padding 0.
 
-    Several trees share a packed row (`rows_of_trees`); a token attends to exactly the
+    Several trees share a packed row (`tree_layout`); a token attends to exactly the
     tokens before it on its own paths, so trees in one row never see each other."""
-    sizes = [ids.numel() for ids, _, _ in packed]
-    layout = rows_of_trees(sizes)
-    width = max(sizes)
+    meter = FlopMeter(model)
+    layout, width = tree_layout(
+        [ids.numel() for ids, _, _ in packed], meter.per_token, meter.per_pair
+    )
     device = batch.input_ids.device
     ids = torch.full((len(layout), width), batch.pad_id, dtype=torch.long)
     positions = torch.zeros((len(layout), width), dtype=torch.long)
