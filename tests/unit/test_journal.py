@@ -44,6 +44,29 @@ def test_a_commit_releases_the_held_samples_of_trained_groups_only():
     assert journal.unacked() == []
 
 
+def test_the_encoded_journal_follows_every_change_of_its_groups():
+    journal = GroupJournal(rank=0, world=2)
+    for index in range(4):
+        journal.issued(f"g{index}", index, "countdown", cursor=index + 1)
+    journal.trained("g0", step=1, raws=["a"])
+    journal.dropped("g1", "stale")
+    journal.reissue("g2")
+    journal.reissued("g2")
+    journal.commit(step=1)
+    journal.trained("g3", step=2, raws=["b"])
+    assert GroupJournal.read(journal.encode()) == {
+        "world": 2,
+        "cursor": 4,
+        "groups": {"g2": [2, "countdown", "issued", 0], "g3": [3, "countdown", "trained", 2]},
+    }
+    fresh = GroupJournal(rank=0, world=2)
+    fresh.restore(GroupJournal.read(journal.encode()), checkpoint_step=1)
+    assert GroupJournal.read(fresh.encode())["groups"] == {
+        "g2": [2, "countdown", "issued", 0],
+        "g3": [3, "countdown", "issued", 0],
+    }
+
+
 def write_log(run_dir, events):
     (run_dir / "groups-0.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
