@@ -316,6 +316,21 @@ async def test_requests_made_while_a_call_is_out_go_together_in_the_next_call():
     ]
 
 
+async def test_a_request_made_as_the_last_call_returns_is_sent():
+    # The caller of the first request wakes before the finished sender is gone: a second
+    # request made right then must still get a call of its own (it waited forever when
+    # the sender left the set of senders in a done callback, which runs later).
+    app, calls = counting_app()
+    with serving(app) as url:
+        async with httpx.AsyncClient() as http:
+            scoring = BatchedScoring(RewardClient(http, url, FAST, "rc"))
+            first = await scoring.score(items(1))
+            async with asyncio.timeout(10):  # in this task: wait_for would start another
+                second = await scoring.score(items(2))
+    assert calls == [1, 1]
+    assert [r["reward"] for r in first + second] == [1, 2]
+
+
 async def test_a_bad_item_fails_only_its_own_request():
     app, calls = counting_app()
     settings = FAST.model_copy(update={"attempts": 1, "breakerFailures": 100})

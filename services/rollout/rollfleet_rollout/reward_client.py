@@ -242,25 +242,39 @@ class BatchedScoring:
         future = asyncio.get_running_loop().create_future()
         self.waiting.append((items, future))
         if len(self.senders) < self.calls_out:
-            sender = asyncio.create_task(self._send())
-            self.senders.add(sender)
-            sender.add_done_callback(self.senders.discard)
+            self.senders.add(asyncio.create_task(self._send()))
         return await future
 
     async def _send(self) -> None:
-        await asyncio.sleep(0)  # requests made in this turn of the loop join the first call
-        while self.waiting:
-            batch, size = [], 0
-            while self.waiting and (not batch or size + len(self.waiting[0][0]) <= self.max_items):
-                batch.append(self.waiting.popleft())
-                size += len(batch[-1][0])
-            try:
-                await self._call(batch)
-            except BaseException as e:  # no request may wait forever on a call that broke
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e if isinstance(e, Exception) else RuntimeError(e))
-                raise
+        """Call after call until nothing waits. A sender leaves `senders` in the same step
+        as its last look at `waiting`, not in a done callback: that runs a turn later, and
+        a request made in between (its caller woken by the last call) found no free
+        sender and waited forever."""
+        batch = []
+        try:
+            await asyncio.sleep(0)  # requests made in this turn of the loop join the first call
+            while self.waiting:
+                batch, size = [], 0
+                while self.waiting and (
+                    not batch or size + len(self.waiting[0][0]) <= self.max_items
+                ):
+                    batch.append(self.waiting.popleft())
+                    size += len(batch[-1][0])
+                try:
+                    await self._call(batch)
+                except Exception as e:  # this call's requests fail; the next ones go on
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+        except BaseException as e:  # cancelled: no request may wait on a sender that is gone
+            self.senders.discard(asyncio.current_task())
+            stranded = [*batch, *(self.waiting if not self.senders else ())]
+            for _, future in stranded:
+                if not future.done():
+                    future.set_exception(RuntimeError(f"reward calls stopped: {e!r}"))
+            raise
+        finally:
+            self.senders.discard(asyncio.current_task())
 
     async def _call(self, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
         try:
