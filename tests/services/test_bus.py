@@ -312,6 +312,20 @@ async def test_fetch_returns_empty_list_when_nothing_arrives(bus):
     assert await bus.fetch(sub, Trajectory, 5, timeout=0.2) == []
 
 
+async def test_a_fetch_that_waits_returns_with_the_first_arrivals_not_at_its_timeout(bus):
+    # A trainer waiting for a step's last trajectories sees them as they come: nats-py's
+    # first pull of a fetch (no_wait with expires) is answered at the first message, not
+    # when the batch fills or the timeout ends.
+    sub = await bus.trajectory_consumer()
+    waiting = asyncio.create_task(bus.fetch(sub, Trajectory, 256, timeout=60))
+    await asyncio.sleep(0.2)  # the fetch is waiting on the server
+    await bus.publish(bus.subjects.trajectories_for(0), make_trajectory("late"))
+    async with asyncio.timeout(20):
+        got = await waiting
+    assert [t.task_id for t, _ in got] == ["late"]
+    await got[0][1].ack()
+
+
 # --- weights ----------------------------------------------------------------------------
 
 
