@@ -442,7 +442,9 @@ async def test_cancel_aborts_a_generating_group_and_frees_its_slots(nats_server,
 async def test_a_task_longer_than_its_ack_wait_is_not_redelivered(nats_server, tiny_model):
     """The worker reports progress on a running task (`in_progress`), so a short ack wait
     (fast recovery from a dead worker) does not hand a long task out a second time."""
-    max_new = 1500  # a few seconds of decoding: several times the 1 s ack wait
+    # several seconds of decoding, several times the 1 s ack wait (1,500 tokens took 1.9 s
+    # once decoding read the slot cache in place)
+    max_new = 3000
     spec = worker_spec(group=2, max_batch=4, max_new_tokens=max_new, max_length=max_new + 64)
     spec.rollout = spec.rollout.model_copy(update={"taskAckWaitSeconds": 1})
     async with running_worker(nats_server, tiny_model, spec) as (trainer, _):
