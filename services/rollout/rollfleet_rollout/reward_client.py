@@ -267,9 +267,8 @@ class BatchedScoring:
                         if not future.done():
                             future.set_exception(e)
         except BaseException as e:  # cancelled: no request may wait on a sender that is gone
-            self.senders.discard(asyncio.current_task())
-            stranded = [*batch, *(self.waiting if not self.senders else ())]
-            for _, future in stranded:
+            others = self.senders - {asyncio.current_task()}
+            for _, future in [*batch, *(() if others else self.waiting)]:
                 if not future.done():
                     future.set_exception(RuntimeError(f"reward calls stopped: {e!r}"))
             raise

@@ -49,32 +49,35 @@ class GroupJournal:
     entries: dict[str, Entry] = field(default_factory=dict)
     held: dict[str, list] = field(default_factory=dict)  # trained group id -> unacked raws
     dirty: bool = False
-    # Each entry's JSON, kept up to date: without checkpoints the journal holds every group
-    # of the run, and encoding it whole on each write grew with the run.
-    encoded: dict[str, str] = field(default_factory=dict)
 
     # --- what happens to a group ----------------------------------------------------------
     def issued(self, group_id: str, index: int, kind: str, cursor: int) -> None:
-        self._set(group_id, Entry(index, kind))
+        self.entries[group_id] = Entry(index, kind)
         self.cursor = cursor
+        self.dirty = True
         self._log(event="issued", index=index)
 
     def reissue(self, group_id: str) -> None:
-        self._set(group_id, state="reissue")
+        self.entries[group_id].state = "reissue"
+        self.dirty = True
 
     def reissued(self, group_id: str) -> None:
-        self._set(group_id, state="issued")
+        self.entries[group_id].state = "issued"
+        self.dirty = True
 
     def trained(self, group_id: str, step: int, raws: list) -> None:
-        self._set(group_id, state="trained", step=step)
+        entry = self.entries[group_id]
+        entry.state, entry.step = "trained", step
         self.held[group_id] = raws
+        self.dirty = True
 
     def trained_step(self, step: int, indices: list[int]) -> None:
         self._log(event="trained", step=step, indices=sorted(indices))
 
     def dropped(self, group_id: str, reason: str) -> None:
         if (entry := self.entries.get(group_id)) is not None:
-            self._set(group_id, state="dropped")
+            entry.state = "dropped"
+            self.dirty = True
             self._log(event="dropped", index=entry.index, reason=reason)
 
     def commit(self, step: int) -> list:
@@ -83,7 +86,7 @@ class GroupJournal:
         done = [g for g, e in self.entries.items() if e.state in ("trained", "dropped")]
         raws = [raw for g in done for raw in self.held.pop(g, [])]
         for group_id in done:
-            del self.entries[group_id], self.encoded[group_id]
+            del self.entries[group_id]
         self.dirty = self.dirty or bool(done)
         return raws
 
@@ -94,22 +97,14 @@ class GroupJournal:
         return [raw for raws in self.held.values() for raw in raws]
 
     # --- on the bus -------------------------------------------------------------------------
-    def _set(self, group_id: str, entry: Entry | None = None, **changes) -> None:
-        """Add `entry`, or change the group's fields; either way re-encode it."""
-        entry = entry or self.entries[group_id]
-        for name, value in changes.items():
-            setattr(entry, name, value)
-        self.entries[group_id] = entry
-        fields = [entry.index, entry.kind, entry.state, entry.step]
-        self.encoded[group_id] = f"{json.dumps(group_id)}: {json.dumps(fields)}"
-        self.dirty = True
-
     def encode(self) -> bytes:
-        """{"world": W, "cursor": C, "groups": {group id: [index, kind, state, step]}}"""
-        groups = ", ".join(self.encoded.values())
-        return (
-            f'{{"world": {self.world}, "cursor": {self.cursor}, "groups": {{{groups}}}}}'.encode()
-        )
+        return json.dumps(
+            {
+                "world": self.world,
+                "cursor": self.cursor,
+                "groups": {g: [e.index, e.kind, e.state, e.step] for g, e in self.entries.items()},
+            }
+        ).encode()
 
     @staticmethod
     def read(data: bytes) -> dict:
@@ -125,7 +120,9 @@ class GroupJournal:
             if state == "dropped" or (state == "trained" and step <= checkpoint_step):
                 finished.append(group_id)  # dropped, or already in the checkpoint
                 continue
-            self._set(group_id, Entry(index, kind, "reissue" if state == "reissue" else "issued"))
+            self.entries[group_id] = Entry(
+                index, kind, "reissue" if state == "reissue" else "issued"
+            )
             resumed.append(self.entries[group_id])
         self.dirty = True
         return resumed, finished
