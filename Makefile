@@ -86,7 +86,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-bench-trl: $(BENCH_STAMP)  ## rollfleet (α = 1 and α = 0) against TRL's GRPOTrainer on the same job, 3 seeds per side (~50 min; benchmarks/RESULTS.md)
+bench-trl: $(BENCH_STAMP)  ## rollfleet (α = 1 and α = 0) against TRL's GRPOTrainer on the same job, 3 seeds per side (~40 min; benchmarks/RESULTS.md)
 	$(BIN)/python benchmarks/trl_compare.py
 
 crds: $(STAMP)  ## regenerate crds/ from src/rollfleet/spec.py
