@@ -108,3 +108,11 @@ def test_the_audit_counts_groups_trained_twice_and_lost(tmp_path):
     counts = audit(tmp_path)
     assert counts["trained_twice"] == 1
     assert counts["lost"] == 1
+
+
+def test_the_journal_is_json_whatever_its_group_ids_hold():
+    journal = GroupJournal(rank=0, world=1)
+    journal.issued('g"0\\', 0, "count\ndown", cursor=1)
+    assert GroupJournal.read(journal.encode())["groups"] == {
+        'g"0\\': [0, "count\ndown", "issued", 0]
+    }

@@ -49,27 +49,31 @@ class GroupJournal:
     entries: dict[str, Entry] = field(default_factory=dict)
     held: dict[str, list] = field(default_factory=dict)  # trained group id -> unacked raws
     dirty: bool = False
+    # Each entry's `"id": [...]` text, kept as entries change: the journal is rewritten
+    # several times a step and holds every group since the last checkpoint, so encoding
+    # all of them each time would cost O(groups) of JSON per write.
+    _encoded: dict[str, str] = field(default_factory=dict, repr=False)
 
     # --- what happens to a group ----------------------------------------------------------
     def issued(self, group_id: str, index: int, kind: str, cursor: int) -> None:
         self.entries[group_id] = Entry(index, kind)
         self.cursor = cursor
-        self.dirty = True
+        self._changed(group_id)
         self._log(event="issued", index=index)
 
     def reissue(self, group_id: str) -> None:
         self.entries[group_id].state = "reissue"
-        self.dirty = True
+        self._changed(group_id)
 
     def reissued(self, group_id: str) -> None:
         self.entries[group_id].state = "issued"
-        self.dirty = True
+        self._changed(group_id)
 
     def trained(self, group_id: str, step: int, raws: list) -> None:
         entry = self.entries[group_id]
         entry.state, entry.step = "trained", step
         self.held[group_id] = raws
-        self.dirty = True
+        self._changed(group_id)
 
     def trained_step(self, step: int, indices: list[int]) -> None:
         self._log(event="trained", step=step, indices=sorted(indices))
@@ -77,7 +81,7 @@ class GroupJournal:
     def dropped(self, group_id: str, reason: str) -> None:
         if (entry := self.entries.get(group_id)) is not None:
             entry.state = "dropped"
-            self.dirty = True
+            self._changed(group_id)
             self._log(event="dropped", index=entry.index, reason=reason)
 
     def commit(self, step: int) -> list:
@@ -86,7 +90,7 @@ class GroupJournal:
         done = [g for g, e in self.entries.items() if e.state in ("trained", "dropped")]
         raws = [raw for g in done for raw in self.held.pop(g, [])]
         for group_id in done:
-            del self.entries[group_id]
+            del self.entries[group_id], self._encoded[group_id]
         self.dirty = self.dirty or bool(done)
         return raws
 
@@ -97,13 +101,18 @@ class GroupJournal:
         return [raw for raws in self.held.values() for raw in raws]
 
     # --- on the bus -------------------------------------------------------------------------
+    def _changed(self, group_id: str) -> None:
+        e = self.entries[group_id]
+        self._encoded[group_id] = f"{json.dumps(group_id)}: " + json.dumps(
+            [e.index, e.kind, e.state, e.step]
+        )
+        self.dirty = True
+
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "world": self.world,
-                "cursor": self.cursor,
-                "groups": {g: [e.index, e.kind, e.state, e.step] for g, e in self.entries.items()},
-            }
+        """{"world": ..., "cursor": ..., "groups": {id: [index, kind, state, step]}}"""
+        groups = ", ".join(self._encoded.values())
+        return (
+            f'{{"world": {self.world}, "cursor": {self.cursor}, "groups": {{{groups}}}}}'
         ).encode()
 
     @staticmethod
@@ -123,6 +132,7 @@ class GroupJournal:
             self.entries[group_id] = Entry(
                 index, kind, "reissue" if state == "reissue" else "issued"
             )
+            self._changed(group_id)
             resumed.append(self.entries[group_id])
         self.dirty = True
         return resumed, finished
