@@ -706,6 +706,14 @@ class TrainerSpec(PodSettings):
         "and the turns they share in multi-turn episodes) once in the forward and backward "
         "(exact); false: every sample whole",
     )
+    skipZeroAdvantage: bool = Field(
+        True,
+        description="leave the groups whose every token has advantage 0 (GRPO: all samples "
+        "scored alike) out of the forward and backward, where the policy loss gives such "
+        "tokens no gradient and no method computes the log-probs or adds a loss term; they "
+        "still count in the loss's denominator, so the update is the same (exact); false: "
+        "every group computed",
+    )
     evalEvery: int = Field(
         0, ge=0, description="held-out evaluation every N steps; 0 = only at start and end"
     )

@@ -270,6 +270,25 @@ def test_every_loss_is_the_vanilla_policy_gradient_at_ratio_one(name):
     assert metrics["ratio_mean"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_a_loss_marked_zero_at_zero_advantage_gives_such_tokens_no_loss_and_no_gradient(name):
+    """The mark lets the trainer leave groups with all-zero advantages out of the forward
+    (trainer.skipZeroAdvantage): it must hold wherever ratios are far from 1."""
+    generator = torch.Generator().manual_seed(0)
+    behaviour = -torch.rand(3, 5, generator=generator) * 3
+    logprobs = (behaviour + torch.randn(3, 5, generator=generator)).requires_grad_()
+    advantages = torch.zeros(3, 5)
+    mask = torch.ones(3, 5)
+    proximal = behaviour + 0.3 if name == "decoupled_ppo" else None
+    loss, _ = POLICY_LOSSES[name](
+        logprobs, behaviour, advantages, mask, LossConfig(), proximal=proximal
+    )
+    (grad,) = torch.autograd.grad(loss.sum(), logprobs)
+    vanishes = bool(torch.all(loss == 0) and torch.all(grad == 0))
+    assert getattr(POLICY_LOSSES[name], "zero_at_zero_advantage", False) == vanishes
+    assert vanishes == (name != "kimi")  # kimi's squared log-ratio penalty remains
+
+
 # --------------------------------------------------------------------------- PPO
 
 

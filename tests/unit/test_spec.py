@@ -86,7 +86,7 @@ def test_explicit_reward_functions_keep_order_weights_and_params():
 def test_unknown_field_is_named():
     message = error_of(manifest(trainer={"stepz": 10}))
     assert (
-        "spec.trainer.stepz: unknown field; allowed: evalEvery, evalSamples, gpusPerWorker, pod, promptsPerStep, resources, sharePrefix, sharedMemory, steps, strategy, workers"
+        "spec.trainer.stepz: unknown field; allowed: evalEvery, evalSamples, gpusPerWorker, pod, promptsPerStep, resources, sharePrefix, sharedMemory, skipZeroAdvantage, steps, strategy, workers"
         in message
     )
 

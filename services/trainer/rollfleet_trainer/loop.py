@@ -663,10 +663,43 @@ class Trainer:
             "response_tokens": int(response_tokens),
         }
 
+    def gradient_rows(self, batch: TrainBatch, advantages, loss_fn) -> list[int] | None:
+        """The rows of the groups with a non-zero token advantage (`advantages` [rows,
+        tokens]), or None to compute every row: where `trainer.skipZeroAdvantage` is off,
+        the policy loss does not vanish with the advantage, a method computes the log-probs
+        or adds a loss term, or every group carries a gradient. A group with none
+        gets an exactly zero loss and gradient (GRPO gives a group scored alike all
+        zeros: half the groups late in the default job). At least one group is kept, so
+        that every rank runs its backward (DDP) and the optimizer steps as it would. The
+        loss's own metrics (clip fraction, approx KL, ratio) then cover the rows kept."""
+        n = batch.group_size
+        if (
+            not self.spec.trainer.skipZeroAdvantage
+            or not getattr(loss_fn, "zero_at_zero_advantage", False)
+            or self.stages.in_the_update
+            or batch.segmented
+            or len(batch) % n
+        ):
+            return None
+        carries = ((advantages != 0) & (batch.loss_mask > 0)).reshape(len(batch) // n, -1).any(-1)
+        groups = carries.nonzero().flatten().tolist() or [0]
+        if len(groups) == len(carries):
+            return None
+        return [g * n + i for g in groups for i in range(n)]
+
     def update(self, batch: TrainBatch, advantages, proximal, loss_fn) -> dict[str, float]:
         """One optimizer update on a mini-batch (this rank's rows of it)."""
         algo = self.spec.algorithm
         self.train_model.train()
+        aggregation = AGGREGATIONS[algo.lossAggregation]
+        # Rows that add nothing to the loss stay out of the forward and backward, not out
+        # of its denominator (every aggregation's numerator is a sum over rows).
+        _, denominator = aggregation(torch.zeros_like(batch.loss_mask), batch.loss_mask)
+        tokens_here = float(batch.loss_mask.sum())
+        kept = self.gradient_rows(batch, advantages, loss_fn)
+        if kept is not None:
+            batch, advantages = batch.take(kept), advantages[kept]
+            proximal = None if proximal is None else proximal[kept]
         logprobs = self.policy_logprobs(batch)
         token_losses, stats = loss_fn(
             logprobs,
@@ -679,8 +712,7 @@ class Trainer:
         # The aggregation's denominator is summed over ranks, and the loss scaled by the
         # world size (DDP and FSDP average gradients): W ranks take exactly the step one
         # process would take on the whole batch.
-        numerator, denominator = AGGREGATIONS[algo.lossAggregation](token_losses, batch.loss_mask)
-        tokens_here = float(batch.loss_mask.sum())
+        numerator, _ = aggregation(token_losses, batch.loss_mask)
         denominator_all, tokens_all = self.dp.all_reduce([float(denominator), tokens_here])
         loss = numerator / max(denominator_all, 1e-8)
         for term, term_stats in self.stages.extra_losses(self.train_model, batch, logprobs):

@@ -6,7 +6,9 @@ per-token credit (advantage weights) is already in `advantages`. Every loss retu
 (per-token loss [batch, tokens], metrics); an aggregation (aggregation.py) turns the
 per-token losses into the scalar the trainer differentiates. A loss that reads the
 proximal policy (`uses_proximal`) gets the log-probs of the trainer's weights before
-this batch's first update.
+this batch's first update. A loss marked `zero_at_zero_advantage` gives a token whose
+advantage is 0 a loss of exactly 0 and no gradient, so the trainer may leave such rows
+out of the forward and backward (`trainer.skipZeroAdvantage`).
 
 With fresh samples (current policy = behaviour policy, ratio 1) every loss here has the
 gradient of the vanilla policy gradient, -A·∇log π; they differ in how they treat
@@ -171,3 +173,8 @@ def kimi(logprobs, behaviour_logprobs, advantages, mask, cfg=LossConfig(), proxi
     penalty that keeps the policy near the one that sampled."""
     penalty = 0.5 * cfg.kl_coef * (logprobs - behaviour_logprobs) ** 2
     return -advantages * logprobs + penalty, _metrics(logprobs, behaviour_logprobs, mask)
+
+
+# Every loss above but Kimi's (its squared penalty does not vanish with the advantage).
+for _loss in (vanilla_pg, ppo_clip, dual_clip_ppo, tis, topr, cispo, decoupled_ppo, gspo):
+    _loss.zero_at_zero_advantage = True

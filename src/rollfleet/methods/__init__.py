@@ -165,6 +165,16 @@ class Stages:
         """Whether any enabled method has a warm-up stage."""
         return any(type(m).warmup is not Method.warmup for m in self.methods)
 
+    @property
+    def in_the_update(self) -> bool:
+        """Whether a method runs a stage inside each update on its rows: its own policy
+        log-probs, or an extra loss term."""
+        return any(
+            type(m).policy_logprobs is not Method.policy_logprobs
+            or type(m).extra_loss is not Method.extra_loss
+            for m in self.methods
+        )
+
     @classmethod
     def for_spec(cls, spec: RLJobSpec) -> Stages:
         return cls([load_method(name, params, spec) for name, params in spec.enabled_methods()])

@@ -205,8 +205,18 @@ class TrainBatch:
 
     def rows(self, start: int, stop: int) -> TrainBatch:
         """Rows [start, stop) as a batch of their own (a mini-batch of whole groups)."""
+        return self.take(slice(start, stop))
+
+    def take(self, rows: slice | list[int]) -> TrainBatch:
+        """The rows `rows` (a slice, or row numbers in order) as a batch of their own."""
+
+        def pick(values: list) -> list:
+            if isinstance(rows, slice):
+                return values[rows]
+            return [values[r] for r in rows] if values else values  # unset stays unset
+
         tensors = {
-            name: getattr(self, name)[start:stop]
+            name: getattr(self, name)[rows]
             for name in (
                 "input_ids",
                 "attention_mask",
@@ -216,16 +226,16 @@ class TrainBatch:
             )
         }
         extras = {
-            k: v[start:stop] if isinstance(v, torch.Tensor) and v.shape[:1] == (len(self),) else v
+            k: v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == (len(self),) else v
             for k, v in self.extras.items()
         }
         return replace(
             self,
-            trajectories=self.trajectories[start:stop],
-            prompt_lengths=self.prompt_lengths[start:stop],
-            row_sample=self.row_sample[start:stop],
-            row_agent=self.row_agent[start:stop],
-            row_reward=self.row_reward[start:stop],
+            trajectories=pick(self.trajectories),
+            prompt_lengths=pick(self.prompt_lengths),
+            row_sample=pick(self.row_sample),
+            row_agent=pick(self.row_agent),
+            row_reward=pick(self.row_reward),
             extras=extras,
             **tensors,
         )
