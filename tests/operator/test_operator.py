@@ -122,7 +122,9 @@ async def test_replica_edits_patch_and_other_changes_are_refused(
     async with operator(kmock, nats_server, tmp_path, monkeypatch, gpu_config):
         await wait_for(lambda: reconciled(kmock, name), what="reconciled")
         assert replicas(kmock, "Deployment", "countdown-rollout-default") == 2
-        pools = [{"name": "default", "replicas": 5, "engine": "torch", "maxBatch": 64}]
+        # the example's pool with only its replicas changed
+        (pool,) = manifest(Path("examples/countdown.yaml"))["spec"]["rollout"]["pools"]
+        pools = [{**pool, "replicas": 5}]
         await edit_spec(kmock, name, {"rollout": {"pools": pools}, "reward": {"replicas": 3}})
         await wait_for(
             lambda: replicas(kmock, "Deployment", "countdown-rollout-default") == 5,
