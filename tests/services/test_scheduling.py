@@ -86,6 +86,14 @@ async def until_tasks_acked(bus: Bus, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def until_ack_pending(consumer, pending: int, timeout: float = 10.0) -> None:
+    """Acks reach the server asynchronously: wait for the consumer to show `pending`."""
+    deadline = time.monotonic() + timeout
+    while (now := (await consumer.consumer_info()).num_ack_pending) != pending:
+        assert time.monotonic() < deadline, f"{now} samples still unacked, expected {pending}"
+        await asyncio.sleep(0.02)
+
+
 async def read_tasks(bus: Bus, count: int, timeout: float = 10.0) -> list[RolloutTask]:
     """Pull `count` tasks off the task stream (as a worker would) and ack them."""
     consumer = await bus.task_consumer()
@@ -243,11 +251,7 @@ async def test_a_sample_aborted_as_stale_drops_its_group_as_stale(nats_server, t
         assert trainer.dropped_here == {**NOTHING_DROPPED, "stale": group}
         assert dropped("stale") - before["stale"] == group
         assert dropped("failed") == before["failed"]
-        for _ in range(100):  # acks reach the server asynchronously
-            if (await consumer.consumer_info()).num_ack_pending == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert (await consumer.consumer_info()).num_ack_pending == 0  # both samples acked
+        await until_ack_pending(consumer, 0)  # both samples acked
 
 
 async def test_a_sample_that_arrives_twice_is_kept_once(nats_server, tmp_path):
@@ -271,9 +275,7 @@ async def test_a_sample_that_arrives_twice_is_kept_once(nats_server, tmp_path):
         assert ready.id == "g0" and len(ready.samples) == group
         assert ready.samples[0][0].worker == "w"  # the first copy
         assert metric("rollfleet_trainer_duplicate_samples_total") - before == 1
-        await asyncio.sleep(0.2)
-        info = await consumer.consumer_info()
-        assert info.num_ack_pending == group  # the kept ones wait for the step; the copy is acked
+        await until_ack_pending(consumer, group)  # the kept ones wait; the copy is acked
 
 
 async def test_cancel_stragglers_drops_lower_groups_and_tells_the_workers(nats_server, tmp_path):
@@ -307,8 +309,7 @@ async def test_cancel_stragglers_drops_lower_groups_and_tells_the_workers(nats_s
             assert set(trainer.discarded) == {"g0", "g1", "g3"}
             assert trainer.dropped_here == {**NOTHING_DROPPED, "cancelled": 3 * group}
             assert dropped("cancelled") - before == 3 * group
-            info = await consumer.consumer_info()
-            assert info.num_ack_pending == 0  # g0's sample was acked when g0 was dropped
+            await until_ack_pending(consumer, 0)  # g0's sample was acked when g0 was dropped
             # A late (aborted) sample of a cancelled group is acked and not counted again.
             unknown = dropped("unknown_group")
             await bus.publish(
