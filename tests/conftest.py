@@ -6,10 +6,12 @@ session. `serve_app` runs a real ASGI app under a real uvicorn server on a free 
 background thread and hands back an httpx client pointed at it; the server stops when the
 test ends. The service token variable is cleared first, so a test that wants
 authentication sets it itself (the services read it at request time).
+`until_ack_pending` waits for a JetStream consumer to show a count of unacked messages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -26,6 +28,16 @@ from rollfleet.nats_auth import NatsKeys
 from rollfleet.service import TOKEN_ENV
 
 NATS_TOKEN = "test-token-3f9a"
+
+
+async def until_ack_pending(consumer, pending: int, timeout: float = 10.0) -> None:
+    """Wait for `consumer` (a pull subscription) to show `pending` unacked messages. The
+    server takes acks in asynchronously (a flush does not wait for them), so reading the
+    count once right after an ack can see the old one."""
+    deadline = time.monotonic() + timeout
+    while (now := (await consumer.consumer_info()).num_ack_pending) != pending:
+        assert time.monotonic() < deadline, f"{now} messages still unacked, expected {pending}"
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -32,14 +32,14 @@ from rollfleet.protocol import (
     WeightVersion,
     encode,
 )
+from tests.conftest import NATS_TOKEN, until_ack_pending
 
-TOKEN = "test-token-3f9a"  # the nats_server fixture's token (tests/conftest.py)
 JOB = "job-a"
 
 
 @pytest.fixture
 async def bus(nats_server):
-    bus = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+    bus = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
     await bus.ensure_streams()
     yield bus
     await bus.close()
@@ -121,12 +121,12 @@ def make_announcement(version: int, step: int | None = None) -> WeightVersion:
 
 
 async def test_ensure_streams_is_idempotent_and_creates_the_streams(nats_server):
-    bus = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+    bus = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
     try:
         s = bus.subjects
         await bus.ensure_streams()
         await bus.ensure_streams()  # same connection, buckets cached
-        other = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+        other = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
         try:
             await other.ensure_streams()  # fresh connection: buckets already exist
         finally:
@@ -165,7 +165,7 @@ async def test_tasks_go_to_exactly_one_worker_and_leave_the_stream_when_acked(bu
     tasks = [make_task(i) for i in range(10)]
     for task in tasks:
         await bus.publish(bus.subjects.tasks, task)
-    worker_b = await Bus.connect(nats_server.url, JOB, token=TOKEN)
+    worker_b = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)
     try:
         sub_a = await bus.task_consumer()
         sub_b = await worker_b.task_consumer()  # same durable "rollout"
@@ -246,13 +246,10 @@ async def test_undecodable_trajectories_are_dead_lettered_with_the_reason(bus):
     assert reasons[3][1].startswith("invalid Trajectory")
 
     # the bad ones were acked by fetch; only the valid one waits for the trainer's ack
-    await bus.nc.flush()
-    consumer = await bus.js.consumer_info(s.trajectory_stream, "trainer-0")
-    assert consumer.num_ack_pending == 1
+    await until_ack_pending(sub, 1)
     await raw.ack()
-    await bus.nc.flush()
+    await until_ack_pending(sub, 0)
     assert await bus.fetch(sub, Trajectory, 10, timeout=0.3) == []
-    assert (await bus.js.consumer_info(s.trajectory_stream, "trainer-0")).num_ack_pending == 0
 
 
 async def test_dead_letter_label_is_the_kind_of_subject_not_the_rank(bus):
@@ -278,7 +275,7 @@ async def test_each_trainer_rank_gets_only_the_trajectories_of_its_subject(bus, 
     for rank, task_ids in ((0, ["a0", "a1"]), (1, ["b0", "b1", "b2"])):
         for task_id in task_ids:
             await bus.publish(bus.subjects.trajectories_for(rank), make_trajectory(task_id))
-    rank1 = await Bus.connect(nats_server.url, JOB, token=TOKEN)  # another trainer process
+    rank1 = await Bus.connect(nats_server.url, JOB, token=NATS_TOKEN)  # another trainer process
     try:
         sub0 = await bus.trajectory_consumer(0)
         sub1 = await rank1.trajectory_consumer(1)
@@ -450,7 +447,7 @@ async def test_progress_round_trip(bus):
 
 
 async def test_progress_and_weights_before_the_buckets_exist_are_none(nats_server):
-    fresh = await Bus.connect(nats_server.url, "job-never-set-up", token=TOKEN)
+    fresh = await Bus.connect(nats_server.url, "job-never-set-up", token=NATS_TOKEN)
     try:
         assert await fresh.get_progress() is None
         assert await fresh.latest_weights() is None

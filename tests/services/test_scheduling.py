@@ -38,7 +38,7 @@ from rollfleet_reward.app import create_app as create_reward_app
 from rollfleet_rollout.worker import TurnGate
 from rollfleet_trainer.loop import Group, Trainer
 from rollfleet_trainer.parallel import DataParallel
-from tests.conftest import NATS_TOKEN, serving
+from tests.conftest import NATS_TOKEN, serving, until_ack_pending
 from tests.services import worker_harness as harness
 from tests.services.test_rollout_worker import collect, collect_nowait
 
@@ -83,14 +83,6 @@ async def until_tasks_acked(bus: Bus, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while await task_stream_messages(bus):
         assert time.monotonic() < deadline, "timed out waiting for the task stream to empty"
-        await asyncio.sleep(0.02)
-
-
-async def until_ack_pending(consumer, pending: int, timeout: float = 10.0) -> None:
-    """Acks reach the server asynchronously: wait for the consumer to show `pending`."""
-    deadline = time.monotonic() + timeout
-    while (now := (await consumer.consumer_info()).num_ack_pending) != pending:
-        assert time.monotonic() < deadline, f"{now} samples still unacked, expected {pending}"
         await asyncio.sleep(0.02)
 
 
