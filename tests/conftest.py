@@ -6,7 +6,8 @@ session. `serve_app` runs a real ASGI app under a real uvicorn server on a free 
 background thread and hands back an httpx client pointed at it; the server stops when the
 test ends. The service token variable is cleared first, so a test that wants
 authentication sets it itself (the services read it at request time).
-`until_ack_pending` waits for a JetStream consumer to show a count of unacked messages.
+`until_ack_pending` waits for a JetStream consumer to show a count of unacked messages,
+`until_tasks_acked` for a job's task work queue to empty.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ async def until_ack_pending(consumer, pending: int, timeout: float = 10.0) -> No
     deadline = time.monotonic() + timeout
     while (now := (await consumer.consumer_info()).num_ack_pending) != pending:
         assert time.monotonic() < deadline, f"{now} messages still unacked, expected {pending}"
+        await asyncio.sleep(0.02)
+
+
+async def until_tasks_acked(bus, timeout: float = 10.0) -> None:
+    """Wait for `bus`'s task stream, a work queue, to empty: it does once the server has
+    taken the workers' acks in."""
+    deadline = time.monotonic() + timeout
+    while (await bus.js.stream_info(bus.subjects.task_stream)).state.messages:
+        assert time.monotonic() < deadline, "timed out waiting for the task stream to empty"
         await asyncio.sleep(0.02)
 
 

@@ -38,7 +38,7 @@ from rollfleet_reward.app import create_app as create_reward_app
 from rollfleet_rollout.worker import TurnGate
 from rollfleet_trainer.loop import Group, Trainer
 from rollfleet_trainer.parallel import DataParallel
-from tests.conftest import NATS_TOKEN, serving, until_ack_pending
+from tests.conftest import NATS_TOKEN, serving, until_ack_pending, until_tasks_acked
 from tests.services import worker_harness as harness
 from tests.services.test_rollout_worker import collect, collect_nowait
 
@@ -76,14 +76,6 @@ async def wait_until(predicate, timeout: float = 30.0, what: str = "condition") 
 
 async def task_stream_messages(bus: Bus) -> int:
     return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages
-
-
-async def until_tasks_acked(bus: Bus, timeout: float = 10.0) -> None:
-    """The work queue empties once the server has processed the worker's ack (async)."""
-    deadline = time.monotonic() + timeout
-    while await task_stream_messages(bus):
-        assert time.monotonic() < deadline, "timed out waiting for the task stream to empty"
-        await asyncio.sleep(0.02)
 
 
 async def read_tasks(bus: Bus, count: int, timeout: float = 10.0) -> list[RolloutTask]:
