@@ -397,6 +397,9 @@ def main() -> None:
     if args.quick:
         args.steps, args.long_steps = min(args.steps, 3), min(args.long_steps, 3)
     alphas = [int(a) for a in args.alphas.split(",")]
+    unknown = set(args.workloads.split(",")) - set(workloads(args))
+    if unknown:
+        parser.error(f"--workloads: unknown {sorted(unknown)}; choose from {list(workloads(args))}")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     import torch
     import transformers
@@ -497,7 +500,8 @@ def main() -> None:
         )
     head = alphas[0]
     if not {("default", head), ("long_prompt", head)} <= ratios.keys():
-        return  # the final line and its targets need both workloads
+        print("no vs-trl line: it needs both workloads (--workloads default,long_prompt)")
+        return
     speed, long_speed = ratios["default", head][0], ratios["long_prompt", head][0]
     ours, theirs = heldout["default", head], trl_heldout["default"]
     met = speed >= 1.5 and long_speed >= 3 and ours >= min(theirs)

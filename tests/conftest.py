@@ -7,7 +7,7 @@ background thread and hands back an httpx client pointed at it; the server stops
 test ends. The service token variable is cleared first, so a test that wants
 authentication sets it itself (the services read it at request time).
 `until_ack_pending` waits for a JetStream consumer to show a count of unacked messages,
-`until_tasks_acked` for a job's task work queue to empty.
+`until_tasks_acked` for a job's task work queue (`task_stream_messages`) to empty.
 """
 
 from __future__ import annotations
@@ -41,11 +41,16 @@ async def until_ack_pending(consumer, pending: int, timeout: float = 10.0) -> No
         await asyncio.sleep(0.02)
 
 
+async def task_stream_messages(bus) -> int:
+    """The messages in `bus`'s task stream (a work queue: the tasks not yet acked)."""
+    return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages
+
+
 async def until_tasks_acked(bus, timeout: float = 10.0) -> None:
     """Wait for `bus`'s task stream, a work queue, to empty: it does once the server has
     taken the workers' acks in."""
     deadline = time.monotonic() + timeout
-    while (await bus.js.stream_info(bus.subjects.task_stream)).state.messages:
+    while await task_stream_messages(bus):
         assert time.monotonic() < deadline, "timed out waiting for the task stream to empty"
         await asyncio.sleep(0.02)
 

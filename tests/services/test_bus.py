@@ -32,7 +32,7 @@ from rollfleet.protocol import (
     WeightVersion,
     encode,
 )
-from tests.conftest import NATS_TOKEN, until_ack_pending
+from tests.conftest import NATS_TOKEN, until_ack_pending, until_tasks_acked
 
 JOB = "job-a"
 
@@ -186,13 +186,7 @@ async def test_tasks_go_to_exactly_one_worker_and_leave_the_stream_when_acked(bu
             await raw.ack()
         for _, raw in got_b:
             await raw.ack()
-        await bus.nc.flush()
-        await worker_b.nc.flush()
-
-        async def empty() -> bool:
-            return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages == 0
-
-        await wait_for(empty, timeout=5, what="the work queue to empty")
+        await until_tasks_acked(bus, timeout=5)
         assert await bus.fetch(sub_a, RolloutTask, 10, timeout=0.3) == []
     finally:
         await worker_b.close()

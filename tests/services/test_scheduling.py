@@ -38,7 +38,13 @@ from rollfleet_reward.app import create_app as create_reward_app
 from rollfleet_rollout.worker import TurnGate
 from rollfleet_trainer.loop import Group, Trainer
 from rollfleet_trainer.parallel import DataParallel
-from tests.conftest import NATS_TOKEN, serving, until_ack_pending, until_tasks_acked
+from tests.conftest import (
+    NATS_TOKEN,
+    serving,
+    task_stream_messages,
+    until_ack_pending,
+    until_tasks_acked,
+)
 from tests.services import worker_harness as harness
 from tests.services.test_rollout_worker import collect, collect_nowait
 
@@ -72,10 +78,6 @@ async def wait_until(predicate, timeout: float = 30.0, what: str = "condition") 
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.01)
-
-
-async def task_stream_messages(bus: Bus) -> int:
-    return (await bus.js.stream_info(bus.subjects.task_stream)).state.messages
 
 
 async def read_tasks(bus: Bus, count: int, timeout: float = 10.0) -> list[RolloutTask]:
